@@ -1,0 +1,307 @@
+"""Lightning adapters: wire schedules, importance, structures and masks to ``Trainer`` hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_prune.importance import Importance, build_importance
+from lightning_prune.masking import MaskSet, prunable_parameters
+from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
+from lightning_prune.structures import SCOPES, Structure, build_structure
+
+_DEFAULT_SPARSITY = 0.9
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
+
+
+class PruningCallback(Callback):
+    """Gradual pruning at epoch boundaries with exact, checkpoint-safe masks.
+
+    At the start of every training epoch the callback asks its schedule for the target sparsity; when the
+    target has grown, it scores the prunable weights, grows the masks to exactly that fraction of zeros and
+    zeroes the pruned weights and their optimizer state. From the first pruning on, gradient hooks mask the
+    gradients and a post-step hook on every optimizer re-masks weights and optimizer state, so pruned weights
+    stay exactly zero under SGD with momentum, Adam(W) with weight decay, gradient accumulation and mixed
+    precision. Masks and the schedule position are saved in the checkpoint (``state_dict``), so a run resumed
+    with ``ckpt_path`` continues with exactly the same masks; the model itself is never reparametrised, and its
+    ``state_dict()`` loads with ``strict=True`` into a fresh, never-pruned model.
+
+    Args:
+        sparsity: final fraction of zeros among the prunable weights, in [0, 1). Always absolute, never
+            relative to what is left. Defaults to 0.9 when ``schedule`` is a name; taken from the schedule when
+            it is a :class:`~lightning_prune.schedules.SparsitySchedule` object.
+        schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (Zhu & Gupta, 2017), ``"exponential"``,
+            ``"iterative"`` or a schedule object.
+        start_epoch: first pruning epoch (default 0).
+        end_epoch: epoch at which ``sparsity`` is reached; ``None`` means the last training epoch
+            (``max_epochs - 1``). Leave epochs after it for fine-tuning.
+        every_n_epochs: prune every n epochs between ``start_epoch`` and ``end_epoch`` (default 1).
+        importance: ``"magnitude"`` or an :class:`~lightning_prune.importance.Importance` object.
+        structure: ``"unstructured"`` or a :class:`~lightning_prune.structures.Structure` object.
+        scope: ``"global"`` (one threshold across all prunable layers) or ``"layer"`` (each layer reaches
+            ``sparsity`` on its own).
+        ignore: module-name patterns (``fnmatch`` syntax, matching a name or a dotted suffix of it) whose
+            weights stay dense, e.g. ``["head"]`` for the classifier.
+        log_per_layer: also log ``prune/sparsity/<parameter>`` for every pruned tensor.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> pruning = PruningCallback(sparsity=0.8, schedule="cubic", start_epoch=1, end_epoch=5, ignore=["head"])
+        >>> trainer = Trainer(max_epochs=8, callbacks=[pruning], logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        schedule: str | SparsitySchedule = "cubic",
+        start_epoch: int | None = None,
+        end_epoch: int | None = None,
+        every_n_epochs: int | None = None,
+        importance: str | Importance = "magnitude",
+        structure: str | Structure = "unstructured",
+        scope: str = "global",
+        ignore: Sequence[str] = (),
+        *,
+        log_per_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        self._schedule_spec = schedule
+        self._schedule_args = _schedule_args(schedule, sparsity, start_epoch, end_epoch, every_n_epochs)
+        # Build once now so that every bad argument fails at construction, not epochs into a run.
+        self.schedule: SparsitySchedule = self._build_schedule(end_epoch=None)
+        self.importance: Importance = _misconfig(build_importance, importance)
+        self.structure: Structure = _misconfig(build_structure, structure)
+        if scope not in SCOPES:
+            raise MisconfigurationException(f"`scope` must be one of {list(SCOPES)}, got {scope!r}.")
+        self.scope = scope
+        if isinstance(ignore, str):
+            ignore = [ignore]
+        if not all(isinstance(p, str) and p for p in ignore):
+            raise MisconfigurationException(f"`ignore` must be a list of module-name patterns, got {ignore!r}.")
+        self.ignore: tuple[str, ...] = tuple(ignore)
+        self.log_per_layer = log_per_layer
+
+        self.masks: MaskSet | None = None
+        self._target = 0.0  # the target sparsity the masks have been grown to
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ public read-outs
+    @property
+    def sparsity(self) -> float:
+        """The schedule's final sparsity."""
+        return self.schedule.final_sparsity
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Fraction of pruned entries among the prunable weights (0.0 before any pruning)."""
+        return self.masks.sparsity() if self.masks is not None else 0.0
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of pruned entries per prunable parameter."""
+        return self.masks.layer_sparsity() if self.masks is not None else {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(structure=type(self.structure).__name__, scope=self.scope)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_schedule(self, end_epoch: int | None) -> SparsitySchedule:
+        spec = self._schedule_spec
+        try:
+            if isinstance(spec, SparsitySchedule):
+                return spec.with_end_epoch(end_epoch) if end_epoch is not None else spec
+            args = dict(self._schedule_args)
+            if args["end_epoch"] is None:
+                # Open end: validate with a placeholder now, resolve with the trainer's last epoch in `setup`.
+                # A one-shot schedule has no end of its own: it prunes at `start_epoch`.
+                open_end = end_epoch is None or spec == "one_shot"
+                args["end_epoch"] = args["start_epoch"] if open_end else end_epoch
+            return build_schedule(spec, **args)
+        except ValueError as err:
+            raise MisconfigurationException(f"PruningCallback: {err}") from err
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"PruningCallback does not support the sharded strategy {strategy} yet: masks need whole "
+                "parameters on every rank. Use `strategy='ddp'` (or 'ddp_spawn')."
+            )
+        _misconfig(prunable_parameters, pl_module, self.ignore)  # fail early on bad `ignore` patterns
+        spec = self._schedule_spec
+        open_end = (
+            spec.end_epoch is None if isinstance(spec, SparsitySchedule) else self._schedule_args["end_epoch"] is None
+        )
+        if open_end:
+            max_epochs = trainer.max_epochs
+            if max_epochs is None or max_epochs < 1:
+                raise MisconfigurationException(
+                    "PruningCallback: `end_epoch=None` means the last epoch, but the Trainer's `max_epochs` is "
+                    f"{max_epochs!r}. Set `end_epoch` or `max_epochs`."
+                )
+            self.schedule = self._build_schedule(end_epoch=max_epochs - 1)
+        end = self.schedule.end_epoch
+        if trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs:
+            rank_zero_warn(
+                f"PruningCallback: the schedule ends at epoch {end} but the Trainer stops after epoch "
+                f"{trainer.max_epochs - 1}; the final sparsity {self.sparsity} will not be reached."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = _misconfig(prunable_parameters, pl_module, self.ignore)
+        if self.masks is None or [id(p) for p in self.masks.params] != [id(p) for p in params.values()]:
+            self.masks = MaskSet(params)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            try:
+                self.masks.load_state_dict(state["masks"])
+            except ValueError as err:
+                raise MisconfigurationException(f"PruningCallback cannot resume: {err}") from err
+            self._target = float(state["target"])
+        if self.masks.num_pruned() > 0:
+            self.masks.attach(trainer.optimizers)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.masks is not None  # set in on_train_start
+        target = self.schedule.sparsity_at(trainer.current_epoch)
+        if target <= self._target:
+            return
+        try:
+            self.structure.prune_(self.masks, self.importance, target, self.scope)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise MisconfigurationException(f"PruningCallback at epoch {trainer.current_epoch}: {err}") from err
+        self._target = target
+        self.masks.attach(trainer.optimizers)  # (re)installs hooks and zeroes the new entries' state
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks is None:
+            return
+        pl_module.log("prune/sparsity", self.masks.sparsity(), prog_bar=True, on_step=False, on_epoch=True)
+        pl_module.log("prune/target", self._target, on_step=False, on_epoch=True)
+        if self.log_per_layer:
+            for name, value in self.masks.layer_sparsity().items():
+                pl_module.log(f"prune/sparsity/{name}", value, on_step=False, on_epoch=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks is not None:
+            rank_zero_info(sparsity_table(self.masks))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.masks is not None:
+            self.masks.detach()
+
+    # ------------------------------------------------------------------ checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._pending_state is not None:  # restored but not yet applied: keep it as it was
+            return self._pending_state
+        masks = self.masks.state_dict() if self.masks is not None else {}
+        return {"masks": masks, "target": self._target, "schedule": repr(self.schedule)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict.get("masks"):
+            return
+        self._pending_state = state_dict
+        self._target = float(state_dict["target"])
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        ours = self.state_key in states or type(self).__qualname__ in states
+        others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__qualname__)]
+        if not ours and others:
+            raise MisconfigurationException(
+                f"The checkpoint holds pruning state for {others}, but this PruningCallback is {self.state_key}. "
+                "Resume with the same `structure` and `scope`, or start a new run."
+            )
+        if not ours:
+            rank_zero_warn(
+                "PruningCallback: the checkpoint holds no pruning state; pruning starts from dense masks at the "
+                "schedule's current target."
+            )
+
+
+def sparsity_table(masks: MaskSet) -> str:
+    """A plain-text per-layer table: parameter, shape, pruned / total, sparsity."""
+    rows = [("parameter", "shape", "pruned / total", "sparsity")]
+    for name, mask in zip(masks.names, masks.masks):
+        pruned = int(mask.numel() - mask.sum())
+        rows.append(
+            (
+                name,
+                "x".join(map(str, mask.shape)),
+                f"{pruned} / {mask.numel()}",
+                f"{pruned / mask.numel():.2%}",
+            )
+        )
+    rows.append(("total", "", f"{masks.num_pruned()} / {masks.numel()}", f"{masks.sparsity():.2%}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "Pruning summary\n" + "\n".join(lines)
+
+
+def _schedule_args(
+    schedule: object,
+    sparsity: float | None,
+    start_epoch: int | None,
+    end_epoch: int | None,
+    every_n_epochs: int | None,
+) -> dict[str, Any]:
+    given = {
+        "sparsity": sparsity,
+        "start_epoch": start_epoch,
+        "end_epoch": end_epoch,
+        "every_n_epochs": every_n_epochs,
+    }
+    if isinstance(schedule, SparsitySchedule):
+        own = {
+            "sparsity": schedule.final_sparsity,
+            "start_epoch": schedule.start_epoch,
+            "end_epoch": schedule.end_epoch,
+            "every_n_epochs": schedule.every_n_epochs,
+        }
+        clashes = {k: (v, own[k]) for k, v in given.items() if v is not None and v != own[k]}
+        if clashes:
+            detail = ", ".join(f"`{k}`={v!r} but the schedule has {o!r}" for k, (v, o) in clashes.items())
+            raise MisconfigurationException(
+                f"PruningCallback got a schedule object and contradicting arguments: {detail}. "
+                "Set them on the schedule object only."
+            )
+        return own
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise MisconfigurationException(
+            f"`schedule` must be one of {sorted(SCHEDULES)} or a SparsitySchedule object, got {schedule!r}."
+        )
+    return {
+        "sparsity": _DEFAULT_SPARSITY if sparsity is None else sparsity,
+        "start_epoch": 0 if start_epoch is None else start_epoch,
+        "end_epoch": end_epoch,
+        "every_n_epochs": 1 if every_n_epochs is None else every_n_epochs,
+    }
+
+
+def _misconfig(fn: Any, *args: Any) -> Any:
+    """Call ``fn`` and turn the core's ``ValueError``/``TypeError`` into a ``MisconfigurationException``."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as err:
+        raise MisconfigurationException(f"PruningCallback: {err}") from err

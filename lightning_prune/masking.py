@@ -1,0 +1,235 @@
+"""Masks that keep pruned weights exactly zero, in plain PyTorch.
+
+A :class:`MaskSet` owns one boolean keep-mask per prunable parameter (one byte per weight) and the three
+mechanisms that keep pruned entries at zero while training goes on:
+
+1. a gradient hook on each parameter multiplies its gradient by the mask, so no gradient ever reaches a
+   pruned entry (this also holds under gradient accumulation and DDP, whose reduction sees masked grads);
+2. a post-step hook on each optimizer re-applies the masks to the weights, which catches anything that moves
+   a weight without a gradient (decoupled weight decay, custom optimizers);
+3. the same hook zeroes the optimizer state of pruned entries (SGD momentum, Adam moments), so no stale
+   momentum pushes a pruned weight once it is pruned.
+
+The model is never reparametrised: parameters keep their names and the model's ``state_dict()`` stays plain.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_prune.importance import MagnitudeImportance
+    >>> from lightning_prune.structures import Unstructured
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> masks = MaskSet(prunable_parameters(model))
+    >>> masks.names
+    ['0.weight', '2.weight']
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> Unstructured().prune_(masks, MagnitudeImportance(), sparsity=0.5)
+    >>> masks.attach([opt])
+    >>> model(torch.randn(3, 4)).sum().backward(); opt.step()
+    >>> masks.sparsity()
+    0.5
+    >>> all(bool((p[~m] == 0).all()) for p, m in zip(masks.params, masks.masks))
+    True
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+#: Module types whose ``weight`` is prunable by default.
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+__all__ = ["PRUNABLE_TYPES", "MaskSet", "prunable_parameters"]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch syntax) matches the module name or a dotted suffix of it: ``head`` matches
+    ``model.head``; a match also covers the module's children."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    for prefix in prefixes:
+        pieces = prefix.split(".")
+        suffixes = [".".join(pieces[j:]) for j in range(len(pieces))]
+        if any(fnmatch.fnmatchcase(s, pattern) for s in suffixes):
+            return True
+    return False
+
+
+def prunable_parameters(
+    module: nn.Module,
+    ignore: Sequence[str] = (),
+    types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
+) -> dict[str, nn.Parameter]:
+    """The ``weight`` parameters of prunable layers, by qualified name, minus those under ``ignore``.
+
+    Args:
+        module: the model (a ``LightningModule`` works too: names are then e.g. ``model.0.weight``).
+        ignore: module-name patterns (``fnmatch`` syntax) to leave dense. A pattern matches a module whose
+            name, or a dotted suffix of it, it matches, and all that module's children: ``"head"`` matches
+            ``model.head``; ``"features.*"`` matches everything under ``features``.
+        types: module types whose ``weight`` is prunable.
+
+    Raises:
+        ValueError: a pattern matches no module of the model, or nothing is left to prune.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> list(prunable_parameters(net, ignore=["1"]))
+        ['0.weight']
+    """
+    if isinstance(ignore, str):
+        ignore = [ignore]
+    named = [(name, m) for name, m in module.named_modules() if name]
+    for pattern in ignore:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"`ignore` patterns must be non-empty strings, got {pattern!r}.")
+        if not any(_matches(name, pattern) for name, _ in named):
+            raise ValueError(
+                f"`ignore` pattern {pattern!r} matches no module of {type(module).__name__}. "
+                f"Prunable modules are: {[n for n, m in named if isinstance(m, types)]}."
+            )
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, m in named:
+        weight = getattr(m, "weight", None)
+        if not isinstance(m, types) or not isinstance(weight, nn.Parameter):
+            continue
+        if any(_matches(name, pattern) for pattern in ignore) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        params[f"{name}.weight"] = weight
+    if not params:
+        raise ValueError(
+            f"{type(module).__name__} has nothing left to prune: no weight of a {[t.__name__ for t in types]} "
+            f"layer{' outside `ignore`=' + repr(list(ignore)) if ignore else ''}."
+        )
+    return params
+
+
+class MaskSet:
+    """Boolean keep-masks for named parameters, and the hooks that enforce them.
+
+    Args:
+        params: the parameters to mask, by name (see :func:`prunable_parameters`).
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
+        if not params:
+            raise ValueError("MaskSet needs at least one parameter to mask.")
+        self.names: list[str] = list(params)
+        self.params: list[nn.Parameter] = list(params.values())
+        self.masks: list[Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+        self._grad_handles: list[RemovableHandle] = []
+        self._step_handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ statistics
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.masks)
+
+    def num_pruned(self) -> int:
+        return sum(int(m.numel() - m.sum()) for m in self.masks)
+
+    def sparsity(self) -> float:
+        """Fraction of masked (pruned) entries over all masked tensors."""
+        return self.num_pruned() / self.numel()
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of pruned entries per parameter name."""
+        return {n: int(m.numel() - m.sum()) / m.numel() for n, m in zip(self.names, self.masks)}
+
+    # ------------------------------------------------------------------ enforcement
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero every pruned weight."""
+        torch._foreach_mul_(self.params, self.masks)
+
+    @torch.no_grad()
+    def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimizer state (momentum, moments) of pruned entries of the masked parameters."""
+        tensors: list[Tensor] = []
+        masks: list[Tensor] = []
+        for p, m in zip(self.params, self.masks):
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    masks.append(m)
+        if tensors:
+            torch._foreach_mul_(tensors, masks)
+
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Install the gradient hooks and, on each optimizer, a post-step hook that re-masks weights and
+        optimizer state. Idempotent: hooks already installed are replaced."""
+        self.detach()
+        for p, m in zip(self.params, self.masks):
+            self._grad_handles.append(p.register_hook(_GradMask(m)))
+            if p.grad is not None:  # a gradient already accumulated before the masks grew
+                with torch.no_grad():
+                    p.grad.mul_(m)
+        for opt in optimizers:
+            self._step_handles.append(opt.register_step_post_hook(self._after_step))
+            self.zero_optimizer_state_(opt)
+        self.apply_()
+
+    def detach(self) -> None:
+        """Remove every hook installed by :meth:`attach`."""
+        for handle in self._grad_handles + self._step_handles:
+            handle.remove()
+        self._grad_handles.clear()
+        self._step_handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._grad_handles)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.apply_()
+        self.zero_optimizer_state_(optimizer)
+
+    # ------------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, Tensor]:
+        """The masks by parameter name, as CPU bool tensors."""
+        return {n: m.detach().cpu().clone() for n, m in zip(self.names, self.masks)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore masks saved by :meth:`state_dict` (in place, so installed hooks see them) and zero the
+        pruned weights.
+
+        Raises:
+            ValueError: the saved masks name other parameters or have other shapes.
+        """
+        missing = [n for n in self.names if n not in state]
+        unexpected = [n for n in state if n not in self.names]
+        if missing or unexpected:
+            raise ValueError(
+                "Saved pruning masks do not match the model's prunable parameters: "
+                f"missing {missing}, unexpected {unexpected}. Was the checkpoint written for another model or "
+                "another `ignore` setting?"
+            )
+        for n, m in zip(self.names, self.masks):
+            saved = state[n]
+            if saved.shape != m.shape:
+                raise ValueError(
+                    f"Saved pruning mask of {n!r} has shape {tuple(saved.shape)}, the parameter {tuple(m.shape)}."
+                )
+            m.copy_(saved.to(device=m.device, dtype=torch.bool))
+        self.apply_()
+
+
+class _GradMask:
+    """Gradient hook: multiplies the gradient by the keep-mask (a picklable callable, not a lambda)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        return grad * self.mask
