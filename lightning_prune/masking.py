@@ -127,6 +127,7 @@ class MaskSet:
         self.masks: list[Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
         self._grad_handles: list[RemovableHandle] = []
         self._step_handles: list[RemovableHandle] = []
+        self._multipliers: list[Tensor] = []  # the masks in each parameter's dtype, while attached
 
     # ------------------------------------------------------------------ statistics
     def numel(self) -> int:
@@ -146,52 +147,63 @@ class MaskSet:
     # ------------------------------------------------------------------ enforcement
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero every pruned weight."""
-        torch._foreach_mul_(self.params, self.masks)
+        """Zero every pruned weight. Call it after changing :attr:`masks`: it also refreshes the hooks."""
+        for mult, m in zip(self._multipliers, self.masks):
+            mult.copy_(m)
+        torch._foreach_mul_(self.params, self._multipliers or self.masks)
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero the optimizer state (momentum, moments) of pruned entries of the masked parameters."""
+        factors = self._multipliers or self.masks
         tensors: list[Tensor] = []
         masks: list[Tensor] = []
-        for p, m in zip(self.params, self.masks):
+        for p, m in zip(self.params, factors):
             state = optimizer.state.get(p)
             if not state:
                 continue
             for value in state.values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     tensors.append(value)
-                    masks.append(m)
+                    masks.append(m if value.dtype == m.dtype else m.to(value.dtype))
         if tensors:
             torch._foreach_mul_(tensors, masks)
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Install the gradient hooks and, on each optimizer, a post-step hook that re-masks weights and
-        optimizer state. Idempotent: hooks already installed are replaced."""
+        optimizer state; zero the pruned weights, their pending gradients and optimizer state now.
+
+        While attached, each mask is also held in its parameter's dtype: multiplying by a float mask is about
+        ten times faster than by a bool one on CPU, which keeps the per-step cost small. Idempotent: hooks
+        already installed are replaced.
+        """
         self.detach()
-        for p, m in zip(self.params, self.masks):
-            self._grad_handles.append(p.register_hook(_GradMask(m)))
+        self._multipliers = [m.to(p.dtype) for p, m in zip(self.params, self.masks)]
+        for p, mult in zip(self.params, self._multipliers):
+            self._grad_handles.append(p.register_hook(_GradMask(mult)))
             if p.grad is not None:  # a gradient already accumulated before the masks grew
                 with torch.no_grad():
-                    p.grad.mul_(m)
+                    p.grad.mul_(mult)
         for opt in optimizers:
             self._step_handles.append(opt.register_step_post_hook(self._after_step))
             self.zero_optimizer_state_(opt)
         self.apply_()
 
     def detach(self) -> None:
-        """Remove every hook installed by :meth:`attach`."""
+        """Remove every hook installed by :meth:`attach` (the masks stay)."""
         for handle in self._grad_handles + self._step_handles:
             handle.remove()
         self._grad_handles.clear()
         self._step_handles.clear()
+        self._multipliers = []
 
     @property
     def attached(self) -> bool:
         return bool(self._grad_handles)
 
+    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.apply_()
+        torch._foreach_mul_(self.params, self._multipliers)
         self.zero_optimizer_state_(optimizer)
 
     # ------------------------------------------------------------------ serialisation
