@@ -150,7 +150,7 @@ class MaskSet:
         """Zero every pruned weight. Call it after changing :attr:`masks`: it also refreshes the hooks."""
         for mult, m in zip(self._multipliers, self.masks):
             mult.copy_(m)
-        torch._foreach_mul_(self.params, self._multipliers or self.masks)
+        _mul_(self.params, self._multipliers or self.masks)
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -167,7 +167,7 @@ class MaskSet:
                     tensors.append(value)
                     masks.append(m if value.dtype == m.dtype else m.to(value.dtype))
         if tensors:
-            torch._foreach_mul_(tensors, masks)
+            _mul_(tensors, masks)
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Install the gradient hooks and, on each optimizer, a post-step hook that re-masks weights and
@@ -203,7 +203,7 @@ class MaskSet:
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        torch._foreach_mul_(self.params, self._multipliers)
+        _mul_(self.params, self._multipliers)
         self.zero_optimizer_state_(optimizer)
 
     # ------------------------------------------------------------------ serialisation
@@ -235,6 +235,11 @@ class MaskSet:
                 )
             m.copy_(saved.to(device=m.device, dtype=torch.bool))
         self.apply_()
+
+
+def _mul_(tensors: Sequence[Tensor], factors: Sequence[Tensor]) -> None:
+    """``tensors[i] *= factors[i]`` for all i, in one fused call."""
+    torch._foreach_mul_(list(tensors), list(factors))
 
 
 class _GradMask:

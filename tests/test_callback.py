@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import CubicSchedule, LinearSchedule, PruningCallback
+from lightning_prune.data import EpochShuffleSampler
 
 
 class Net(pl.LightningModule):
@@ -46,11 +47,13 @@ class Net(pl.LightningModule):
         raise ValueError(name)
 
 
-def loader(n: int = 96, batch_size: int = 16) -> DataLoader:
+def loader(n: int = 96, batch_size: int = 16, shuffle: bool = False) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, 8, 8, generator=g)
     y = torch.randint(0, 4, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+    dataset = TensorDataset(x, y)
+    sampler = EpochShuffleSampler(dataset, seed=3) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
 def trainer(tmp_path: Path, callbacks, max_epochs: int, **kwargs) -> pl.Trainer:
@@ -153,11 +156,13 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
 
     full = Net("adam")
     full_cb = callback()
-    trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, loader())
+    trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, loader(shuffle=True))
 
     first = Net("adam")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(first, loader())
+    trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
+        first, loader(shuffle=True)
+    )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert any(k.startswith("PruningCallback") for k in saved["callbacks"])
 
@@ -171,7 +176,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
                 seen.append(resumed_cb.achieved_sparsity)
 
     t = trainer(tmp_path / "c", [resumed_cb, FirstBatch()], max_epochs=6)
-    t.fit(resumed, loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    t.fit(resumed, loader(shuffle=True), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert seen[0] > 0.5, "masks were dropped on resume"
     assert resumed_cb.achieved_sparsity == full_cb.achieved_sparsity == pytest.approx(0.9, abs=1e-3)
     for a, b in zip(full_cb.masks.masks, resumed_cb.masks.masks):

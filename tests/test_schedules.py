@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -32,7 +33,7 @@ def gradual_schedules(draw) -> SparsitySchedule:
 @given(gradual_schedules())
 def test_gradual_schedules_are_monotone_with_exact_endpoints(schedule):
     values = [schedule.sparsity_at(e) for e in range(schedule.end_epoch + 10)]
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(values))
     assert all(0.0 <= v < 1.0 for v in values)
     assert schedule.sparsity_at(schedule.end_epoch) == schedule.final_sparsity
     assert schedule.sparsity_at(schedule.end_epoch + 100) == schedule.final_sparsity
@@ -63,7 +64,9 @@ def test_iterative_follows_its_list(values, start, every):
 
 def test_cubic_matches_zhu_and_gupta():
     s_i, s_f, t0, n, dt = 0.1, 0.9, 2, 4, 2
-    s = CubicSchedule(final_sparsity=s_f, initial_sparsity=s_i, start_epoch=t0, end_epoch=t0 + n * dt, every_n_epochs=dt)
+    s = CubicSchedule(
+        final_sparsity=s_f, initial_sparsity=s_i, start_epoch=t0, end_epoch=t0 + n * dt, every_n_epochs=dt
+    )
     for t in range(t0, t0 + n * dt + 1, dt):
         expected = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt)) ** 3
         assert s.sparsity_at(t) == pytest.approx(expected, abs=1e-12)

@@ -26,8 +26,7 @@ def problems(draw):
     g = torch.Generator().manual_seed(seed)
     tied = draw(st.booleans())  # few distinct values: many ties
     scores = [
-        (torch.randint(-3, 4, s, generator=g) * 0.25 if tied else torch.randn(s, generator=g)).to(dtype)
-        for s in shapes
+        (torch.randint(-3, 4, s, generator=g) * 0.25 if tied else torch.randn(s, generator=g)).to(dtype) for s in shapes
     ]
     keep = [torch.rand(s, generator=g) > draw(st.floats(0, 0.9)) for s in shapes]
     kept = sum(int(m.sum()) for m in keep)
@@ -81,7 +80,7 @@ def test_tensor_above_two_to_the_24_elements():
 def test_non_finite_scores_raise_and_leave_masks_untouched(bad):
     scores = [torch.tensor([1.0, bad, 2.0])]
     keep = [torch.ones(3, dtype=torch.bool)]
-    with pytest.raises(ValueError, match="'fc.weight' contain NaN or infinite"):
+    with pytest.raises(ValueError, match=r"'fc\.weight' contain NaN or infinite"):
         prune_lowest_(scores, keep, 1, names=["fc.weight"])
     assert keep[0].all()
 

@@ -1,0 +1,130 @@
+"""A LightningModule that trains any ``nn.Module`` image classifier with cross-entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+__all__ = ["ImageClassifier"]
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+
+class ImageClassifier(L.LightningModule):
+    """Cross-entropy training of a plain ``nn.Module``, with accuracy for train, validation and test.
+
+    The wrapped network is ``self.model`` and holds every parameter and buffer, so ``state_dict()`` is
+    the network's own (keys prefixed with ``model.``) and pruning callbacks see only its layers. Logs
+    ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (epoch
+    means; accuracy is the micro average, i.e. the fraction of correct predictions).
+
+    ``lr_milestones`` multiplies the learning rate by ``lr_gamma`` at each listed epoch
+    (``torch.optim.lr_scheduler.MultiStepLR``), e.g. to fine-tune at a lower rate once pruning ends.
+
+    Args:
+        model: The network; maps a batch of images to ``(batch, num_classes)`` logits.
+        num_classes: Number of classes.
+        lr: Initial learning rate.
+        optimizer: ``"sgd"`` (with momentum), ``"adam"`` or ``"adamw"``.
+        momentum: SGD momentum; ignored by Adam and AdamW.
+        weight_decay: Weight decay (L2 for SGD and Adam, decoupled for AdamW).
+        lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``; empty for a
+            constant rate.
+        lr_gamma: Factor applied at each milestone.
+
+    Example:
+        >>> from lightning_prune.models import MLP
+        >>> module = ImageClassifier(MLP(hidden=(32,)), lr=0.1, lr_milestones=(20,))
+        >>> module(torch.zeros(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int = 10,
+        lr: float = 0.05,
+        optimizer: OptimizerName = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_milestones: Sequence[int] = (),
+        lr_gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+        if not lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {lr!r}.")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {_OPTIMIZERS}, got {optimizer!r}.")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+        if not weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+        milestones = tuple(lr_milestones)
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones):
+            raise ValueError(
+                f"`lr_milestones` must be a sequence of integer epochs >= 0, got {lr_milestones!r}. "
+                "Hint: set it explicitly when it is derived from a pruning `end_epoch` of None."
+            )
+        if not lr_gamma > 0:
+            raise ValueError(f"`lr_gamma` must be > 0, got {lr_gamma!r}.")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.lr_milestones = sorted(milestones)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
+        accuracy(logits, y)
+        prog_bar = stage == "val"
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=prog_bar)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=prog_bar)
+        return loss
+
+    @override
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    @override
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    @override
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = self.model.parameters()
+        optimizer: torch.optim.Optimizer
+        if hp["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+        elif hp["optimizer"] == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        if not self.lr_milestones:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=self.lr_milestones, gamma=hp["lr_gamma"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

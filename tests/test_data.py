@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from lightning_prune.data import DigitsDataModule
+
+
+def _labels(dataset) -> np.ndarray:
+    return dataset.tensors[1].numpy()
+
+
+def test_split_sizes_shapes_and_dtypes():
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sum(sizes) == 1797
+    assert sizes[2] == pytest.approx(0.2 * 1797, abs=1)
+    assert sizes[1] == pytest.approx(0.15 * 1797, abs=1)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, *dm.input_shape) == (32, 1, 8, 8)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dm.num_classes == 10
+    images = dm.train_set.tensors[0]
+    assert images.min() == 0.0 and images.max() == 1.0
+
+
+def test_split_is_disjoint_and_determined_by_seed():
+    train, val, test = DigitsDataModule(seed=3).split_indices()
+    assert len(np.intersect1d(train, val)) == len(np.intersect1d(train, test)) == 0
+    assert len(np.intersect1d(val, test)) == 0
+    assert len(train) + len(val) + len(test) == 1797
+    again = DigitsDataModule(seed=3).split_indices()
+    other = DigitsDataModule(seed=4).split_indices()
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
+    assert not np.array_equal(test, other[2])
+
+
+def test_split_is_stratified():
+    dm = DigitsDataModule(seed=1)
+    dm.setup()
+    overall = np.bincount(load_digits().target, minlength=10) / 1797
+    for dataset in (dm.train_set, dm.val_set, dm.test_set):
+        frequencies = np.bincount(_labels(dataset), minlength=10) / len(dataset)
+        # Stratification keeps every class within one sample of its overall share.
+        assert np.all(np.abs(frequencies - overall) <= 1.0 / len(dataset) + 1e-9)
+
+
+def test_train_loader_shuffles_reproducibly_without_global_seed():
+    def first_labels(seed: int) -> torch.Tensor:
+        dm = DigitsDataModule(seed=seed)
+        dm.setup()
+        torch.manual_seed(seed + 1000)  # global state must not matter
+        return next(iter(dm.train_dataloader()))[1]
+
+    assert torch.equal(first_labels(0), first_labels(0))
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)  # Lightning calls this at the start of every epoch
+    epoch1 = next(iter(loader))[1]
+    loader.sampler.set_epoch(2)
+    epoch2 = next(iter(loader))[1]
+    assert not torch.equal(epoch1, epoch2)  # each epoch reshuffles
+    loader.sampler.set_epoch(1)
+    assert torch.equal(next(iter(loader))[1], epoch1)  # a resumed run replays the same order
+    val_labels = torch.cat([y for _, y in dm.val_dataloader()])
+    assert torch.equal(val_labels, dm.val_set.tensors[1])  # evaluation loaders keep the order
+
+
+def test_standardize_uses_train_statistics():
+    dm = DigitsDataModule(standardize=True)
+    dm.setup()
+    train_images = dm.train_set.tensors[0]
+    assert train_images.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert train_images.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 < dm.mean < 1.0 and dm.std > 0.0
+    assert dm.test_set.tensors[0].mean().item() != pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, r"`batch_size` must be an integer >= 1, got 0"),
+        ({"val_fraction": 0.0}, r"`val_fraction` must be in the open interval \(0, 1\), got 0.0"),
+        ({"test_fraction": 1.0}, r"`test_fraction` must be in the open interval \(0, 1\), got 1.0"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, r"`val_fraction` \+ `test_fraction` must be < 1"),
+        ({"num_workers": -1}, r"`num_workers` must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)
+
+
+def test_loader_before_setup_fails():
+    with pytest.raises(RuntimeError, match=r"call `setup\(\)`"):
+        DigitsDataModule().train_dataloader()

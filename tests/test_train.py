@@ -1,0 +1,241 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+from torch import nn
+
+from lightning_prune import PruningCallback
+from lightning_prune.data import DigitsDataModule
+from lightning_prune.models import ImageClassifier, SmallCNN
+from lightning_prune.train import (
+    AccuracyAtEpochStart,
+    evaluate_accuracy,
+    instantiate_module,
+    instantiate_pruning,
+    resolve_output_dir,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+METRIC_KEYS = {
+    "dense_test_acc",
+    "pruned_test_acc",
+    "target_sparsity",
+    "sparsity",
+    "layer_sparsity",
+    "nonzero_params",
+    "total_params",
+    "wall_time_s",
+    "overrides",
+}
+# A small, fast version of the main job: 3 epochs, pruning at the starts of epochs 0 and 1.
+FAST = [
+    "trainer.max_epochs=3",
+    "trainer.enable_progress_bar=false",
+    "model.channels=[8,16]",
+    "model.hidden=32",
+]
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_config_is_the_main_job():
+    cfg = _compose([])
+    assert cfg.model._target_ == "lightning_prune.models.SmallCNN"
+    assert cfg.pruning._target_ == "lightning_prune.PruningCallback"
+    assert (cfg.pruning.sparsity, cfg.pruning.schedule) == (0.9, "cubic")
+    assert cfg.pruning.start_epoch < cfg.pruning.end_epoch < cfg.trainer.max_epochs
+    # Fine-tuning at a lower rate starts where pruning ends.
+    assert list(cfg.optimizer.lr_milestones) == [cfg.pruning.end_epoch]
+    assert cfg.trainer.deterministic is True
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(group, option) for group in ("data", "model", "pruning", "trainer", "optimizer") for option in _options(group)],
+)
+def test_every_config_option_composes_and_instantiates(group, option, tmp_path):
+    cfg = _compose([f"{group}={option}"])
+    datamodule = instantiate(cfg.data)
+    module = instantiate_module(cfg)
+    net = module.model
+    trainer = instantiate(cfg.trainer, logger=False, default_root_dir=tmp_path)
+    pruning = instantiate_pruning(cfg)
+    assert isinstance(datamodule, DigitsDataModule)
+    assert isinstance(module, ImageClassifier) and isinstance(net, nn.Module)
+    assert module.hparams.optimizer == cfg.optimizer.optimizer
+    assert isinstance(trainer, L.Trainer)
+    assert net(torch.zeros(2, *datamodule.input_shape)).shape == (2, datamodule.num_classes)
+    if "_target_" in cfg.pruning:
+        assert isinstance(pruning, PruningCallback)
+        assert pruning.scope == cfg.pruning.scope
+    else:
+        assert pruning is None and option == "none"
+
+
+def test_options_cover_the_documented_choices():
+    assert {"cnn", "mlp"} <= set(_options("model"))
+    assert {"magnitude", "magnitude_layerwise", "none"} <= set(_options("pruning"))
+    assert {"sgd", "adam"} <= set(_options("optimizer"))
+    assert _compose(["pruning=magnitude_layerwise"]).pruning.scope == "layer"
+
+
+def test_train_prunes_and_writes_metrics(tmp_path):
+    cfg = _compose([*FAST, "pruning.start_epoch=0", "pruning.end_epoch=1", f"output_dir='{tmp_path}'"])
+    accuracy = train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["pruned_test_acc"] == pytest.approx(accuracy)
+    assert accuracy > 0.5
+    assert metrics["target_sparsity"] == 0.9
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert all(0.0 <= s <= 1.0 for s in metrics["layer_sparsity"].values())
+    assert metrics["nonzero_params"] < 0.2 * metrics["total_params"]
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
+    assert list(tmp_path.glob("csv/version_0/checkpoints/*.ckpt"))  # checkpointing is on by default
+
+
+def test_dense_accuracy_is_measured_before_pruning(tmp_path):
+    # Pruning starts at epoch 2: the dense accuracy is that of the model trained for two dense epochs.
+    cfg = _compose(
+        [
+            *FAST,
+            "pruning.start_epoch=2",
+            "pruning.end_epoch=2",
+            "trainer.enable_checkpointing=false",
+            f"output_dir='{tmp_path}'",
+        ]
+    )
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dense_test_acc"] > 0.5  # trained, unlike at epoch 0
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_train_without_pruning(tmp_path):
+    cfg = _compose([*FAST, "pruning=none", f"output_dir='{tmp_path}'"])
+    assert "_target_" not in cfg.pruning
+    accuracy = train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sparsity"] == 0.0 and metrics["layer_sparsity"] == {}
+    assert metrics["nonzero_params"] == metrics["total_params"]
+    assert metrics["dense_test_acc"] == metrics["pruned_test_acc"] == pytest.approx(accuracy)
+    # Without pruning, the lr milestone falls back to max_epochs: a constant learning rate.
+    assert list(cfg.optimizer.lr_milestones) == [cfg.trainer.max_epochs]
+
+
+def test_script_runs_under_hydra(tmp_path):
+    overrides = [
+        *FAST,
+        "trainer.max_epochs=2",
+        "pruning.start_epoch=0",
+        "pruning.end_epoch=1",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides], check=True, cwd=tmp_path, capture_output=True
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["overrides"] == overrides[:-1]  # hydra.* overrides are not task overrides
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+class _AccuracyAtEpochEnd(L.Callback):
+    def __init__(self) -> None:
+        self.accuracies: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.accuracies.append(evaluate_accuracy(pl_module, trainer.datamodule.test_dataloader()))
+
+
+class _ZeroWeightsAtEpochStart(L.Callback):
+    """Stands in for pruning: destroys the model at the start of epoch 1."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.zero_()
+
+
+def test_accuracy_probe_runs_before_later_callbacks(tmp_path):
+    L.seed_everything(0)
+    probe, reference = AccuracyAtEpochStart(epoch=1), _AccuracyAtEpochEnd()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[reference, probe, _ZeroWeightsAtEpochStart()],
+    )
+    module = ImageClassifier(SmallCNN(channels=(8, 16), hidden=32), lr=0.1)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    # The probe saw the model as epoch 0 left it, not the zeroed one.
+    assert probe.accuracy == reference.accuracies[0]
+    assert probe.accuracy > 0.5 and reference.accuracies[1] < 0.5
+
+
+def test_evaluate_accuracy_restores_mode_and_rejects_empty_loaders():
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    running_mean = net[1].running_mean.clone()
+    accuracy = evaluate_accuracy(net, [(x, y)])
+    assert 0.0 <= accuracy <= 1.0 and net.training
+    assert torch.equal(net[1].running_mean, running_mean)  # evaluated in eval mode
+    with pytest.raises(ValueError, match="`loader` yielded no samples"):
+        evaluate_accuracy(net, [])
+
+
+def test_accuracy_probe_rejects_bad_epoch():
+    with pytest.raises(ValueError, match=r"`epoch` must be an integer >= 0, got -1"):
+        AccuracyAtEpochStart(epoch=-1)
+
+
+def test_resolve_output_dir_without_hydra(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_output_dir(OmegaConf.create({"output_dir": None})) == tmp_path
+    target = tmp_path / "a" / "b"
+    assert resolve_output_dir(OmegaConf.create({"output_dir": str(target)})) == target
+    assert target.is_dir()
+
+
+def test_output_dir_precedence_under_hydra(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        plain, explicit, run = (
+            compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            for overrides in ([], [f"output_dir='{tmp_path / 'explicit'}'"], [])
+        )
+    with open_dict(run):
+        run.hydra.runtime.output_dir = str(tmp_path / "run")
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    try:
+        instance.set_config(plain)  # compose() leaves hydra.runtime.output_dir missing
+        assert resolve_output_dir(plain) == tmp_path
+        instance.set_config(run)
+        assert resolve_output_dir(run) == tmp_path / "run"
+        instance.set_config(explicit)
+        assert resolve_output_dir(explicit) == tmp_path / "explicit"
+    finally:
+        instance.cfg = previous
