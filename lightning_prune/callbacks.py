@@ -174,7 +174,8 @@ class PruningCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.masks is not None  # set in on_train_start
+        if self.masks is None:  # set in on_train_start
+            return
         target = self.schedule.sparsity_at(trainer.current_epoch)
         if target <= self._target:
             return
