@@ -3,6 +3,10 @@
 ``scripts/train.py`` wraps :func:`train` with ``@hydra.main``; tests and sweeps call it with a config from
 ``hydra.compose``. One run trains the model densely, prunes it as the ``pruning`` group says, fine-tunes it,
 tests it, prints a short summary and writes ``metrics.json`` to the run directory.
+
+Importing this module registers the config schemas (:func:`lightning_prune.config.register_configs`) that the
+files in ``conf/`` extend, so ``hydra.compose`` on ``conf/`` works after ``import lightning_prune.train``
+whether or not Hydra found the ``lightning_prune_searchpath`` plugin (editable installs hide it).
 """
 
 from __future__ import annotations
@@ -18,23 +22,31 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from typing_extensions import override
 
+from lightning_prune.config import register_configs, validate
+from lightning_prune.stats import count_macs
+from lightning_prune.sweep import search_objective
+
 __all__ = [
     "AccuracyAtEpochStart",
     "evaluate_accuracy",
+    "example_input",
+    "instantiate_logger",
     "instantiate_module",
     "instantiate_pruning",
     "resolve_output_dir",
+    "task_overrides",
     "train",
     "weight_sparsity",
 ]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+register_configs()
 
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
@@ -142,7 +154,8 @@ class AccuracyAtEpochStart(L.Callback):
         pl_module.log("dense/test_acc", self.accuracy, on_step=False, on_epoch=True)
 
 
-def _overrides() -> list[str]:
+def task_overrides() -> list[str]:
+    """The command-line overrides of the current Hydra job (empty outside Hydra), e.g. ``["seed=1"]``."""
     if HydraConfig.initialized():
         return list(HydraConfig.get().overrides.task)
     return []
@@ -178,14 +191,49 @@ def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
     return instantiate(pruning_cfg, _convert_="all")
 
 
+def instantiate_logger(cfg: DictConfig, output_dir: Path) -> Any:
+    """The logger ``cfg.logger`` (CSV in ``output_dir`` when absent); ``save_dir: null`` means ``output_dir``.
+
+    Example:
+        >>> logger = instantiate_logger(OmegaConf.create({}), Path("runs"))
+        >>> type(logger).__name__, logger.name
+        ('CSVLogger', 'csv')
+    """
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg:
+        logger_cfg = OmegaConf.create({"_target_": "lightning.pytorch.loggers.CSVLogger", "name": "csv"})
+    if logger_cfg.get("save_dir"):
+        return instantiate(logger_cfg)
+    return instantiate(logger_cfg, save_dir=str(output_dir))
+
+
+def example_input(datamodule: Any) -> torch.Tensor:
+    """One sample shaped like the datamodule's inputs: zeros of ``datamodule.input_shape`` with a batch of one,
+    or the first test sample when the datamodule has no ``input_shape``.
+
+    Example:
+        >>> from lightning_prune.data import DigitsDataModule
+        >>> tuple(example_input(DigitsDataModule()).shape)
+        (1, 1, 8, 8)
+    """
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is not None:
+        return torch.zeros(1, *shape)
+    inputs, _ = next(iter(datamodule.test_dataloader()))
+    return inputs[:1]
+
+
 def train(cfg: DictConfig) -> float:
     """Train, prune, fine-tune and test the model described by ``cfg``.
 
-    Builds the datamodule (``cfg.data``), network (``cfg.model``), LightningModule (``cfg.module`` plus
-    the ``cfg.optimizer`` arguments), pruning callback (``cfg.pruning``; absent or empty for none) and
-    trainer (``cfg.trainer``) with ``hydra.utils.instantiate``. Test accuracy is measured before pruning
-    starts (the dense accuracy) and after training (the pruned accuracy). Prints a summary and writes
-    ``metrics.json`` to the run directory (see :func:`resolve_output_dir`).
+    First checks ``cfg`` with :func:`lightning_prune.config.validate` (a :class:`~lightning_prune.config.ConfigError`
+    names every out-of-range key before anything is built). Then builds the datamodule (``cfg.data``), network
+    (``cfg.model``), LightningModule (``cfg.module`` plus the ``cfg.optimizer`` arguments), pruning callback
+    (``cfg.pruning``; absent or without ``_target_`` for none), logger (``cfg.logger``) and trainer
+    (``cfg.trainer``) with ``hydra.utils.instantiate``. Test accuracy is measured before pruning starts (the
+    dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
+    the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
+    sample (:func:`lightning_prune.stats.count_macs`: ``macs`` counts nonzero weights, ``dense_macs`` all).
 
     Args:
         cfg: A config composed from this project's ``conf/``.
@@ -193,12 +241,16 @@ def train(cfg: DictConfig) -> float:
     Returns:
         The test accuracy of the final, pruned model: the metric a sweep optimises.
 
+    Raises:
+        ConfigError: when ``cfg`` asks for something impossible, e.g. ``pruning.sparsity=1.5``.
+
     Example:
         >>> from hydra import compose, initialize_config_dir
         >>> with initialize_config_dir(config_dir="/abs/path/to/conf", version_base="1.3"):  # doctest: +SKIP
         ...     cfg = compose("config", overrides=["trainer.max_epochs=3", "output_dir=/tmp/run"])
         ...     accuracy = train(cfg)
     """
+    validate(cfg)
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     output_dir = resolve_output_dir(cfg)
@@ -215,7 +267,7 @@ def train(cfg: DictConfig) -> float:
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=output_dir, name="csv"),
+        logger=instantiate_logger(cfg, output_dir),
         default_root_dir=output_dir,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -225,9 +277,11 @@ def train(cfg: DictConfig) -> float:
     # Without pruning, or if pruning never started, the final model is the dense one.
     dense_acc = dense_probe.accuracy if dense_probe.accuracy is not None else final_acc
 
+    macs = count_macs(net, example_input(datamodule).to(next(net.parameters()).device))
     total = sum(p.numel() for p in net.parameters())
     nonzero = sum(int((p != 0).sum()) for p in net.parameters())
     metrics: dict[str, Any] = {
+        "status": "ok",
         "dense_test_acc": dense_acc,
         "pruned_test_acc": final_acc,
         "target_sparsity": float(cfg.pruning.get("sparsity", pruning.sparsity)) if pruning else 0.0,
@@ -235,8 +289,10 @@ def train(cfg: DictConfig) -> float:
         "layer_sparsity": dict(pruning.layer_sparsity()) if pruning else {},
         "nonzero_params": nonzero,
         "total_params": total,
+        "macs": macs.macs,
+        "dense_macs": macs.dense_macs,
         "wall_time_s": time.perf_counter() - start,
-        "overrides": _overrides(),
+        "overrides": task_overrides(),
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
@@ -247,7 +303,10 @@ def train(cfg: DictConfig) -> float:
         f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable weights; target "
         f"{metrics['target_sparsity']:.4f})\n"
         f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})\n"
+        f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})\n"
         f"  wall time        {metrics['wall_time_s']:.1f} s\n"
         f"  metrics          {output_dir / 'metrics.json'}"
     )
+    if cfg.get("objective") == "max_sparsity":
+        return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import lightning as L
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from typing_extensions import override
 
-from lightning_prune.data.samplers import EpochShuffleSampler
+from lightning_prune.data.base import ClassificationDataModule, check_declared, check_fraction
 
 __all__ = ["DigitsDataModule"]
 
 _MAX_PIXEL = 16.0  # `load_digits` pixels are integers in [0, 16].
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(ClassificationDataModule[TensorDataset]):
     """The 1,797 8x8 digits of UCI ML (``sklearn.datasets.load_digits``) as a LightningDataModule.
 
     The split into train, validation and test sets is stratified by label and fixed by ``seed``. Pixels
@@ -34,6 +35,8 @@ class DigitsDataModule(L.LightningDataModule):
         seed: Seed of the split and of the training loader's shuffling.
         num_workers: Worker processes per loader (0 loads in the main process).
         standardize: Standardise pixels with the training set's mean and standard deviation.
+        num_classes: Optional; must be 10. Lets a config declare it for models to interpolate.
+        input_shape: Optional; must be ``(1, 8, 8)``. Lets a config declare it for models to interpolate.
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32, seed=0)
@@ -44,7 +47,7 @@ class DigitsDataModule(L.LightningDataModule):
     """
 
     num_classes: int = 10
-    input_shape: tuple[int, int, int] = (1, 8, 8)
+    input_shape: tuple[int, ...] = (1, 8, 8)
 
     def __init__(
         self,
@@ -54,32 +57,25 @@ class DigitsDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         standardize: bool = False,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"`{name}` must be in the open interval (0, 1), got {value!r}.")
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        val_fraction = check_fraction("val_fraction", val_fraction)
+        test_fraction = check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"`val_fraction` + `test_fraction` must be < 1 to leave training data, got "
                 f"{val_fraction!r} + {test_fraction!r} = {val_fraction + test_fraction!r}."
             )
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+        check_declared("DigitsDataModule", "num_classes", num_classes, type(self).num_classes)
+        check_declared("DigitsDataModule", "input_shape", input_shape, type(self).input_shape)
         self.save_hyperparameters()
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.standardize = standardize
         self.mean = 0.0
         self.std = 1.0
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     def split_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Indices into ``load_digits()`` of the train, validation and test samples.
@@ -113,26 +109,3 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
         self.test_set = TensorDataset(images[test], labels[test])
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule: call `setup()` before asking for a dataloader.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(dataset, seed=self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

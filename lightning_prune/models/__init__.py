@@ -1,7 +1,30 @@
-"""Reference networks and the LightningModule that trains them."""
+"""Reference networks and the LightningModule that trains them.
+
+Every network here is a plain ``nn.Module`` with random initialisation (nothing is downloaded). The ones
+defined in this package name their final classifier ``head``; torchvision's keep their own names.
+"""
 
 from lightning_prune.models.classifier import ImageClassifier
 from lightning_prune.models.cnn import SmallCNN
+from lightning_prune.models.lenet import LeNet5
 from lightning_prune.models.mlp import MLP
+from lightning_prune.models.resnet import BasicBlock, CifarResNet, resnet20, resnet56
+from lightning_prune.models.vgg import VGG, VGG_PRESETS, vgg11, vgg16
+from lightning_prune.models.zoo import TORCHVISION_MODELS, torchvision_model
 
-__all__ = ["MLP", "ImageClassifier", "SmallCNN"]
+__all__ = [
+    "MLP",
+    "TORCHVISION_MODELS",
+    "VGG",
+    "VGG_PRESETS",
+    "BasicBlock",
+    "CifarResNet",
+    "ImageClassifier",
+    "LeNet5",
+    "SmallCNN",
+    "resnet20",
+    "resnet56",
+    "torchvision_model",
+    "vgg11",
+    "vgg16",
+]

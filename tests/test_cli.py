@@ -1,0 +1,77 @@
+"""A LightningCLI user adds the PruningCallback from a YAML file."""
+
+import textwrap
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_prune import PruningCallback
+
+MODULE = """
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModel(L.LightningModule):
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyData(L.LightningDataModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 8, generator=g)
+        return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+"""
+
+CONFIG = """
+trainer:
+  max_epochs: 2
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_prune.PruningCallback
+      init_args:
+        sparsity: 0.75
+        schedule: linear
+        start_epoch: 0
+        end_epoch: 1
+        ignore: [net.2]
+model:
+  hidden: 16
+"""
+
+
+def test_lightning_cli_adds_the_pruning_callback_from_yaml(tmp_path, monkeypatch):
+    (tmp_path / "tiny_cli_module.py").write_text(textwrap.dedent(MODULE))
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    from tiny_cli_module import TinyData, TinyModel
+
+    cli = LightningCLI(
+        TinyModel,
+        TinyData,
+        args=["fit", "--config", str(tmp_path / "config.yaml"), f"--trainer.default_root_dir={tmp_path}"],
+        save_config_kwargs={"overwrite": True},
+    )
+    [pruning] = [c for c in cli.trainer.callbacks if isinstance(c, PruningCallback)]
+    assert cli.trainer.current_epoch == 2
+    assert pruning.schedule.end_epoch == 1 and pruning.ignore == ("net.2",)
+    assert pruning.achieved_sparsity == 0.75
+    first = cli.model.net[0].weight
+    assert int((first == 0).sum()) == round(0.75 * first.numel())
+    assert torch.count_nonzero(cli.model.net[2].weight) == cli.model.net[2].weight.numel()  # ignored

@@ -1,0 +1,261 @@
+"""Every option of every config group composes and instantiates; every malformed override fails early and clearly."""
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import lightning_prune.train as train_module
+from lightning_prune import PruningCallback
+from lightning_prune.config import ConfigError, TrainerConfig, validate
+from lightning_prune.schedules import SCHEDULES, IterativeSchedule
+from lightning_prune.train import instantiate_logger, instantiate_module, instantiate_pruning, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _compose(overrides: list[str], *, hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+
+
+def _groups() -> dict[str, list[str]]:
+    """Every config group under conf/ (nested ones as ``hydra/launcher``) and its options, found on disk."""
+    groups: dict[str, list[str]] = {}
+    for path in sorted(CONF.rglob("*.yaml")):
+        if path.parent != CONF:
+            groups.setdefault(path.parent.relative_to(CONF).as_posix(), []).append(path.stem)
+    return groups
+
+
+GROUPS = _groups()
+IN_DEFAULTS = set(_compose([], hydra=True).hydra.runtime.choices)
+OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
+
+
+def _override(group: str, option: str) -> str:
+    """``group=option`` for a group in the defaults list, ``+group=option`` for an optional one (experiment)."""
+    return f"{group}={option}" if group in IN_DEFAULTS else f"+{group}={option}"
+
+
+def test_groups_are_discovered():
+    assert {"data", "model", "pruning", "schedule", "trainer", "logger", "optimizer"} <= set(GROUPS)
+    assert set(GROUPS["schedule"]) == set(SCHEDULES)
+    assert {"cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
+    assert {"csv", "tensorboard"} <= set(GROUPS["logger"])
+    assert {"sgd", "adam", "adamw"} <= set(GROUPS["optimizer"])
+    assert {"none", "magnitude", "magnitude_layerwise"} <= set(GROUPS["pruning"])
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_validates_and_instantiates(group, option, tmp_path):
+    cfg = _compose([_override(group, option)], hydra=group.startswith("hydra/"))
+    validate(cfg)
+    # Building objects: cheap ones always; datamodules only constructed (no files read before setup()).
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, L.LightningDataModule)
+    net = instantiate(cfg.model, _convert_="all")
+    assert isinstance(net, nn.Module)
+    if group in ("data", "model", "experiment") and sum(p.numel() for p in net.parameters()) < 2_000_000:
+        shape = tuple(cfg.data.get("input_shape") or datamodule.input_shape)
+        assert net.eval()(torch.zeros(2, *shape)).shape == (2, cfg.model.num_classes)
+    module = instantiate_module(cfg)
+    assert module.hparams.optimizer == cfg.optimizer.optimizer
+    pruning = instantiate_pruning(cfg)
+    if cfg.pruning.get("_target_"):
+        assert isinstance(pruning, PruningCallback)
+        assert pruning.sparsity == cfg.pruning.sparsity and pruning.scope == cfg.pruning.scope
+    else:
+        assert pruning is None
+    logger = instantiate_logger(cfg, tmp_path)
+    assert isinstance(logger, Logger)
+    overrides = {"accelerator": "cpu"} if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available() else {}
+    trainer = instantiate(cfg.trainer, logger=False, default_root_dir=tmp_path, **overrides)
+    assert isinstance(trainer, L.Trainer)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_schedule_group_sets_the_shape_and_pruning_the_targets(schedule):
+    cfg = _compose([f"schedule={schedule}", "pruning.sparsity=0.8", "pruning.start_epoch=2"])
+    validate(cfg)
+    callback = instantiate_pruning(cfg)
+    assert isinstance(callback, PruningCallback)
+    assert isinstance(callback.schedule, SCHEDULES[schedule])
+    assert callback.sparsity == pytest.approx(0.8)
+    assert callback.schedule.start_epoch == 2
+    # One-shot pruning ends where it starts, and the learning-rate drop follows.
+    end = 2 if schedule == "one_shot" else 20
+    assert callback.schedule.end_epoch == end == cfg.optimizer.lr_milestones[0]
+    assert callback.schedule.sparsity_at(end) == pytest.approx(0.8)
+    if schedule == "iterative":
+        assert isinstance(callback.schedule, IterativeSchedule) and len(callback.schedule.sparsities) == 19
+
+
+def test_default_schedule_is_the_main_job_and_pruning_none_ignores_it():
+    cfg = _compose([])
+    assert cfg.pruning.schedule == "cubic" and cfg.trainer.accelerator == "cpu"
+    assert cfg.logger._target_.endswith("CSVLogger") and cfg.optimizer.optimizer == "sgd"
+    none = _compose(["pruning=none", "schedule=one_shot"])
+    validate(none)
+    assert instantiate_pruning(none) is None
+    assert list(none.optimizer.lr_milestones) == [none.trainer.max_epochs]  # no learning-rate drop
+
+
+def test_ddp_trainer_documents_multi_gpu_and_multi_node():
+    cfg = _compose(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == ("ddp", 4, 2)
+    text = (CONF / "trainer" / "ddp.yaml").read_text()
+    assert "num_nodes" in text and "MASTER_ADDR" in text
+
+
+def test_trainer_schema_defaults_are_the_trainers():
+    signature = inspect.signature(L.Trainer.__init__).parameters
+    for field in dataclasses.fields(TrainerConfig):
+        if field.name != "_target_":
+            assert field.name in signature, field.name
+            assert field.default == signature[field.name].default, field.name
+
+
+# (overrides, exception, message). Compose-time errors come from the schemas and Hydra; ConfigError from
+# validate(), which train() calls before building anything.
+MALFORMED = [
+    # unknown group options
+    (["model=resnet99"], HydraException, r"Could not find 'model/resnet99'"),
+    (["pruning=structured"], HydraException, r"Could not find 'pruning/structured'"),
+    (["schedule=quadratic"], HydraException, r"Could not find 'schedule/quadratic'"),
+    (["trainer=tpu"], HydraException, r"Could not find 'trainer/tpu'"),
+    # misspelt keys
+    (["pruning.sparsityy=0.5"], HydraException, r"Key 'sparsityy' not in 'PruningConfig'"),
+    (["trainer.max_epoch=3"], HydraException, r"Key 'max_epoch' not in 'TrainerConfig'"),
+    (["optimizer.learning_rate=0.1"], HydraException, r"Key 'learning_rate' not in 'OptimizerConfig'"),
+    (["logger.save_directory=x"], HydraException, r"Key 'save_directory' not in 'CSVLoggerConfig'"),
+    (
+        ["+pruning.sparsityy=0.5"],
+        ConfigError,
+        r"pruning\.sparsityy=0\.5: unknown key; did you mean pruning\.sparsity\?",
+    ),
+    (["+trainer.max_epoch=3"], ConfigError, r"trainer\.max_epoch=3: unknown key; did you mean trainer\.max_epochs\?"),
+    # wrong types
+    (["pruning.sparsity=abc"], HydraException, r"Value 'abc' of type 'str' could not be converted to Float"),
+    (["trainer.max_epochs=1.5"], HydraException, r"Value '1\.5' of type 'float' could not be converted to Integer"),
+    (["pruning.start_epoch=ten"], HydraException, r"Value 'ten' of type 'str' could not be converted to Integer"),
+    (["trainer.enable_checkpointing=maybe"], HydraException, r"Value 'maybe' is not a valid bool"),
+    (["seed=abc"], ConfigError, r"seed='abc': must be an integer >= 0"),
+    # out of range
+    (["pruning.sparsity=1.5"], ConfigError, r"pruning\.sparsity=1\.5: must be in \[0, 1\)"),
+    (["pruning.sparsity=-0.1"], ConfigError, r"pruning\.sparsity=-0\.1: must be in \[0, 1\)"),
+    (["seed=-1"], ConfigError, r"seed=-1: must be an integer >= 0"),
+    (["pruning.every_n_epochs=0"], ConfigError, r"pruning\.every_n_epochs=0: must be an integer >= 1"),
+    (["data.batch_size=0"], ConfigError, r"data\.batch_size=0: must be an integer >= 1"),
+    (["trainer.max_epochs=0"], ConfigError, r"trainer\.max_epochs=0: must be an integer >= 1"),
+    (["trainer.devices=0"], ConfigError, r"trainer\.devices=0: must be 'auto', an integer >= 1"),
+    (["optimizer.lr=0"], ConfigError, r"optimizer\.lr=0\.0: must be a number > 0"),
+    (["optimizer.momentum=1.0"], ConfigError, r"optimizer\.momentum=1\.0: must be in \[0, 1\)"),
+    (["pruning.scope=local"], ConfigError, r"pruning\.scope='local': must be one of \['global', 'layer'\]"),
+    (["pruning.schedule=quadratic"], ConfigError, r"pruning\.schedule='quadratic': must be one of \['cubic'"),
+    # contradictory schedule bounds
+    (
+        ["pruning.start_epoch=12", "pruning.end_epoch=11"],
+        ConfigError,
+        r"end_epoch=11: must be >= pruning\.start_epoch=12",
+    ),
+    (["pruning.end_epoch=30"], ConfigError, r"end_epoch=30: must be < trainer\.max_epochs=30"),
+    (
+        ["pruning.start_epoch=40", "pruning.end_epoch=null", "optimizer.lr_milestones=[25]"],
+        ConfigError,
+        r"start_epoch=40: must be < trainer\.max_epochs=30",
+    ),
+    (
+        ["schedule=one_shot", "pruning.end_epoch=12"],
+        ConfigError,
+        r"one_shot schedule prunes once, at pruning\.start_epoch=10",
+    ),
+    (["schedule=iterative", "pruning.end_epoch=null"], ConfigError, r"iterative schedule needs an end epoch"),
+    (["pruning.end_epoch=null"], ConfigError, r"optimizer\.lr_milestones=\[None\]: .*set it explicitly"),
+    (
+        ["trainer=ddp", "trainer.strategy=fsdp"],
+        ConfigError,
+        r"trainer\.strategy='fsdp': pruning needs whole parameters",
+    ),
+]
+
+
+def test_malformed_overrides_are_counted():
+    assert len(MALFORMED) == 33
+
+
+@pytest.mark.parametrize(("overrides", "error", "match"), MALFORMED, ids=[" ".join(o) for o, _, _ in MALFORMED])
+def test_malformed_override_fails_before_training(overrides, error, match, monkeypatch):
+    def no_instantiation(*args, **kwargs):
+        raise AssertionError("train() instantiated something before validating the config")
+
+    monkeypatch.setattr(train_module, "instantiate", no_instantiation)
+    with pytest.raises(error) as info:
+        train(_compose(overrides))
+    # Hydra puts the detail (key, value, type) in the chained cause; the CLI prints both.
+    message = str(info.value) + "\n" + str(info.value.__cause__ or "")
+    assert re.search(match, message), message
+
+
+def test_validate_lists_every_problem_at_once():
+    cfg = _compose(["pruning.sparsity=1.5", "seed=-1", "optimizer.lr=-1"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value).count("\n") == 3  # a header and one line per problem
+    assert isinstance(info.value, ValueError)
+
+
+def test_validate_accepts_a_bare_config():
+    validate(OmegaConf.create({}))
+    validate(OmegaConf.create({"pruning": {"schedule": "cubic"}, "data": {"_target_": "x"}}))
+
+
+def _script(*overrides: str, env: dict[str, str] | None = None, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides, f"hydra.run.dir={cwd}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_script_prints_config_errors_cleanly_and_records_the_failure(tmp_path):
+    done = _script("pruning.sparsity=1.5", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
+    assert done.returncode == 1
+    assert "pruning.sparsity=1.5: must be in [0, 1)" in done.stderr
+    assert "Traceback" not in done.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "pruning.sparsity=1.5" in metrics["error"]
+    assert metrics["overrides"] == ["pruning.sparsity=1.5"]
+
+
+@pytest.mark.slow
+def test_script_shows_the_traceback_with_hydra_full_error(tmp_path):
+    full = _script("pruning.sparsity=1.5", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "ConfigError" in full.stderr
+
+
+def test_script_reports_compose_errors_with_key_and_value(tmp_path):
+    done = _script("trainer.max_epochs=1.5", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
+    assert done.returncode == 1
+    assert "trainer.max_epochs" in done.stderr and "'1.5'" in done.stderr and "Integer" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "metrics.json").exists()  # nothing ran
