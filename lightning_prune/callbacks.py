@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -244,7 +245,7 @@ def sparsity_table(masks: MaskSet) -> str:
     """A plain-text per-layer table: parameter, shape, pruned / total, sparsity."""
     rows = [("parameter", "shape", "pruned / total", "sparsity")]
     for name, mask in zip(masks.names, masks.masks):
-        pruned = int(mask.numel() - mask.sum())
+        pruned = mask.numel() - int(torch.count_nonzero(mask))
         rows.append(
             (
                 name,

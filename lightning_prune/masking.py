@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+_APPLY_CHUNK = 1 << 20
+
 #: Module types whose ``weight`` is prunable by default.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -124,7 +126,8 @@ class MaskSet:
             raise ValueError("MaskSet needs at least one parameter to mask.")
         self.names: list[str] = list(params)
         self.params: list[nn.Parameter] = list(params.values())
-        self.masks: list[Tensor] = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+        # Contiguous whatever the parameter's memory format (e.g. channels_last), so they can be streamed.
+        self.masks: list[Tensor] = [torch.ones(p.shape, dtype=torch.bool, device=p.device) for p in self.params]
         self._grad_handles: list[RemovableHandle] = []
         self._step_handles: list[RemovableHandle] = []
         self._multipliers: list[Tensor] = []  # the masks in each parameter's dtype, while attached
@@ -134,7 +137,7 @@ class MaskSet:
         return sum(m.numel() for m in self.masks)
 
     def num_pruned(self) -> int:
-        return sum(int(m.numel() - m.sum()) for m in self.masks)
+        return sum(m.numel() - int(torch.count_nonzero(m)) for m in self.masks)
 
     def sparsity(self) -> float:
         """Fraction of masked (pruned) entries over all masked tensors."""
@@ -142,7 +145,7 @@ class MaskSet:
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of pruned entries per parameter name."""
-        return {n: int(m.numel() - m.sum()) / m.numel() for n, m in zip(self.names, self.masks)}
+        return {n: (m.numel() - int(torch.count_nonzero(m))) / m.numel() for n, m in zip(self.names, self.masks)}
 
     # ------------------------------------------------------------------ enforcement
     @torch.no_grad()
@@ -150,7 +153,16 @@ class MaskSet:
         """Zero every pruned weight. Call it after changing :attr:`masks`: it also refreshes the hooks."""
         for mult, m in zip(self._multipliers, self.masks):
             mult.copy_(m)
-        _mul_(self.params, self._multipliers or self.masks)
+        if self._multipliers:
+            _mul_(self.params, self._multipliers)
+        else:  # in slices: multiplying by a bool tensor can make a full-size float copy of it
+            for p, m in zip(self.params, self.masks):
+                if not p.is_contiguous():  # e.g. channels_last: multiply by logical index
+                    p.mul_(m)
+                    continue
+                flat_p, flat_m = p.view(-1), m.view(-1)
+                for start in range(0, flat_p.numel(), _APPLY_CHUNK):
+                    flat_p[start : start + _APPLY_CHUNK].mul_(flat_m[start : start + _APPLY_CHUNK])
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:

@@ -71,7 +71,7 @@ class Unstructured(Structure):
         groups = [indices] if scope == "global" else [[i] for i in indices]
         for group in groups:
             total = sum(masks.masks[i].numel() for i in group)
-            pruned = sum(int(masks.masks[i].numel() - masks.masks[i].sum()) for i in group)
+            pruned = sum(masks.masks[i].numel() - int(torch.count_nonzero(masks.masks[i])) for i in group)
             k = round(sparsity * total) - pruned
             if k <= 0:
                 continue

@@ -195,3 +195,17 @@ def test_registries_reject_unknown_names():
         Unstructured().prune_(MaskSet(prunable_parameters(make_net())), MagnitudeImportance(), 0.5, "local")
     with pytest.raises(ValueError, match=r"`sparsity` must be a number in \[0, 1\), got 1.5"):
         Unstructured().prune_(MaskSet(prunable_parameters(make_net())), MagnitudeImportance(), 1.5)
+
+
+def test_channels_last_weights_are_masked_by_logical_index():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
+    assert not net[0].weight.is_contiguous()
+    original = [p.detach().clone() for p in prunable_parameters(net).values()]
+    masks = MaskSet(prunable_parameters(net))
+    Unstructured().prune_(masks, MagnitudeImportance(), 0.5, "layer")
+    for w, m, p in zip(original, masks.masks, masks.params):
+        pruned = ~m
+        assert int(pruned.sum()) == round(0.5 * m.numel())
+        assert w.abs()[pruned].max() <= w.abs()[~pruned].min()
+        assert bool((p[pruned] == 0).all()) and torch.equal(p[~pruned], w[~pruned])
