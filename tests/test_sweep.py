@@ -412,7 +412,7 @@ def test_submitit_local_launcher_records_a_failure(tmp_path):
     assert (sweep / ".submitit").is_dir()
     rows = _read_csv(sweep / "results.csv")
     assert [r["status"] for r in rows] == ["completed", "failed"]
-    assert "got 1.5" in rows[1]["error"]
+    assert "pruning.sparsity=1.5" in rows[1]["error"]
 
 
 def _optuna_sweep(tmp_path: Path) -> tuple[Path, dict, list[RunResult]]:
