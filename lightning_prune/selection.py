@@ -50,7 +50,7 @@ class _Workspace:
         self.flag2 = torch.empty(chunk, dtype=torch.bool, device=device)
         self.ones = torch.ones(min(chunk, _BINS), dtype=torch.int64, device=device)
 
-    def keys_of(self, values: Tensor, transform: ScoreTransform | None, name: str) -> Tensor:
+    def keys_of(self, values: Tensor, transform: ScoreTransform | None) -> Tensor:
         """Order-preserving integer keys of the scores of ``values`` (a flat chunk)."""
         n = values.numel()
         scores = self.scores[:n]
@@ -147,7 +147,7 @@ def prune_lowest_(
     work = _Workspace(min(chunk_size, max(s.numel() for s in flats)), _work_dtype(scores), flats[0].device)
 
     threshold, below = _kth_key(flats, masks, k, work, transform, names, chunk_size)
-    _clear(flats, masks, threshold, k - below, work, transform, names, chunk_size)
+    _clear(flats, masks, threshold, k - below, work, transform, chunk_size)
 
 
 def _kth_key(
@@ -170,7 +170,7 @@ def _kth_key(
             for start in _chunks(flat.numel(), chunk):
                 stop = min(start + chunk, flat.numel())
                 n = stop - start
-                keys = work.keys_of(flat[start:stop], transform, name)
+                keys = work.keys_of(flat[start:stop], transform)
                 if p == 0:
                     work.check_finite(keys, name)
                 digits = work.tmp[:n]
@@ -206,15 +206,14 @@ def _clear(
     ties: int,
     work: _Workspace,
     transform: ScoreTransform | None,
-    names: Sequence[str],
     chunk: int,
 ) -> None:
     """Clear every kept entry whose key is below ``threshold`` and the first ``ties`` equal to it."""
-    for flat, mask, name in zip(flats, masks, names):
+    for flat, mask in zip(flats, masks):
         for start in _chunks(flat.numel(), chunk):
             stop = min(start + chunk, flat.numel())
             n = stop - start
-            keys = work.keys_of(flat[start:stop], transform, name)
+            keys = work.keys_of(flat[start:stop], transform)
             m = mask[start:stop]
             survive = work.flag[:n]
             torch.gt(keys, threshold, out=survive)

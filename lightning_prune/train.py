@@ -28,6 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune.config import register_configs, validate
+from lightning_prune.masking import PRUNABLE_TYPES
 from lightning_prune.stats import count_macs
 from lightning_prune.sweep import search_objective
 
@@ -44,7 +45,6 @@ __all__ = [
     "weight_sparsity",
 ]
 
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 register_configs()
 
@@ -118,7 +118,9 @@ def weight_sparsity(model: nn.Module) -> float:
         >>> weight_sparsity(net)
         1.0
     """
-    weights = [m.weight for m in model.modules() if isinstance(m, _PRUNABLE)]
+    weights: list[torch.Tensor] = [
+        cast(torch.Tensor, m.weight) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
+    ]
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / max(1, sum(w.numel() for w in weights))
 
