@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -15,6 +17,7 @@ from typing_extensions import override
 from lightning_prune.importance import Importance, build_importance
 from lightning_prune.masking import MaskSet, prunable_parameters
 from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
+from lightning_prune.structured import ChannelStructure, compact, save_compact
 from lightning_prune.structures import SCOPES, Structure, build_structure
 
 _DEFAULT_SPARSITY = 0.9
@@ -43,18 +46,39 @@ class PruningCallback(Callback):
         end_epoch: epoch at which ``sparsity`` is reached; ``None`` means the last training epoch
             (``max_epochs - 1``). Leave epochs after it for fine-tuning.
         every_n_epochs: prune every n epochs between ``start_epoch`` and ``end_epoch`` (default 1).
-        importance: ``"magnitude"`` or an :class:`~lightning_prune.importance.Importance` object.
-        structure: ``"unstructured"`` or a :class:`~lightning_prune.structures.Structure` object.
+        importance: ``"magnitude"``, ``"l1"``, ``"l2"`` or an :class:`~lightning_prune.importance.Importance`
+            object. For channels, ``"magnitude"`` is ``"l1"``: the L1 norm over every entry a channel owns.
+        structure: ``"unstructured"`` (single weights), ``"channel"`` (whole coupled channels, see
+            :class:`~lightning_prune.structured.ChannelStructure`) or a
+            :class:`~lightning_prune.structures.Structure` object. With channels, ``sparsity`` is the fraction
+            of channels pruned.
         scope: ``"global"`` (one threshold across all prunable layers) or ``"layer"`` (each layer reaches
             ``sparsity`` on its own).
         ignore: module-name patterns (``fnmatch`` syntax, matching a name or a dotted suffix of it) whose
-            weights stay dense, e.g. ``["head"]`` for the classifier.
-        log_per_layer: also log ``prune/sparsity/<parameter>`` for every pruned tensor.
+            weights stay dense, e.g. ``["head"]`` for the classifier. With channels: layers whose output
+            channels stay whole (groups that reach the model's output are always kept).
+        log_per_layer: also log ``prune/sparsity/<parameter>`` (``<layer>`` for channels) for every layer.
+        round_to: channels only: keep a multiple of this many channels per pruned layer (e.g. 8).
+        max_layer_sparsity: channels only: the largest fraction of one layer's channels that may go
+            (default 0.9); at least one channel always stays.
+        example_inputs: channels only: inputs to trace the model with. Defaults to the LightningModule's
+            ``example_input_array``, else two samples of the first training batch.
+        compact: at the end of fitting, build the physically smaller model
+            (:func:`~lightning_prune.structured.compact`), print and log its parameters, MACs and CPU
+            latency against the masked model, and save it to ``compact_path``. Defaults to True for
+            channel pruning. The LightningModule itself keeps its shapes, so checkpoints still load.
+        compact_path: where to save the compact model (:func:`~lightning_prune.structured.save_compact`);
+            defaults to ``compact.pt`` in the Trainer's log directory. Reload it with
+            :func:`~lightning_prune.structured.load_compact` into a fresh LightningModule.
+        report_latency: time the masked and compact models on the CPU at batch 1 and 64 for the report.
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> pruning = PruningCallback(sparsity=0.8, schedule="cubic", start_epoch=1, end_epoch=5, ignore=["head"])
         >>> trainer = Trainer(max_epochs=8, callbacks=[pruning], logger=False)  # doctest: +SKIP
+        >>> channels = PruningCallback(sparsity=0.5, structure="channel", importance="l1", round_to=8)
+        >>> channels.structure
+        ChannelStructure(round_to=8, max_layer_sparsity=0.9)
     """
 
     def __init__(
@@ -70,6 +94,12 @@ class PruningCallback(Callback):
         ignore: Sequence[str] = (),
         *,
         log_per_layer: bool = True,
+        round_to: int | None = None,
+        max_layer_sparsity: float | None = None,
+        example_inputs: Any = None,
+        compact: bool | None = None,
+        compact_path: str | Path | None = None,
+        report_latency: bool = True,
     ) -> None:
         super().__init__()
         self._schedule_spec = schedule
@@ -77,7 +107,8 @@ class PruningCallback(Callback):
         # Build once now so that every bad argument fails at construction, not epochs into a run.
         self.schedule: SparsitySchedule = self._build_schedule(end_epoch=None)
         self.importance: Importance = _misconfig(build_importance, importance)
-        self.structure: Structure = _misconfig(build_structure, structure)
+        self.structure: Structure = _resolve_structure(structure, round_to, max_layer_sparsity)
+        _misconfig(self.structure.check_importance, self.importance)
         if scope not in SCOPES:
             raise MisconfigurationException(f"`scope` must be one of {list(SCOPES)}, got {scope!r}.")
         self.scope = scope
@@ -87,8 +118,23 @@ class PruningCallback(Callback):
             raise MisconfigurationException(f"`ignore` must be a list of module-name patterns, got {ignore!r}.")
         self.ignore: tuple[str, ...] = tuple(ignore)
         self.log_per_layer = log_per_layer
+        is_channel = isinstance(self.structure, ChannelStructure)
+        if compact and not is_channel:
+            raise MisconfigurationException(
+                f"`compact=True` removes pruned channels and needs structure='channel', got {self.structure!r}."
+            )
+        if example_inputs is not None and not self.structure.needs_example_inputs:
+            rank_zero_warn(f"PruningCallback: `example_inputs` is unused by {self.structure!r}.")
+        self.example_inputs = example_inputs
+        self.compact = is_channel if compact is None else bool(compact)
+        self.compact_path = None if compact_path is None else Path(compact_path)
+        self.report_latency = report_latency
+        #: The compact model and its report, set at the end of fitting when ``compact`` is on (rank zero).
+        self.compact_model: torch.nn.Module | None = None
+        self.compaction_report: dict[str, float] = {}
 
         self.masks: MaskSet | None = None
+        self._example: Any = None
         self._target = 0.0  # the target sparsity the masks have been grown to
         self._pending_state: dict[str, Any] | None = None
 
@@ -100,12 +146,13 @@ class PruningCallback(Callback):
 
     @property
     def achieved_sparsity(self) -> float:
-        """Fraction of pruned entries among the prunable weights (0.0 before any pruning)."""
-        return self.masks.sparsity() if self.masks is not None else 0.0
+        """Fraction of pruned entries among the prunable weights, of channels for channel pruning (0.0
+        before any pruning)."""
+        return self.structure.sparsity(self.masks) if self.masks is not None else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
-        """Fraction of pruned entries per prunable parameter."""
-        return self.masks.layer_sparsity() if self.masks is not None else {}
+        """Fraction of pruned entries per prunable parameter (of channels per layer, for channels)."""
+        return self.structure.layer_sparsity(self.masks) if self.masks is not None else {}
 
     @property
     @override
@@ -160,9 +207,10 @@ class PruningCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = _misconfig(prunable_parameters, pl_module, self.ignore)
-        if self.masks is None or [id(p) for p in self.masks.params] != [id(p) for p in params.values()]:
-            self.masks = MaskSet(params)
+        if self.masks is None or not _masks_params_of(self.masks, pl_module):
+            if self.structure.needs_example_inputs:
+                self._example = self._resolve_example(trainer, pl_module)
+            self.masks = _misconfig(self.structure.bind, pl_module, self.ignore, self._example)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             try:
@@ -191,16 +239,65 @@ class PruningCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is None:
             return
-        pl_module.log("prune/sparsity", self.masks.sparsity(), prog_bar=True, on_step=False, on_epoch=True)
+        pl_module.log("prune/sparsity", self.achieved_sparsity, prog_bar=True, on_step=False, on_epoch=True)
         pl_module.log("prune/target", self._target, on_step=False, on_epoch=True)
         if self.log_per_layer:
-            for name, value in self.masks.layer_sparsity().items():
+            for name, value in self.layer_sparsity().items():
                 pl_module.log(f"prune/sparsity/{name}", value, on_step=False, on_epoch=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masks is not None:
-            rank_zero_info(sparsity_table(self.masks))
+        if self.masks is None:
+            return
+        rank_zero_info(self.structure.summary(self.masks))
+        if self.compact and trainer.is_global_zero:
+            self._compact(trainer, pl_module)
+
+    # ------------------------------------------------------------------ channels: inputs and compaction
+    def _resolve_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Inputs to trace the model with: ``example_inputs``, the module's ``example_input_array``, or two
+        samples of the first training batch (drawn without touching the global random state)."""
+        example = self.example_inputs
+        if example is None:
+            example = pl_module.example_input_array
+        if example is None:
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise MisconfigurationException(
+                    "PruningCallback(structure='channel') needs inputs to trace the model: pass `example_inputs` "
+                    "or set the LightningModule's `example_input_array`."
+                )
+            with torch.random.fork_rng(devices=[]):
+                batch = next(iter(loader))
+            example = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(example, torch.Tensor):
+                example = example[:2]
+        return move_data_to_device(example, pl_module.device)
+
+    def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_prune.stats import compare_profiles, profile_model
+
+        example = self._example
+        try:
+            small = compact(pl_module, example, self.ignore)
+        except (ValueError, RuntimeError) as err:
+            raise MisconfigurationException(f"PruningCallback could not compact the model: {err}") from err
+        one = example[:1] if isinstance(example, torch.Tensor) else example
+        batch_sizes = (1, 64) if self.report_latency else ()
+        before = profile_model(pl_module, one, batch_sizes=batch_sizes)
+        after = profile_model(small, one, batch_sizes=batch_sizes)
+        rank_zero_info(compare_profiles(before, after, title="Compaction (masked model -> compact model)"))
+        report = {f"compact/{key}_before": value for key, value in before.as_dict().items()}
+        report.update({f"compact/{key}_after": value for key, value in after.as_dict().items()})
+        self.compaction_report = report
+        for logger in trainer.loggers:
+            logger.log_metrics(report, step=trainer.global_step)
+        path = self.compact_path
+        if path is None:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "compact.pt"
+        save_compact(small, path)
+        rank_zero_info(f"Compact model saved to {path}; reload it with lightning_prune.load_compact(model, path).")
+        self.compact_model = small
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -241,24 +338,28 @@ class PruningCallback(Callback):
             )
 
 
-def sparsity_table(masks: MaskSet) -> str:
-    """A plain-text per-layer table: parameter, shape, pruned / total, sparsity."""
-    rows = [("parameter", "shape", "pruned / total", "sparsity")]
-    for name, mask in zip(masks.names, masks.masks):
-        pruned = mask.numel() - int(torch.count_nonzero(mask))
-        rows.append(
-            (
-                name,
-                "x".join(map(str, mask.shape)),
-                f"{pruned} / {mask.numel()}",
-                f"{pruned / mask.numel():.2%}",
+def _resolve_structure(structure: object, round_to: int | None, max_layer_sparsity: float | None) -> Structure:
+    channel_args = {"round_to": round_to, "max_layer_sparsity": max_layer_sparsity}
+    given = {k: v for k, v in channel_args.items() if v is not None}
+    if structure == "channel":
+        return _misconfig(
+            lambda: ChannelStructure(
+                round_to=1 if round_to is None else round_to,
+                max_layer_sparsity=0.9 if max_layer_sparsity is None else max_layer_sparsity,
             )
         )
-    rows.append(("total", "", f"{masks.num_pruned()} / {masks.numel()}", f"{masks.sparsity():.2%}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "Pruning summary\n" + "\n".join(lines)
+    if given:
+        raise MisconfigurationException(
+            f"{' and '.join(f'`{k}`' for k in given)} apply to structure='channel' only, got "
+            f"structure={structure!r}. Set them on the structure object itself when passing one."
+        )
+    return _misconfig(build_structure, structure)
+
+
+def _masks_params_of(masks: MaskSet, module: torch.nn.Module) -> bool:
+    """True when every masked parameter is still the module's parameter of that name."""
+    named = dict(module.named_parameters())
+    return all(named.get(n) is p for n, p in zip(masks.names, masks.params))
 
 
 def _schedule_args(

@@ -46,7 +46,7 @@ _APPLY_CHUNK = 1 << 20
 #: Module types whose ``weight`` is prunable by default.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
-__all__ = ["PRUNABLE_TYPES", "MaskSet", "prunable_parameters"]
+__all__ = ["PRUNABLE_TYPES", "MaskSet", "matching_modules", "prunable_parameters", "sparsity_table"]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -88,14 +88,7 @@ def prunable_parameters(
     if isinstance(ignore, str):
         ignore = [ignore]
     named = [(name, m) for name, m in module.named_modules() if name]
-    for pattern in ignore:
-        if not isinstance(pattern, str) or not pattern:
-            raise ValueError(f"`ignore` patterns must be non-empty strings, got {pattern!r}.")
-        if not any(_matches(name, pattern) for name, _ in named):
-            raise ValueError(
-                f"`ignore` pattern {pattern!r} matches no module of {type(module).__name__}. "
-                f"Prunable modules are: {[n for n, m in named if isinstance(m, types)]}."
-            )
+    _check_patterns(module, ignore, types)
     params: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, m in named:
@@ -112,6 +105,41 @@ def prunable_parameters(
             f"layer{' outside `ignore`=' + repr(list(ignore)) if ignore else ''}."
         )
     return params
+
+
+def _check_patterns(
+    module: nn.Module, patterns: Sequence[str], types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES
+) -> None:
+    named = [(name, m) for name, m in module.named_modules() if name]
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"`ignore` patterns must be non-empty strings, got {pattern!r}.")
+        if not any(_matches(name, pattern) for name, _ in named):
+            raise ValueError(
+                f"`ignore` pattern {pattern!r} matches no module of {type(module).__name__}. "
+                f"Prunable modules are: {[n for n, m in named if isinstance(m, types)]}."
+            )
+
+
+def matching_modules(module: nn.Module, patterns: Sequence[str]) -> list[nn.Module]:
+    """The submodules of ``module`` that ``patterns`` match (as for ``ignore``: a name or a dotted suffix of
+    it, and everything under a match).
+
+    Raises:
+        ValueError: a pattern matches no module.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 2)))
+        >>> matching_modules(net, ["1"])
+        [Sequential(
+          (0): Linear(in_features=4, out_features=2, bias=True)
+        ), Linear(in_features=4, out_features=2, bias=True)]
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    _check_patterns(module, patterns)
+    return [m for name, m in module.named_modules() if name and any(_matches(name, p) for p in patterns)]
 
 
 class MaskSet:
@@ -247,6 +275,26 @@ class MaskSet:
                 )
             m.copy_(saved.to(device=m.device, dtype=torch.bool))
         self.apply_()
+
+
+def sparsity_table(masks: MaskSet) -> str:
+    """A plain-text per-layer table: parameter, shape, pruned / total, sparsity."""
+    rows = [("parameter", "shape", "pruned / total", "sparsity")]
+    for name, mask in zip(masks.names, masks.masks):
+        pruned = mask.numel() - int(torch.count_nonzero(mask))
+        rows.append(
+            (
+                name,
+                "x".join(map(str, mask.shape)),
+                f"{pruned} / {mask.numel()}",
+                f"{pruned / mask.numel():.2%}",
+            )
+        )
+    rows.append(("total", "", f"{masks.num_pruned()} / {masks.numel()}", f"{masks.sparsity():.2%}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "Pruning summary\n" + "\n".join(lines)
 
 
 def _mul_(tensors: Sequence[Tensor], factors: Sequence[Tensor]) -> None:

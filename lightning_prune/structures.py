@@ -7,7 +7,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from lightning_prune.importance import MagnitudeImportance
-    >>> from lightning_prune.masking import MaskSet, prunable_parameters
+    >>> from lightning_prune.masking import MaskSet, prunable_parameters, sparsity_table
     >>> net = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10))
     >>> masks = MaskSet(prunable_parameters(net))
     >>> Unstructured().prune_(masks, MagnitudeImportance(), sparsity=0.3, scope="layer")
@@ -18,12 +18,14 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from lightning_prune.importance import Importance
-from lightning_prune.masking import MaskSet
+from lightning_prune.masking import MaskSet, prunable_parameters, sparsity_table
 from lightning_prune.selection import prune_lowest_
 
 Scope = Literal["global", "layer"]
@@ -44,6 +46,29 @@ class Structure(ABC):
     """Base class: grows a :class:`MaskSet` to a target sparsity."""
 
     name: str = ""
+    #: True when :meth:`bind` needs example inputs to trace the model.
+    needs_example_inputs: bool = False
+
+    def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
+        """The masks this structure prunes in ``module``: by default, the weight of every Linear and Conv
+        layer outside ``ignore``."""
+        return MaskSet(prunable_parameters(module, ignore))
+
+    def sparsity(self, masks: MaskSet) -> float:
+        """The quantity the target sparsity controls; by default the fraction of masked entries."""
+        return masks.sparsity()
+
+    def layer_sparsity(self, masks: MaskSet) -> dict[str, float]:
+        """:meth:`sparsity` per layer (per masked tensor by default)."""
+        return masks.layer_sparsity()
+
+    def check_importance(self, importance: Importance) -> None:
+        """Raise ``ValueError`` when this structure cannot use ``importance`` (every one works by default)."""
+        return None
+
+    def summary(self, masks: MaskSet) -> str:
+        """A plain-text table of what was pruned, printed at the end of fitting."""
+        return sparsity_table(masks)
 
     @abstractmethod
     def prune_(self, masks: MaskSet, importance: Importance, sparsity: float, scope: Scope = "global") -> None:
@@ -102,7 +127,13 @@ def _scores(importance: Importance, masks: MaskSet, i: int) -> torch.Tensor:
     return scores
 
 
-STRUCTURES: dict[str, type[Structure]] = {"unstructured": Unstructured}
+def _channel() -> Structure:
+    from lightning_prune.structured import ChannelStructure  # imports Torch-Pruning only when used
+
+    return ChannelStructure()
+
+
+STRUCTURES: dict[str, Callable[[], Structure]] = {"unstructured": Unstructured, "channel": _channel}
 
 
 def build_structure(structure: str | Structure) -> Structure:
