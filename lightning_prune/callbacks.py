@@ -275,18 +275,23 @@ class PruningCallback(Callback):
         return move_data_to_device(example, pl_module.device)
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_prune.stats import compare_profiles, profile_model
+        from lightning_prune.stats import ModelProfile, compare_profiles, count_parameters, profile_model
 
         example = self._example
         try:
             small = compact(pl_module, example, self.ignore)
         except (ValueError, RuntimeError) as err:
             raise MisconfigurationException(f"PruningCallback could not compact the model: {err}") from err
-        one = example[:1] if isinstance(example, torch.Tensor) else example
-        batch_sizes = (1, 64) if self.report_latency else ()
-        before = profile_model(pl_module, one, batch_sizes=batch_sizes)
-        after = profile_model(small, one, batch_sizes=batch_sizes)
-        rank_zero_info(compare_profiles(before, after, title="Compaction (masked model -> compact model)"))
+        if isinstance(example, torch.Tensor):
+            batch_sizes = (1, 64) if self.report_latency else ()
+            before = profile_model(pl_module, example[:1], batch_sizes=batch_sizes)
+            after = profile_model(small, example[:1], batch_sizes=batch_sizes)
+        else:  # MACs and latency need a single input tensor to repeat
+            before = ModelProfile(count_parameters(pl_module), 0, {})
+            after = ModelProfile(count_parameters(small), 0, {})
+        rank_zero_info(
+            compare_profiles(before, after, labels=("masked", "compact"), title="Compaction (MACs = FLOPs / 2)")
+        )
         report = {f"compact/{key}_before": value for key, value in before.as_dict().items()}
         report.update({f"compact/{key}_after": value for key, value in after.as_dict().items()})
         self.compaction_report = report
