@@ -211,6 +211,7 @@ class PruningCallback(Callback):
             if self.structure.needs_example_inputs:
                 self._example = self._resolve_example(trainer, pl_module)
             self.masks = _misconfig(self.structure.bind, pl_module, self.ignore, self._example)
+            _misconfig(self.structure.check_target, self.masks, self.sparsity, self.scope)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             try:

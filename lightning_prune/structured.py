@@ -200,10 +200,19 @@ def _trace(
     _check_example(model, example_inputs)
     ignored = matching_modules(model, ignore)
     names = {m: n for n, m in model.named_modules()}
-    with _eval_mode(model):
+    outputs: list[Tensor] = []
+
+    def keep_outputs(out: Any) -> Any:
+        outputs.extend(_tensors(out))
+        return out
+
+    # Torch-Pruning follows autograd's graph: gradients must be on, even inside a caller's no_grad().
+    with _eval_mode(model), torch.enable_grad():
         try:
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-            tp_groups = list(graph.get_all_groups(ignored_layers=[names_m for names_m in ignored]))
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, output_transform=keep_outputs, verbose=False
+            )
+            tp_groups = list(graph.get_all_groups(ignored_layers=ignored))
         except Exception as err:
             raise ValueError(
                 f"Torch-Pruning could not trace the channel couplings of {type(model).__name__}: "
@@ -211,8 +220,9 @@ def _trace(
             ) from err
     groups: list[tuple[tp.Group, ChannelGroup]] = []
     skipped: list[str] = []
+    returned = {t.grad_fn for t in outputs if t.grad_fn is not None}
     for tp_group in tp_groups:
-        group = _channel_group(graph, tp_group, names, skipped)
+        group = _channel_group(graph, tp_group, names, returned, skipped)
         if group is not None:
             groups.append((tp_group, group))
     if skipped:
@@ -224,16 +234,26 @@ def _trace(
 
 
 def _channel_group(
-    graph: tp.DependencyGraph, tp_group: tp.Group, names: Mapping[nn.Module, str], skipped: list[str]
+    graph: tp.DependencyGraph,
+    tp_group: tp.Group,
+    names: Mapping[nn.Module, str],
+    returned: set[Any],
+    skipped: list[str],
 ) -> ChannelGroup | None:
+    import torch_pruning as tp
+
     root = tp_group[0].dep.target.module
     root_name = names.get(root, str(root))
     slices: dict[tuple[str, int], ChannelSlice] = {}
     for item in tp_group.items:
         node, handler = item.dep.target, item.dep.handler
         out = graph.is_out_channel_pruning_fn(handler)
-        if out and not node.outputs:
+        if out and (not node.outputs or node.grad_fn in returned):
             return None  # the channels reach the model's output: its shape must not change
+        if node.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE):
+            # Torch-Pruning 1.6 can map a split's channels to the wrong branch: leave such groups whole.
+            skipped.append(f"{root_name} (through a split or slice of channels)")
+            return None
         module = node.module
         if not isinstance(module, nn.Module):
             skipped.append(f"{root_name} (couples a bare parameter)")
@@ -250,6 +270,9 @@ def _channel_group(
                 continue
             name = f"{names[module]}.{attr}" if names[module] else attr
             dim = dim % param.dim()
+            if len(index) and int(index.max()) >= param.shape[dim]:  # a coupling the tracer got wrong
+                skipped.append(f"{root_name} (an index beyond {name}'s {param.shape[dim]} channels)")
+                return None
             scored = attr == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
             slices.setdefault((name, dim), ChannelSlice(name, dim, index, root_index, scored))
     channels = len(tp_group[0].idxs)
@@ -410,6 +433,24 @@ class ChannelStructure(Structure):
     def check_importance(self, importance: Importance) -> None:
         _norm_order(importance)
 
+    def check_target(self, masks: MaskSet, sparsity: float, scope: Scope = "global") -> None:
+        masks = _channel_masks(masks)
+        if scope == "layer":
+            if sparsity > self.max_layer_sparsity:
+                raise ValueError(
+                    f"Cannot prune {sparsity:.0%} of every layer's channels with `max_layer_sparsity`="
+                    f"{self.max_layer_sparsity}. Lower the sparsity or raise `max_layer_sparsity`."
+                )
+            return
+        total = masks.num_channels()
+        room = sum(g.channels - self._min_keep(g) for g in masks.groups)
+        if round(sparsity * total) > room:
+            raise ValueError(
+                f"Cannot prune {sparsity:.0%} of the channels: with `max_layer_sparsity`={self.max_layer_sparsity} "
+                f"and `round_to`={self.round_to} at most {room / total:.1%} can go. Lower the sparsity or raise "
+                "`max_layer_sparsity`."
+            )
+
     def summary(self, masks: MaskSet) -> str:
         return channel_table(_channel_masks(masks))
 
@@ -438,6 +479,7 @@ class ChannelStructure(Structure):
         check_scope(scope)
         masks = _channel_masks(masks)
         p = _norm_order(importance)
+        self.check_target(masks, sparsity, scope)
         kept = [masks.kept(g) for g in masks.groups]
         if scope == "layer":
             targets = [
@@ -470,14 +512,6 @@ class ChannelStructure(Structure):
         if to_prune <= 0:
             return counts
         floors = [self._min_keep(g) for g in groups]
-        room = sum(max(c - f, 0) for c, f in zip(counts, floors))
-        if room < to_prune:
-            raise ValueError(
-                f"Cannot prune {sparsity:.0%} of the channels: with `max_layer_sparsity`="
-                f"{self.max_layer_sparsity} and `round_to`={self.round_to} at most "
-                f"{(total - sum(counts) + room) / total:.1%} can go. Lower the sparsity or raise "
-                "`max_layer_sparsity`."
-            )
         values = torch.cat([s[k] for s, k in zip(scores, kept)])
         owner = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
         order = torch.sort(values, stable=True).indices.tolist()
@@ -737,17 +771,25 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
     unknown = [n for n in state["widths"] if n not in modules]
     if unknown:
         raise ValueError(f"The compact model has layers this {type(model).__qualname__} lacks: {unknown[:5]}.")
+    current = model.state_dict()
+    missing = sorted(set(current) - set(state["state_dict"]))
+    unexpected = sorted(set(state["state_dict"]) - set(current))
+    if missing or unexpected:
+        raise ValueError(
+            f"The compact model's weights do not fit this {type(model).__qualname__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Build the model with the constructor arguments it was trained with."
+        )
     for name, widths in state["widths"].items():
         for attr, value in widths.items():
             setattr(modules[name], attr, value)
-    current = model.state_dict()
     for key, saved in state["state_dict"].items():
         if key in current and current[key].shape != saved.shape:
             module_name, _, attr = key.rpartition(".")
             owner = modules[module_name]
             blank = torch.empty(saved.shape, dtype=current[key].dtype, device=current[key].device)
             if attr in owner._parameters:
-                owner._parameters[attr] = nn.Parameter(blank, requires_grad=current[key].requires_grad)
+                old = owner._parameters[attr]
+                owner._parameters[attr] = nn.Parameter(blank, requires_grad=old is None or old.requires_grad)
             else:
                 owner._buffers[attr] = blank
     model.load_state_dict(state["state_dict"], strict=True)

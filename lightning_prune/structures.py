@@ -66,6 +66,10 @@ class Structure(ABC):
         """Raise ``ValueError`` when this structure cannot use ``importance`` (every one works by default)."""
         return None
 
+    def check_target(self, masks: MaskSet, sparsity: float, scope: Scope = "global") -> None:
+        """Raise ``ValueError`` when ``sparsity`` cannot be reached on ``masks`` (any can by default)."""
+        return None
+
     def summary(self, masks: MaskSet) -> str:
         """A plain-text table of what was pruned, printed at the end of fitting."""
         return sparsity_table(masks)
