@@ -7,8 +7,10 @@ Two layers, both before training starts:
   closed set of typed keys. Hydra rejects a misspelt key (``trainer.max_epoch=3``) or a wrong type
   (``pruning.sparsity=abc``, ``trainer.max_epochs=1.5``) while composing, naming the key and the value.
 * :func:`validate` checks ranges and the relations between keys (``pruning.sparsity=1.5``, ``end_epoch``
-  before ``start_epoch``, ``seed=-1``) and raises one :class:`ConfigError` listing every problem as
-  ``key=value: what is allowed``. :func:`~lightning_prune.train.train` calls it before instantiating anything.
+  before ``start_epoch``, ``seed=-1``, ``pruning.round_to=0``, channel-only keys such as
+  ``pruning.compact=true`` with ``structure=unstructured``) and raises one :class:`ConfigError` listing
+  every problem as ``key=value: what is allowed``. :func:`~lightning_prune.train.train` calls it before
+  instantiating anything.
 
 The ``data`` and ``model`` groups stay open: any ``_target_`` with any arguments.
 
@@ -43,6 +45,7 @@ __all__ = [
     "PruningConfig",
     "TensorBoardLoggerConfig",
     "TrainerConfig",
+    "channel_importances",
     "register_configs",
     "validate",
 ]
@@ -74,6 +77,12 @@ class PruningConfig:
     scope: str = "global"
     ignore: list[str] = field(default_factory=list)
     log_per_layer: bool = True
+    # structure="channel" only; null leaves the callback's default (see PruningCallback).
+    round_to: int | None = None
+    max_layer_sparsity: float | None = None
+    compact: bool | None = None
+    compact_path: str | None = None  # null: compact.pt in the run directory (train() sets it)
+    report_latency: bool = True
 
 
 @dataclass
@@ -297,7 +306,8 @@ def _is_list_of_ints(value: object) -> bool:
 def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | None, trainer: Any) -> None:
     sparsity = pruning.get("sparsity")
     if sparsity is not None and (not _is_number(sparsity) or not 0.0 <= sparsity < 1.0):
-        check.fail("pruning.sparsity", sparsity, "must be in [0, 1) (the final fraction of zeros)")
+        what = "channels pruned" if pruning.get("structure") == "channel" else "zeros"
+        check.fail("pruning.sparsity", sparsity, f"must be in [0, 1) (the final fraction of {what})")
     schedule = pruning.get("schedule", "cubic")
     check.choice("pruning.schedule", schedule, sorted(SCHEDULES))
     start = pruning.get("start_epoch")
@@ -334,9 +344,74 @@ def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | No
     check.choice("pruning.importance", pruning.get("importance", "magnitude"), sorted(IMPORTANCES))
     check.choice("pruning.structure", pruning.get("structure", "unstructured"), sorted(STRUCTURES))
     check.choice("pruning.scope", pruning.get("scope", "global"), list(SCOPES))
+    _validate_structure(check, pruning)
     strategy = str(trainer.get("strategy", "")) if isinstance(trainer, DictConfig) else ""
     if any(name in strategy.lower() for name in _SHARDED):
         check.fail("trainer.strategy", strategy, "pruning needs whole parameters on every rank: use 'ddp' or 'auto'")
+
+
+def channel_importances() -> list[str]:
+    """The names in :data:`~lightning_prune.importance.IMPORTANCES` that ``structure="channel"`` can score with.
+
+    Example:
+        >>> channel_importances()
+        ['l1', 'l2', 'magnitude']
+    """
+    from lightning_prune.structured import ChannelStructure  # Torch-Pruning itself is imported only when tracing
+
+    structure = ChannelStructure()
+    names = []
+    for name, build in sorted(IMPORTANCES.items()):
+        try:
+            structure.check_importance(build())
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
+def _validate_structure(check: _Checker, pruning: DictConfig) -> None:
+    """The keys that only channel pruning reads, and the importances it supports."""
+    structure = pruning.get("structure", "unstructured")
+    channel = structure == "channel"
+    only = f"applies to pruning.structure=channel only (got structure={structure!r}); set it to null"
+    round_to = pruning.get("round_to")
+    if round_to is not None:
+        if not _is_int(round_to) or round_to < 1:
+            check.fail(
+                "pruning.round_to",
+                round_to,
+                "must be an integer >= 1 (each pruned layer keeps a multiple of it) or null",
+            )
+        elif not channel:
+            check.fail("pruning.round_to", round_to, only)
+    max_layer = pruning.get("max_layer_sparsity")
+    if max_layer is not None:
+        if not _is_number(max_layer) or not 0.0 <= max_layer < 1.0:
+            check.fail(
+                "pruning.max_layer_sparsity",
+                max_layer,
+                "must be in [0, 1) (the largest fraction of one layer's channels pruned) or null",
+            )
+        elif not channel:
+            check.fail("pruning.max_layer_sparsity", max_layer, only)
+    compact = pruning.get("compact")
+    if compact and not channel:
+        check.fail(
+            "pruning.compact",
+            compact,
+            f"removes pruned channels and needs pruning.structure=channel (got structure={structure!r}); "
+            "set it to false or null",
+        )
+    importance = pruning.get("importance", "magnitude")
+    if channel and importance in IMPORTANCES:
+        supported = channel_importances()
+        if importance not in supported:
+            check.fail(
+                "pruning.importance",
+                importance,
+                f"structure=channel scores channels by a norm of their weights: must be one of {supported}",
+            )
 
 
 def _validate_optimizer(check: _Checker, optimizer: DictConfig) -> None:

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -34,12 +34,14 @@ from lightning_prune.sweep import search_objective
 
 __all__ = [
     "AccuracyAtEpochStart",
+    "compaction_metrics",
     "evaluate_accuracy",
     "example_input",
     "instantiate_logger",
     "instantiate_module",
     "instantiate_pruning",
     "resolve_output_dir",
+    "sparsity_unit",
     "task_overrides",
     "train",
     "weight_sparsity",
@@ -225,6 +227,64 @@ def example_input(datamodule: Any) -> torch.Tensor:
     return inputs[:1]
 
 
+def sparsity_unit(pruning: Any) -> Literal["weights", "channels"]:
+    """What ``pruning``'s sparsity counts: ``"channels"`` for a channel-pruning callback, else ``"weights"``.
+
+    Example:
+        >>> from lightning_prune import PruningCallback
+        >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="channel")), sparsity_unit(None)
+        ('channels', 'weights')
+    """
+    structure = getattr(pruning, "structure", None)
+    return "channels" if getattr(structure, "name", None) == "channel" else "weights"
+
+
+def compaction_metrics(pruning: Any) -> dict[str, Any] | None:
+    """The pruning callback's compaction report for ``metrics.json``, or None when it did not compact.
+
+    The keys are the callback's ``compaction_report`` without the ``compact/`` prefix: ``<figure>_before``
+    (the masked model) and ``<figure>_after`` (the compact one) for each figure of
+    :meth:`lightning_prune.stats.ModelProfile.as_dict` (``params``, ``macs``, ``latency_b<batch>_ms`` when
+    latency was measured), plus ``path``, where the compact model was saved.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> callback = SimpleNamespace(
+        ...     compaction_report={"compact/params_before": 100, "compact/params_after": 40}, compact_path="c.pt"
+        ... )
+        >>> compaction_metrics(callback)
+        {'params_before': 100, 'params_after': 40, 'path': 'c.pt'}
+    """
+    report = getattr(pruning, "compaction_report", None)
+    if not report:
+        return None
+    figures: dict[str, Any] = {key.removeprefix("compact/"): value for key, value in report.items()}
+    path = getattr(pruning, "compact_path", None)
+    figures["path"] = None if path is None else str(path)
+    return figures
+
+
+def _compaction_lines(compaction: dict[str, Any]) -> list[str]:
+    """Summary lines: each figure of the masked and the compact model, and where the compact one is."""
+    lines = ["  compaction       masked -> compact model"]
+    names = [key.removesuffix("_before") for key in compaction if key.endswith("_before")]
+    for name in names:
+        before, after = compaction[name + "_before"], compaction.get(name + "_after")
+        if after is None or before == after == 0:  # not measured (e.g. MACs of a model with several inputs)
+            continue
+        ratio = f"{before / after:.2f}x" if after else "-"
+        if name.startswith("latency_"):
+            label = "latency " + name.removeprefix("latency_").removesuffix("_ms")
+            lines.append(f"    {label:<13}  {before:.2f} ms -> {after:.2f} ms  ({ratio} faster)")
+        else:
+            label = "MACs/sample" if name == "macs" else name
+            lines.append(f"    {label:<13}  {int(before):,} -> {int(after):,}  ({ratio} smaller)")
+    if "test_acc" in compaction:
+        lines.append(f"    {'test acc':<13}  {compaction['test_acc']:.4f}  (the compact model's own)")
+    lines.append(f"    {'saved to':<13}  {compaction['path']}  (lightning_prune.load_compact(model, path))")
+    return lines
+
+
 def train(cfg: DictConfig) -> float:
     """Train, prune, fine-tune and test the model described by ``cfg``.
 
@@ -236,6 +296,11 @@ def train(cfg: DictConfig) -> float:
     dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
     the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
     sample (:func:`lightning_prune.stats.count_macs`: ``macs`` counts nonzero weights, ``dense_macs`` all).
+    ``sparsity`` is the callback's achieved sparsity, a fraction of weights or, for channel pruning, of
+    channels, as ``sparsity_of`` says; ``weight_sparsity`` is the fraction of zeros among all Linear and Conv
+    weights. When the callback compacts (channel pruning), the compact model is saved as ``compact.pt`` in
+    the run directory unless ``pruning.compact_path`` says otherwise, and ``compact`` holds
+    :func:`compaction_metrics` plus the compact model's own test accuracy (``test_acc``); otherwise None.
 
     Args:
         cfg: A config composed from this project's ``conf/``.
@@ -261,6 +326,8 @@ def train(cfg: DictConfig) -> float:
     module = instantiate_module(cfg)
     net = cast(nn.Module, module.model)
     pruning: Any = instantiate_pruning(cfg)
+    if getattr(pruning, "compact", False) and hasattr(pruning, "compact_path") and pruning.compact_path is None:
+        pruning.compact_path = output_dir / "compact.pt"  # the run directory, next to metrics.json
     start_epoch = (cfg.pruning.get("start_epoch") or 0) if pruning else 0
     dense_probe = AccuracyAtEpochStart(epoch=start_epoch)
     # Callbacks run in list order: the probe sees the model before the pruning callback touches it.
@@ -279,36 +346,51 @@ def train(cfg: DictConfig) -> float:
     # Without pruning, or if pruning never started, the final model is the dense one.
     dense_acc = dense_probe.accuracy if dense_probe.accuracy is not None else final_acc
 
+    compaction = compaction_metrics(pruning)
+    if compaction is not None:
+        # The compact model computes what the masked one does; measured alike, the two accuracies agree.
+        compaction["test_acc"] = evaluate_accuracy(pruning.compact_model, datamodule.test_dataloader())
+
     macs = count_macs(net, example_input(datamodule).to(next(net.parameters()).device))
     total = sum(p.numel() for p in net.parameters())
     nonzero = sum(int((p != 0).sum()) for p in net.parameters())
+    unit = sparsity_unit(pruning)
     metrics: dict[str, Any] = {
         "status": "ok",
         "dense_test_acc": dense_acc,
         "pruned_test_acc": final_acc,
         "target_sparsity": float(cfg.pruning.get("sparsity", pruning.sparsity)) if pruning else 0.0,
         "sparsity": float(pruning.achieved_sparsity) if pruning else weight_sparsity(net),
+        "sparsity_of": unit,
+        "weight_sparsity": weight_sparsity(net),
         "layer_sparsity": dict(pruning.layer_sparsity()) if pruning else {},
         "nonzero_params": nonzero,
         "total_params": total,
         "macs": macs.macs,
         "dense_macs": macs.dense_macs,
+        "compact": compaction,
         "wall_time_s": time.perf_counter() - start,
         "overrides": task_overrides(),
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
-    print(
-        f"Summary ({type(net).__name__}, seed {cfg.seed})\n"
-        f"  dense test acc   {dense_acc:.4f}  ({dense_when})\n"
-        f"  {'pruned' if pruning else 'final '} test acc  {final_acc:.4f}\n"
-        f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable weights; target "
-        f"{metrics['target_sparsity']:.4f})\n"
-        f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})\n"
-        f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})\n"
-        f"  wall time        {metrics['wall_time_s']:.1f} s\n"
-        f"  metrics          {output_dir / 'metrics.json'}"
-    )
+    lines = [
+        f"Summary ({type(net).__name__}, seed {cfg.seed})",
+        f"  dense test acc   {dense_acc:.4f}  ({dense_when})",
+        f"  {'pruned' if pruning else 'final '} test acc  {final_acc:.4f}",
+        f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable {unit}; target "
+        f"{metrics['target_sparsity']:.4f})",
+    ]
+    if unit == "channels":
+        lines.append(f"  weight sparsity  {metrics['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
+    lines += [
+        f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})",
+        f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})",
+        *(_compaction_lines(compaction) if compaction is not None else []),
+        f"  wall time        {metrics['wall_time_s']:.1f} s",
+        f"  metrics          {output_dir / 'metrics.json'}",
+    ]
+    print("\n".join(lines))
     if cfg.get("objective") == "max_sparsity":
         return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc

@@ -21,8 +21,10 @@ from torch import nn
 
 import lightning_prune.train as train_module
 from lightning_prune import PruningCallback
-from lightning_prune.config import ConfigError, TrainerConfig, validate
+from lightning_prune.config import ConfigError, TrainerConfig, channel_importances, validate
+from lightning_prune.importance import IMPORTANCES, Importance, LpNormImportance
 from lightning_prune.schedules import SCHEDULES, IterativeSchedule
+from lightning_prune.structured import ChannelStructure
 from lightning_prune.train import instantiate_logger, instantiate_module, instantiate_pruning, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +61,8 @@ def test_groups_are_discovered():
     assert {"cpu", "gpu", "ddp"} <= set(GROUPS["trainer"])
     assert {"csv", "tensorboard"} <= set(GROUPS["logger"])
     assert {"sgd", "adam", "adamw"} <= set(GROUPS["optimizer"])
-    assert {"none", "magnitude", "magnitude_layerwise"} <= set(GROUPS["pruning"])
+    assert {"none", "magnitude", "magnitude_layerwise", "channel"} <= set(GROUPS["pruning"])
+    assert "digits_resnet20_channel" in GROUPS["experiment"]
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -193,11 +196,60 @@ MALFORMED = [
         ConfigError,
         r"trainer\.strategy='fsdp': pruning needs whole parameters",
     ),
+    # channel pruning
+    (["pruning=channel", "pruning.round_too=8"], HydraException, r"Key 'round_too' not in 'PruningConfig'"),
+    (
+        ["pruning=channel", "pruning.round_to=eight"],
+        HydraException,
+        r"Value 'eight' of type 'str' could not be converted to Integer",
+    ),
+    (["pruning=channel", "pruning.compact=maybe"], HydraException, r"Value 'maybe' is not a valid bool"),
+    (["pruning=channel", "pruning.round_to=0"], ConfigError, r"pruning\.round_to=0: must be an integer >= 1"),
+    (
+        ["pruning=channel", "pruning.max_layer_sparsity=1.0"],
+        ConfigError,
+        r"pruning\.max_layer_sparsity=1\.0: must be in \[0, 1\) \(the largest fraction of one layer's channels",
+    ),
+    (
+        ["pruning=channel", "pruning.max_layer_sparsity=-0.5"],
+        ConfigError,
+        r"pruning\.max_layer_sparsity=-0\.5: must be in \[0, 1\)",
+    ),
+    (
+        ["pruning=channel", "pruning.sparsity=1.0"],
+        ConfigError,
+        r"pruning\.sparsity=1\.0: must be in \[0, 1\) \(the final fraction of channels pruned\)",
+    ),
+    (
+        ["pruning=channel", "pruning.structure=block"],
+        ConfigError,
+        r"pruning\.structure='block': must be one of \['channel', 'unstructured'\]",
+    ),
+    (
+        ["pruning.round_to=8"],
+        ConfigError,
+        r"pruning\.round_to=8: applies to pruning\.structure=channel only \(got structure='unstructured'\)",
+    ),
+    (
+        ["pruning.max_layer_sparsity=0.5"],
+        ConfigError,
+        r"pruning\.max_layer_sparsity=0\.5: applies to pruning\.structure=channel only",
+    ),
+    (
+        ["pruning.compact=true"],
+        ConfigError,
+        r"pruning\.compact=True: removes pruned channels and needs pruning\.structure=channel",
+    ),
+    (
+        ["pruning=channel", "pruning.structure=unstructured"],
+        ConfigError,
+        r"round_to=1: applies to .*\n.*max_layer_sparsity=0\.9: applies to .*\n.*compact=True: removes pruned",
+    ),
 ]
 
 
 def test_malformed_overrides_are_counted():
-    assert len(MALFORMED) == 33
+    assert len(MALFORMED) == 45
 
 
 @pytest.mark.parametrize(("overrides", "error", "match"), MALFORMED, ids=[" ".join(o) for o, _, _ in MALFORMED])
@@ -259,3 +311,43 @@ def test_script_reports_compose_errors_with_key_and_value(tmp_path):
     assert "trainer.max_epochs" in done.stderr and "'1.5'" in done.stderr and "Integer" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "metrics.json").exists()  # nothing ran
+
+
+def test_channel_pruning_config_builds_a_compacting_channel_callback():
+    cfg = _compose(["pruning=channel", "pruning.sparsity=0.3", "pruning.round_to=4"])
+    validate(cfg)
+    callback = instantiate_pruning(cfg)
+    assert isinstance(callback, PruningCallback)
+    assert isinstance(callback.structure, ChannelStructure)
+    assert (callback.structure.round_to, callback.structure.max_layer_sparsity) == (4, 0.9)
+    assert callback.sparsity == pytest.approx(0.3) and callback.scope == "global"
+    assert repr(callback.importance) == repr(LpNormImportance(p=1))
+    assert callback.compact and callback.compact_path is None and callback.report_latency
+    assert callback.ignore == ()  # the head's outputs are the logits, which channel pruning always keeps
+
+
+def test_channel_pruning_needs_a_norm_importance(monkeypatch):
+    class Random(Importance):
+        def __call__(self, name, param):
+            return torch.rand_like(param)
+
+    monkeypatch.setitem(IMPORTANCES, "random", Random)
+    assert "random" not in channel_importances()
+    validate(_compose(["pruning.importance=random"]))  # any importance scores single weights
+    with pytest.raises(ConfigError, match=r"pruning\.importance='random': structure=channel scores channels by a norm"):
+        validate(_compose(["pruning=channel", "pruning.importance=random"]))
+    for importance in ("l1", "l2", "magnitude"):
+        validate(_compose(["pruning=channel", f"pruning.importance={importance}"]))
+
+
+def test_digits_resnet20_channel_experiment():
+    cfg = _compose(["experiment=digits_resnet20_channel"])
+    validate(cfg)
+    assert cfg.data._target_.endswith("DigitsDataModule") and list(cfg.data.input_shape) == [1, 32, 32]
+    assert cfg.model._target_.endswith("CifarResNet") and cfg.model.in_channels == 1
+    assert cfg.pruning.structure == "channel" and cfg.pruning.compact is True
+    assert cfg.pruning.start_epoch < cfg.pruning.end_epoch < cfg.trainer.max_epochs
+    assert list(cfg.optimizer.lr_milestones) == [cfg.pruning.end_epoch]  # fine-tuning at lr * 0.1 follows
+    assert instantiate(cfg.data).input_shape == (1, 32, 32)
+    rgb = _compose(["experiment=digits_resnet20_channel", "data.channels=3"])
+    assert list(rgb.data.input_shape) == [3, 32, 32] and rgb.model.in_channels == 3

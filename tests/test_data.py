@@ -96,3 +96,74 @@ def test_bad_arguments(kwargs, match):
 def test_loader_before_setup_fails():
     with pytest.raises(RuntimeError, match=r"call `setup\(\)`"):
         DigitsDataModule().train_dataloader()
+
+
+def test_default_images_are_the_originals():
+    dm = DigitsDataModule()
+    dm.setup()
+    images = torch.cat([dm.train_set.tensors[0], dm.val_set.tensors[0], dm.test_set.tensors[0]])
+    originals = torch.from_numpy(load_digits().data / 16.0).float().reshape(-1, 1, 8, 8)
+    indices = torch.from_numpy(np.concatenate(dm.split_indices()))
+    assert torch.equal(images, originals[indices])
+
+
+def test_image_size_and_channels_resize_and_repeat():
+    dm = DigitsDataModule(batch_size=16, image_size=32, channels=3)
+    assert dm.input_shape == (3, 32, 32)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])  # repeated, not three images
+    images = dm.train_set.tensors[0]
+    assert images.min() >= 0.0 and images.max() <= 1.0  # bilinear: weighted means of the [0, 1] pixels
+    # Same samples in the same split as the 8x8 originals: averaging each 4x4 block gives them back, blurred.
+    small = DigitsDataModule()
+    small.setup()
+    assert torch.equal(dm.train_set.tensors[1], small.train_set.tensors[1])
+    pooled = torch.nn.functional.avg_pool2d(images[:, :1], 4).flatten(1)
+    originals = small.train_set.tensors[0].flatten(1)
+    assert (pooled - originals).abs().mean() < 0.1
+    assert torch.corrcoef(torch.stack([pooled.flatten(), originals.flatten()]))[0, 1] > 0.95
+
+
+def test_shrinking_is_antialiased_and_keeps_the_range():
+    dm = DigitsDataModule(image_size=4)
+    dm.setup()
+    images = dm.test_set.tensors[0]
+    assert images.shape[1:] == (1, 4, 4)
+    original = DigitsDataModule()
+    original.setup()
+    # Antialiasing averages every source pixel, so the mean brightness survives the shrink.
+    assert images.mean().item() == pytest.approx(original.test_set.tensors[0].mean().item(), abs=0.01)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+def test_standardize_after_resizing():
+    dm = DigitsDataModule(image_size=16, channels=2, standardize=True)
+    dm.setup()
+    train_images = dm.train_set.tensors[0]
+    assert train_images.shape[1:] == (2, 16, 16)
+    assert train_images.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert train_images.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_declared_input_shape_must_follow_image_size_and_channels():
+    assert DigitsDataModule(image_size=32, input_shape=[1, 32, 32]).input_shape == (1, 32, 32)
+    with pytest.raises(ValueError, match=r"`input_shape` must be \[1, 32, 32\] for DigitsDataModule with channels=1 "):
+        DigitsDataModule(image_size=32, input_shape=[1, 8, 8])
+    with pytest.raises(ValueError, match=r"`input_shape` must be \[1, 8, 8\] for DigitsDataModule"):
+        DigitsDataModule(input_shape=[3, 8, 8])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_size": 0}, r"`image_size` must be an integer >= 1, got 0"),
+        ({"image_size": 32.0}, r"`image_size` must be an integer >= 1, got 32.0"),
+        ({"channels": 0}, r"`channels` must be an integer >= 1, got 0"),
+        ({"channels": True}, r"`channels` must be an integer >= 1, got True"),
+    ],
+)
+def test_bad_image_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DigitsDataModule(**kwargs)

@@ -168,6 +168,7 @@ EXPERIMENTS = [
     "cifar10_vgg",
     "digits_cnn",
     "digits_mlp",
+    "digits_resnet20_channel",
     "mnist_lenet5",
 ]
 # One grey-scale 8x8 and one colour 32x32 dataset; MNIST's 28x28 is covered by the experiments and test_datasets.

@@ -13,10 +13,14 @@ from torch import nn
 
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.models import ImageClassifier, SmallCNN
+from lightning_prune.structured import load_compact
 from lightning_prune.train import (
     AccuracyAtEpochStart,
+    compaction_metrics,
     evaluate_accuracy,
+    instantiate_module,
     resolve_output_dir,
+    sparsity_unit,
     train,
 )
 
@@ -33,6 +37,9 @@ METRIC_KEYS = {
     "total_params",
     "macs",
     "dense_macs",
+    "sparsity_of",
+    "weight_sparsity",
+    "compact",
     "wall_time_s",
     "overrides",
 }
@@ -87,6 +94,8 @@ def test_train_prunes_and_writes_metrics(tmp_path):
     assert 0 < metrics["macs"] < 0.3 * metrics["dense_macs"]
     assert metrics["target_sparsity"] == 0.9
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert metrics["sparsity_of"] == "weights" and metrics["compact"] is None
+    assert metrics["weight_sparsity"] == pytest.approx(0.9, abs=0.01)  # nothing ignored: all weights prunable
     assert all(0.0 <= s <= 1.0 for s in metrics["layer_sparsity"].values())
     assert metrics["nonzero_params"] < 0.2 * metrics["total_params"]
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
@@ -116,12 +125,114 @@ def test_train_without_pruning(tmp_path):
     assert "_target_" not in cfg.pruning
     accuracy = train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["sparsity"] == 0.0 and metrics["layer_sparsity"] == {}
+    assert metrics["sparsity"] == metrics["weight_sparsity"] == 0.0 and metrics["layer_sparsity"] == {}
+    assert metrics["compact"] is None
     assert metrics["nonzero_params"] == metrics["total_params"]
     assert metrics["macs"] == metrics["dense_macs"] > 0
     assert metrics["dense_test_acc"] == metrics["pruned_test_acc"] == pytest.approx(accuracy)
     # Without pruning, the lr milestone falls back to max_epochs: a constant learning rate.
     assert list(cfg.optimizer.lr_milestones) == [cfg.trainer.max_epochs]
+
+
+def test_train_with_channel_pruning_compacts_and_saves_a_reloadable_model(tmp_path, capsys):
+    compact_path = tmp_path / "compact.pt"
+    cfg = _compose(
+        [
+            *FAST,
+            "pruning=channel",
+            "pruning.start_epoch=0",
+            "pruning.end_epoch=1",
+            "trainer.enable_checkpointing=false",
+            f"output_dir='{tmp_path}'",
+        ]
+    )
+    accuracy = train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS and metrics["status"] == "ok"
+    assert metrics["sparsity_of"] == "channels"
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.02) and metrics["target_sparsity"] == 0.5
+    # Whole channels go: their weights and the next layers' input columns, so more weights than channels.
+    assert metrics["weight_sparsity"] > metrics["sparsity"]
+    compact = metrics["compact"]
+    assert compact["path"] == str(compact_path) and compact_path.is_file()  # the run directory by default
+    assert compact["params_before"] == metrics["total_params"]
+    assert compact["params_after"] == metrics["nonzero_params"] < 0.6 * compact["params_before"]
+    assert 0 < compact["macs_after"] < compact["macs_before"]
+    assert {"latency_b1_ms_before", "latency_b1_ms_after", "latency_b64_ms_before", "latency_b64_ms_after"} <= set(
+        compact
+    )
+    assert compact["test_acc"] == pytest.approx(accuracy)  # the compact model computes what the masked one does
+    out = capsys.readouterr().out
+    assert "(of the prunable channels; target 0.5000)" in out
+    assert f"params         {compact['params_before']:,} -> {compact['params_after']:,}" in out
+    assert str(compact_path) in out
+
+    # A fresh module from the same config takes the compact widths and weights.
+    fresh = load_compact(instantiate_module(cfg), compact_path)
+    assert sum(p.numel() for p in fresh.parameters()) == compact["params_after"]
+    datamodule = DigitsDataModule(batch_size=64, seed=cfg.seed)
+    datamodule.setup("test")
+    assert evaluate_accuracy(fresh, datamodule.test_dataloader()) == pytest.approx(accuracy)
+
+
+def test_channel_pruning_without_compaction(tmp_path):
+    cfg = _compose(
+        [
+            *FAST,
+            "trainer.max_epochs=1",
+            "pruning=channel",
+            "pruning.start_epoch=0",
+            "pruning.end_epoch=0",
+            "pruning.compact=false",
+            "trainer.enable_checkpointing=false",
+            f"output_dir='{tmp_path}'",
+        ]
+    )
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sparsity_of"] == "channels" and metrics["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert metrics["compact"] is None and not (tmp_path / "compact.pt").exists()
+
+
+def test_compaction_metrics_and_sparsity_unit():
+    class Callback:
+        compaction_report = {"compact/params_before": 10, "compact/params_after": 4, "compact/macs_after": 2}
+        compact_path = Path("run/compact.pt")
+
+    assert compaction_metrics(Callback()) == {
+        "params_before": 10,
+        "params_after": 4,
+        "macs_after": 2,
+        "path": str(Path("run/compact.pt")),
+    }
+    assert compaction_metrics(None) is None
+    assert compaction_metrics(L.Callback()) is None  # another pruning callback: no compaction
+    assert sparsity_unit(L.Callback()) == "weights"
+
+
+@pytest.mark.slow
+def test_channel_sweep_runs_under_hydra(tmp_path):
+    overrides = [*FAST, "trainer.max_epochs=2", "pruning=channel", "pruning.start_epoch=0", "pruning.end_epoch=1"]
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "-m",
+            *overrides,
+            "pruning.sparsity=0.3,0.5",
+            "pruning.report_latency=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    for job, sparsity in (("0", 0.3), ("1", 0.5)):
+        metrics = json.loads((tmp_path / job / "metrics.json").read_text())
+        assert metrics["sparsity"] == pytest.approx(sparsity, abs=0.02) and metrics["sparsity_of"] == "channels"
+        assert metrics["compact"]["path"] == str(tmp_path / job / "compact.pt")
+        assert (tmp_path / job / "compact.pt").is_file()
+    assert (tmp_path / "results.csv").is_file()
 
 
 def test_script_runs_under_hydra(tmp_path):
