@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,27 @@ def test_declared_input_shape_must_follow_image_size_and_channels():
 def test_bad_image_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+def test_datamodules_record_resolved_num_classes_so_loggers_can_merge_hparams(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_prune.data import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
+    from lightning_prune.models import ImageClassifier, SmallCNN
+
+    for datamodule in (MNISTDataModule(root=tmp_path), FashionMNISTDataModule(root=tmp_path)):
+        assert datamodule.hparams_initial["num_classes"] == 10
+        assert datamodule.hparams_initial["input_shape"] == [1, 28, 28]
+    assert CIFAR10DataModule(root=tmp_path).hparams_initial["input_shape"] == [3, 32, 32]
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ImageClassifier(SmallCNN()), DigitsDataModule())  # raised "Error while merging hparams" before
+    assert "num_classes: 10" in (Path(trainer.logger.log_dir) / "hparams.yaml").read_text()

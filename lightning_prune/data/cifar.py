@@ -102,6 +102,8 @@ class CIFAR10DataModule(VisionDataModule):
         if not isinstance(augment, bool):
             raise ValueError(f"`augment` must be a bool, got {augment!r}.")
         self.augment = augment
+        # Record the resolved values, not a declared None: loggers merge them with the model's hparams.
+        num_classes, input_shape = self.num_classes, list(self.input_shape)
         self.save_hyperparameters()
 
     @override

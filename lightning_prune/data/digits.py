@@ -107,6 +107,8 @@ class DigitsDataModule(ClassificationDataModule[TensorDataset]):
                 f"for models to interpolate: leave it out or set it to {list(self.input_shape)} (`channels` and "
                 "`image_size` set the shape)."
             )
+        # Record the resolved values, not a declared None: loggers merge them with the model's hparams.
+        num_classes, input_shape = self.num_classes, list(self.input_shape)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction

@@ -59,6 +59,8 @@ class _IdxDataModule(VisionDataModule):
             num_classes=num_classes,
             input_shape=input_shape,
         )
+        # Record the resolved values, not a declared None: loggers merge them with the model's hparams.
+        num_classes, input_shape = self.num_classes, list(self.input_shape)
         self.save_hyperparameters()
 
     @property
