@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,8 @@ class PruningCallback(Callback):
         self.compact = is_channel if compact is None else bool(compact)
         self.compact_path = None if compact_path is None else Path(compact_path)
         self.report_latency = report_latency
-        #: The compact model and its report, set at the end of fitting when ``compact`` is on (rank zero).
+        #: The compact model (on the CPU) and its report, set at the end of fitting when ``compact`` is on
+        #: (on rank zero).
         self.compact_model: torch.nn.Module | None = None
         self.compaction_report: dict[str, float] = {}
 
@@ -283,10 +285,12 @@ class PruningCallback(Callback):
             small = compact(pl_module, example, self.ignore)
         except (ValueError, RuntimeError) as err:
             raise MisconfigurationException(f"PruningCallback could not compact the model: {err}") from err
+        small = small.cpu()  # the deployable copy lives on the CPU, where the report times it
         if isinstance(example, torch.Tensor):
             batch_sizes = (1, 64) if self.report_latency else ()
-            before = profile_model(pl_module, example[:1], batch_sizes=batch_sizes)
-            after = profile_model(small, example[:1], batch_sizes=batch_sizes)
+            masked = pl_module if pl_module.device.type == "cpu" else copy.deepcopy(pl_module).cpu()
+            before = profile_model(masked, example[:1].cpu(), batch_sizes=batch_sizes)
+            after = profile_model(small, example[:1].cpu(), batch_sizes=batch_sizes)
         else:  # MACs and latency need a single input tensor to repeat
             before = ModelProfile(count_parameters(pl_module), 0, {})
             after = ModelProfile(count_parameters(small), 0, {})
