@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import importlib.metadata
@@ -157,3 +158,23 @@ def wait_for_quiet(max_cores: float, timeout_s: float, sample_s: float = 1.0) ->
         waited = time.perf_counter() - start
         if load.cores < max_cores or waited >= timeout_s:
             return waited, load.cores
+
+
+def add_contention_arguments(
+    parser: argparse.ArgumentParser, *, unit: str = "block", quiet_timeout: float = 60.0, max_attempts: int = 3
+) -> None:
+    """The options every timing script shares: wait for quiet before each ``unit``, discard a busy one."""
+    parser.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.25,
+        help=f"before each {unit}, wait until other processes use fewer cores than this (0 = never wait)",
+    )
+    parser.add_argument("--quiet-timeout", type=float, default=quiet_timeout, help="longest wait for quiet, seconds")
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.2,
+        help=f"discard and repeat a {unit} during which other processes used more cores than this on average",
+    )
+    parser.add_argument("--max-attempts", type=int, default=max_attempts, help=f"at most this many attempts per {unit}")

@@ -47,7 +47,17 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from _common import THREADS, OtherLoad, environment, markdown_table, median, quartiles, version, wait_for_quiet
+from _common import (
+    THREADS,
+    OtherLoad,
+    add_contention_arguments,
+    environment,
+    markdown_table,
+    median,
+    quartiles,
+    version,
+    wait_for_quiet,
+)
 
 RATIOS = (0.3, 0.5, 0.7)
 BATCHES = (1, 64)
@@ -175,20 +185,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also time deployable with one switch off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
-    parser.add_argument(
-        "--quiet-cores",
-        type=float,
-        default=0.25,
-        help="before each block, wait until other processes use fewer cores than this (0 = never wait)",
-    )
-    parser.add_argument("--quiet-timeout", type=float, default=60.0, help="longest wait for quiet, seconds")
-    parser.add_argument(
-        "--max-other-load",
-        type=float,
-        default=0.2,
-        help="discard and repeat a block during which other processes used more cores than this on average",
-    )
-    parser.add_argument("--max-attempts", type=int, default=3, help="at most blocks * this many blocks run")
+    add_contention_arguments(parser, unit="block", quiet_timeout=60.0, max_attempts=3)
     args = parser.parse_args()
     keys = args.models or (["resnet20", "vgg11"] if args.quick else list(_models()))
     ratios = tuple(args.ratios or ((0.5,) if args.quick else RATIOS))

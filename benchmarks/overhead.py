@@ -48,7 +48,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from _common import THREADS, OtherLoad, environment, markdown_table, median, quartiles, wait_for_quiet
+from _common import (
+    THREADS,
+    OtherLoad,
+    add_contention_arguments,
+    environment,
+    markdown_table,
+    median,
+    quartiles,
+    wait_for_quiet,
+)
 
 VARIANTS = ("none", "PruningCallback", "ModelPruning")
 SPARSITY = 0.9
@@ -303,20 +312,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
-    parser.add_argument(
-        "--quiet-cores",
-        type=float,
-        default=0.25,
-        help="before each block, wait until other processes use fewer cores than this (0 = never wait)",
-    )
-    parser.add_argument("--quiet-timeout", type=float, default=120.0, help="longest wait for quiet, seconds")
-    parser.add_argument(
-        "--max-other-load",
-        type=float,
-        default=0.2,
-        help="discard and repeat a block during which other processes used more cores than this on average",
-    )
-    parser.add_argument("--max-attempts", type=int, default=4, help="at most blocks * this many blocks run")
+    add_contention_arguments(parser, unit="block", quiet_timeout=120.0, max_attempts=4)
     args = parser.parse_args()
     blocks = args.blocks if args.blocks is not None else (3 if args.quick else 30)
     epochs = 1 + (args.epochs if args.epochs is not None else (1 if args.quick else 3))

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import THREADS, OtherLoad, environment, markdown_table, median, wait_for_quiet
+from _common import THREADS, OtherLoad, add_contention_arguments, environment, markdown_table, median, wait_for_quiet
 
 COLS = 4096
 BLOCK = (4096, 4096)
@@ -199,20 +199,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", help="model sizes, e.g. 10M 100M 1B")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per (method, size) below 1B")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quiet-cores",
-        type=float,
-        default=0.25,
-        help="before each run, wait until other processes use fewer cores than this (0 = never wait)",
-    )
-    parser.add_argument("--quiet-timeout", type=float, default=60.0, help="longest wait for quiet, seconds")
-    parser.add_argument(
-        "--max-other-load",
-        type=float,
-        default=0.2,
-        help="repeat a run during which other processes used more cores than this on average (time only suffers)",
-    )
-    parser.add_argument("--max-attempts", type=int, default=3, help="attempts per run before keeping a busy one")
+    add_contention_arguments(parser, unit="run", quiet_timeout=60.0, max_attempts=3)
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "NUMEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
