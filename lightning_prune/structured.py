@@ -230,6 +230,11 @@ def _trace(
             "Channel pruning leaves these layers' channel groups whole: " + "; ".join(skipped) + ".",
             stacklevel=3,
         )
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} has no channel group to prune: every group reaches the model's output, "
+            f"is under `ignore`={list(ignore)!r}, or runs through a layer that cannot be masked."
+        )
     return graph, groups
 
 
@@ -300,13 +305,7 @@ def channel_groups(model: nn.Module, example_inputs: ExampleInputs, ignore: Sequ
         [('0', 8, ['0.weight', '0.bias', '2.weight'])]
     """
     _, groups = _trace(model, example_inputs, ignore)
-    result = [g for _, g in groups]
-    if not result:
-        raise ValueError(
-            f"{type(model).__name__} has no channel group to prune: every group reaches the model's output, "
-            f"is under `ignore`={list(ignore)!r}, or runs through a layer that cannot be masked."
-        )
-    return result
+    return [g for _, g in groups]
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -631,7 +630,7 @@ def compact(
         The compact model, in ``model``'s training mode.
 
     Raises:
-        ValueError: the model does not run on ``example_inputs`` or cannot be traced.
+        ValueError: the model does not run on ``example_inputs``, cannot be traced, or has no channel group.
         RuntimeError: the surgery failed or the compact model computes something else (``model`` is then
             unchanged all the same: only the copy was touched).
 

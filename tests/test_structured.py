@@ -847,3 +847,31 @@ def test_channel_masks_round_trip_through_their_state_dict():
     restored.load_state_dict(masks.state_dict())
     assert [restored.kept(g).tolist() for g in restored.groups] == [masks.kept(g).tolist() for g in masks.groups]
     assert_pruned_channels_zero(fresh, restored)
+
+
+class _DetachedOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).detach()
+
+
+class _NoTensorOutput(_DetachedOutput):
+    def forward(self, x):
+        return {"label": "x", "n": int(self.b(self.a(x)).argmax())}
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [(_DetachedOutput, "has no channel group to prune"), (_NoTensorOutput, "could not trace the channel couplings")],
+)
+def test_a_model_that_cannot_be_traced_is_refused_clearly(model, match):
+    net = model()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_channels_(net, torch.randn(2, 4), sparsity=0.5)
+    with pytest.raises(ValueError, match=match):
+        compact(net, torch.randn(2, 4))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
