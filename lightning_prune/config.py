@@ -3,13 +3,15 @@
 Two layers, both before training starts:
 
 * **Structured configs** (the dataclasses below, registered in Hydra's ``ConfigStore`` under
-  ``lightning_prune/schema``) give the ``pruning``, ``trainer``, ``logger`` and ``optimizer`` groups a
-  closed set of typed keys. Hydra rejects a misspelt key (``trainer.max_epoch=3``) or a wrong type
-  (``pruning.sparsity=abc``, ``trainer.max_epochs=1.5``) while composing, naming the key and the value.
+  ``lightning_prune/schema``) give the ``pruning``, ``trainer``, ``logger``, ``optimizer``,
+  ``regularization`` and ``distillation`` groups a closed set of typed keys. Hydra rejects a misspelt key
+  (``trainer.max_epoch=3``) or a wrong type (``pruning.sparsity=abc``, ``trainer.max_epochs=1.5``) while
+  composing, naming the key and the value.
 * :func:`validate` checks ranges and the relations between keys (``pruning.sparsity=1.5``, ``end_epoch``
   before ``start_epoch``, ``seed=-1``, ``pruning.round_to=0``, channel-only keys such as
-  ``pruning.compact=true`` with ``structure=unstructured``) and raises one :class:`ConfigError` listing
-  every problem as ``key=value: what is allowed``. :func:`~lightning_prune.train.train` calls it before
+  ``pruning.compact=true`` with ``structure=unstructured``, ``regularization.strength=-1``,
+  ``distillation.alpha=2``) and raises one :class:`ConfigError` listing every problem as
+  ``key=value: what is allowed``. :func:`~lightning_prune.train.train` calls it before
   instantiating anything.
 
 The ``data`` and ``model`` groups stay open: any ``_target_`` with any arguments.
@@ -34,6 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.importance import IMPORTANCES
+from lightning_prune.regularization import PENALTIES
 from lightning_prune.schedules import SCHEDULES
 from lightning_prune.structures import SCOPES, STRUCTURES
 
@@ -41,8 +44,10 @@ __all__ = [
     "SCHEMA_GROUP",
     "CSVLoggerConfig",
     "ConfigError",
+    "DistillationConfig",
     "OptimizerConfig",
     "PruningConfig",
+    "RegularizationConfig",
     "TensorBoardLoggerConfig",
     "TrainerConfig",
     "channel_importances",
@@ -83,6 +88,7 @@ class PruningConfig:
     compact: bool | None = None
     compact_path: str | None = None  # null: compact.pt in the run directory (train() sets it)
     report_latency: bool = True
+    finetune_lr_scale: float = 1.0
 
 
 @dataclass
@@ -169,12 +175,38 @@ class OptimizerConfig:
     lr_gamma: float = 0.1
 
 
+@dataclass
+class RegularizationConfig:
+    """The penalty of :class:`~lightning_prune.regularization.L1RegularizationMixin`; ``train()`` passes it to the
+    module as ``reg_kind``, ``reg_lambda`` (``strength``), ``reg_ignore``, ``reg_warmup_epochs`` and
+    ``reg_stop_epoch``."""
+
+    kind: str = "l1"
+    strength: float = 1e-4
+    ignore: list[str] = field(default_factory=list)
+    warmup_epochs: int = 0
+    stop_epoch: int | None = None
+
+
+@dataclass
+class DistillationConfig:
+    """The arguments of :class:`~lightning_prune.distillation.DistillationCallback`."""
+
+    _target_: str = "lightning_prune.DistillationCallback"
+    alpha: float = 0.5
+    temperature: float = 4.0
+    teacher: str | None = None
+    start_epoch: int | None = None
+
+
 _SCHEMAS: dict[str, type] = {
     "pruning": PruningConfig,
     "trainer": TrainerConfig,
     "csv_logger": CSVLoggerConfig,
     "tensorboard_logger": TensorBoardLoggerConfig,
     "optimizer": OptimizerConfig,
+    "regularization": RegularizationConfig,
+    "distillation": DistillationConfig,
 }
 
 
@@ -229,8 +261,9 @@ class _Checker:
 def validate(cfg: DictConfig) -> None:
     """Check the ranges and relations the schemas cannot express; raise one :class:`ConfigError` for all.
 
-    Checks ``seed``, ``data.batch_size`` (when present), and the ``pruning``, ``trainer`` and ``optimizer``
-    groups when present. Each problem is reported as ``key=value: what is allowed``.
+    Checks ``seed``, ``data.batch_size`` (when present), and the ``pruning``, ``trainer``, ``optimizer``,
+    ``regularization`` and ``distillation`` groups when present. Each problem is reported as
+    ``key=value: what is allowed``.
 
     Args:
         cfg: A config composed from ``conf/`` (or any config with some of those groups).
@@ -243,7 +276,7 @@ def validate(cfg: DictConfig) -> None:
         >>> validate(OmegaConf.create({"seed": 0, "pruning": {"_target_": "x", "sparsity": 0.5}}))
     """
     check = _Checker()
-    for group in ("pruning", "trainer", "logger", "optimizer"):
+    for group in ("pruning", "trainer", "logger", "optimizer", "regularization", "distillation"):
         node = cfg.get(group)
         if isinstance(node, DictConfig):
             _check_keys(check, group, node)
@@ -262,6 +295,13 @@ def validate(cfg: DictConfig) -> None:
     optimizer = cfg.get("optimizer")
     if isinstance(optimizer, DictConfig) and "optimizer" in optimizer:
         _validate_optimizer(check, optimizer)
+    regularization = cfg.get("regularization")
+    if isinstance(regularization, DictConfig) and "kind" in regularization:
+        _validate_regularization(check, regularization)
+    distillation = cfg.get("distillation")
+    if isinstance(distillation, DictConfig) and distillation.get("_target_"):
+        has_pruning = isinstance(pruning, DictConfig) and bool(pruning.get("_target_"))
+        _validate_distillation(check, distillation, has_pruning, max_epochs)
     if check.errors:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(check.errors))
 
@@ -345,6 +385,13 @@ def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | No
     check.choice("pruning.structure", pruning.get("structure", "unstructured"), sorted(STRUCTURES))
     check.choice("pruning.scope", pruning.get("scope", "global"), list(SCOPES))
     _validate_structure(check, pruning)
+    scale = pruning.get("finetune_lr_scale", 1.0)
+    if not _is_number(scale) or not scale > 0:
+        check.fail(
+            "pruning.finetune_lr_scale",
+            scale,
+            "must be a number > 0 (the learning rates' factor once pruning ends; 0.1 as in Han et al., 2015)",
+        )
     strategy = str(trainer.get("strategy", "")) if isinstance(trainer, DictConfig) else ""
     if any(name in strategy.lower() for name in _SHARDED):
         check.fail("trainer.strategy", strategy, "pruning needs whole parameters on every rank: use 'ddp' or 'auto'")
@@ -434,4 +481,35 @@ def _validate_optimizer(check: _Checker, optimizer: DictConfig) -> None:
             "optimizer.lr_milestones",
             milestones,
             "must be integer epochs >= 0; set it explicitly when pruning.end_epoch is null",
+        )
+
+
+def _validate_regularization(check: _Checker, regularization: DictConfig) -> None:
+    check.choice("regularization.kind", regularization.kind, sorted(PENALTIES))
+    strength = regularization.get("strength", 0.0)
+    if not _is_number(strength) or not strength >= 0:
+        check.fail("regularization.strength", strength, "must be a number >= 0 (the penalty's weight lambda)")
+    check.integer("regularization.warmup_epochs", regularization.get("warmup_epochs", 0), 0)
+    check.integer("regularization.stop_epoch", regularization.get("stop_epoch"), 0, optional=True)
+
+
+def _validate_distillation(
+    check: _Checker, distillation: DictConfig, has_pruning: bool, max_epochs: int | None
+) -> None:
+    alpha = distillation.get("alpha", 0.5)
+    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+        check.fail("distillation.alpha", alpha, "must be in [0, 1] (the distillation term's weight)")
+    temperature = distillation.get("temperature", 4.0)
+    if not _is_number(temperature) or not temperature > 0:
+        check.fail("distillation.temperature", temperature, "must be a number > 0")
+    start = distillation.get("start_epoch")
+    start_ok = check.integer("distillation.start_epoch", start, 0, optional=True)
+    if start_ok and start is not None and max_epochs is not None and start >= max_epochs:
+        check.fail("distillation.start_epoch", start, f"must be < trainer.max_epochs={max_epochs}")
+    if start is None and distillation.get("teacher") is None and not has_pruning:
+        check.fail(
+            "distillation.start_epoch",
+            start,
+            "null means when pruning starts, but there is no pruning callback (pruning=none): set it, or set "
+            "distillation.teacher",
         )

@@ -37,9 +37,11 @@ __all__ = [
     "compaction_metrics",
     "evaluate_accuracy",
     "example_input",
+    "instantiate_distillation",
     "instantiate_logger",
     "instantiate_module",
     "instantiate_pruning",
+    "regularization_arguments",
     "resolve_output_dir",
     "sparsity_unit",
     "task_overrides",
@@ -165,8 +167,42 @@ def task_overrides() -> list[str]:
     return []
 
 
+def regularization_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """The module arguments of the ``regularization`` group (empty for ``regularization=none`` or none at all).
+
+    ``kind``, ``strength``, ``ignore``, ``warmup_epochs`` and ``stop_epoch`` become ``reg_kind``, ``reg_lambda``,
+    ``reg_ignore``, ``reg_warmup_epochs`` and ``reg_stop_epoch`` of
+    :class:`~lightning_prune.regularization.L1RegularizationMixin` (which ``ImageClassifier`` includes).
+
+    Example:
+        >>> regularization_arguments(OmegaConf.create({"regularization": {"kind": "l1", "strength": 1e-4}}))
+        {'reg_kind': 'l1', 'reg_lambda': 0.0001}
+    """
+    node = cfg.get("regularization")
+    if not node or "kind" not in node:
+        return {}
+    values = cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+    names = {"kind": "reg_kind", "strength": "reg_lambda", "ignore": "reg_ignore"}
+    names.update(warmup_epochs="reg_warmup_epochs", stop_epoch="reg_stop_epoch")
+    return {names[key]: value for key, value in values.items() if key in names}
+
+
+def instantiate_distillation(cfg: DictConfig) -> L.Callback | None:
+    """The distillation callback ``cfg.distillation``, or None when it is absent or has no ``_target_``.
+
+    Example:
+        >>> instantiate_distillation(OmegaConf.create({"distillation": {}})) is None
+        True
+    """
+    node = cfg.get("distillation")
+    if not node or "_target_" not in node:
+        return None
+    return instantiate(node, _convert_="all")
+
+
 def instantiate_module(cfg: DictConfig) -> L.LightningModule:
-    """The LightningModule ``cfg.module`` wrapping the network ``cfg.model``, with ``cfg.optimizer``'s args.
+    """The LightningModule ``cfg.module`` wrapping the network ``cfg.model``, with ``cfg.optimizer``'s args
+    and the ``regularization`` group's (:func:`regularization_arguments`).
 
     Example:
         >>> cfg = OmegaConf.create({
@@ -179,7 +215,7 @@ def instantiate_module(cfg: DictConfig) -> L.LightningModule:
     """
     net = instantiate(cfg.model, _convert_="all")
     optimizer_args = cast(dict[str, Any], OmegaConf.to_container(cfg.optimizer, resolve=True))
-    return instantiate(cfg.module, model=net, **optimizer_args)
+    return instantiate(cfg.module, model=net, **optimizer_args, **regularization_arguments(cfg))
 
 
 def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
@@ -290,8 +326,9 @@ def train(cfg: DictConfig) -> float:
 
     First checks ``cfg`` with :func:`lightning_prune.config.validate` (a :class:`~lightning_prune.config.ConfigError`
     names every out-of-range key before anything is built). Then builds the datamodule (``cfg.data``), network
-    (``cfg.model``), LightningModule (``cfg.module`` plus the ``cfg.optimizer`` arguments), pruning callback
-    (``cfg.pruning``; absent or without ``_target_`` for none), logger (``cfg.logger``) and trainer
+    (``cfg.model``), LightningModule (``cfg.module`` plus the ``cfg.optimizer`` and ``cfg.regularization``
+    arguments), pruning callback (``cfg.pruning``; absent or without ``_target_`` for none), distillation
+    callback (``cfg.distillation``, likewise), logger (``cfg.logger``) and trainer
     (``cfg.trainer``) with ``hydra.utils.instantiate``. Test accuracy is measured before pruning starts (the
     dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
     the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
@@ -332,6 +369,9 @@ def train(cfg: DictConfig) -> float:
     dense_probe = AccuracyAtEpochStart(epoch=start_epoch)
     # Callbacks run in list order: the probe sees the model before the pruning callback touches it.
     callbacks: list[L.Callback] = [dense_probe, pruning] if pruning else []
+    distillation = instantiate_distillation(cfg)
+    if distillation is not None:
+        callbacks.append(distillation)
 
     trainer: L.Trainer = instantiate(
         cfg.trainer,

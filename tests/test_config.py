@@ -20,12 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import lightning_prune.train as train_module
-from lightning_prune import PruningCallback
+from lightning_prune import DistillationCallback, PruningCallback
 from lightning_prune.config import ConfigError, TrainerConfig, channel_importances, validate
 from lightning_prune.importance import IMPORTANCES, Importance, LpNormImportance
 from lightning_prune.schedules import SCHEDULES, IterativeSchedule
 from lightning_prune.structured import ChannelStructure
-from lightning_prune.train import instantiate_logger, instantiate_module, instantiate_pruning, train
+from lightning_prune.train import (
+    instantiate_distillation,
+    instantiate_logger,
+    instantiate_module,
+    instantiate_pruning,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -63,6 +69,8 @@ def test_groups_are_discovered():
     assert {"sgd", "adam", "adamw"} <= set(GROUPS["optimizer"])
     assert {"none", "magnitude", "magnitude_layerwise", "channel"} <= set(GROUPS["pruning"])
     assert "digits_resnet20_channel" in GROUPS["experiment"]
+    assert set(GROUPS["regularization"]) == {"none", "l1", "group_lasso", "bn_slimming"}
+    assert set(GROUPS["distillation"]) == {"none", "kd"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -79,6 +87,9 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
         assert net.eval()(torch.zeros(2, *shape)).shape == (2, cfg.model.num_classes)
     module = instantiate_module(cfg)
     assert module.hparams.optimizer == cfg.optimizer.optimizer
+    assert module.reg_lambda == (cfg.regularization.strength if "kind" in cfg.regularization else 0.0)
+    distillation = instantiate_distillation(cfg)
+    assert isinstance(distillation, DistillationCallback) == bool(cfg.distillation.get("_target_"))
     pruning = instantiate_pruning(cfg)
     if cfg.pruning.get("_target_"):
         assert isinstance(pruning, PruningCallback)
@@ -245,11 +256,50 @@ MALFORMED = [
         ConfigError,
         r"round_to=1: applies to .*\n.*max_layer_sparsity=0\.9: applies to .*\n.*compact=True: removes pruned",
     ),
+    (["pruning.finetune_lr_scale=0"], ConfigError, r"pruning\.finetune_lr_scale=0\.0: must be a number > 0"),
+    # regularization and distillation
+    (["regularization=l2"], HydraException, r"Could not find 'regularization/l2'"),
+    (
+        ["regularization=l1", "regularization.strenght=1"],
+        HydraException,
+        r"Key 'strenght' not in 'RegularizationConfig'",
+    ),
+    (
+        ["regularization=l1", "regularization.strength=-1e-4"],
+        ConfigError,
+        r"regularization\.strength=-0\.0001: must be a number >= 0",
+    ),
+    (
+        ["regularization=group_lasso", "regularization.kind=l2"],
+        ConfigError,
+        r"regularization\.kind='l2': must be one of \['bn_slimming', 'group_lasso', 'l1'\]",
+    ),
+    (
+        ["regularization=l1", "regularization.warmup_epochs=-1"],
+        ConfigError,
+        r"regularization\.warmup_epochs=-1: must be an integer >= 0",
+    ),
+    (["distillation=kd", "distillation.alpha=1.5"], ConfigError, r"distillation\.alpha=1\.5: must be in \[0, 1\]"),
+    (
+        ["distillation=kd", "distillation.temperature=0"],
+        ConfigError,
+        r"distillation\.temperature=0\.0: must be a number > 0",
+    ),
+    (
+        ["distillation=kd", "distillation.start_epoch=30"],
+        ConfigError,
+        r"distillation\.start_epoch=30: must be < trainer\.max_epochs=30",
+    ),
+    (
+        ["distillation=kd", "pruning=none"],
+        ConfigError,
+        r"distillation\.start_epoch=None: null means when pruning starts, but there is no pruning callback",
+    ),
 ]
 
 
 def test_malformed_overrides_are_counted():
-    assert len(MALFORMED) == 45
+    assert len(MALFORMED) == 55
 
 
 @pytest.mark.parametrize(("overrides", "error", "match"), MALFORMED, ids=[" ".join(o) for o, _, _ in MALFORMED])
@@ -351,3 +401,31 @@ def test_digits_resnet20_channel_experiment():
     assert instantiate(cfg.data).input_shape == (1, 32, 32)
     rgb = _compose(["experiment=digits_resnet20_channel", "data.channels=3"])
     assert list(rgb.data.input_shape) == [3, 32, 32] and rgb.model.in_channels == 3
+
+
+PRUNING_OPTIONS = GROUPS["pruning"]
+REGULARIZATION_OPTIONS = GROUPS["regularization"]
+
+
+@pytest.mark.parametrize("distillation", ["none", "kd"])
+@pytest.mark.parametrize("regularization", REGULARIZATION_OPTIONS)
+@pytest.mark.parametrize("pruning", PRUNING_OPTIONS)
+def test_regularization_and_distillation_compose_with_every_pruning_choice(pruning, regularization, distillation):
+    overrides = [f"pruning={pruning}", f"regularization={regularization}", f"distillation={distillation}"]
+    if pruning == "none" and distillation == "kd":
+        overrides.append("distillation.start_epoch=5")  # nothing to take the start from
+    cfg = _compose(overrides)
+    validate(cfg)
+    module = instantiate_module(cfg)
+    if regularization == "none":
+        assert module.reg_lambda == 0.0
+    else:
+        assert (module.reg_kind, module.reg_lambda) == (cfg.regularization.kind, cfg.regularization.strength)
+        # Off when pruning starts, so that fine-tuning runs without the penalty; the whole run without pruning.
+        assert module.reg_stop_epoch == cfg.pruning.get("start_epoch")
+    callback = instantiate_distillation(cfg)
+    assert (callback is not None) == (distillation == "kd")
+    if callback is not None:
+        assert isinstance(callback, DistillationCallback)
+        assert (callback.alpha, callback.temperature) == (cfg.distillation.alpha, cfg.distillation.temperature)
+    assert (instantiate_pruning(cfg) is None) == (pruning == "none")

@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_options_cover_the_documented_choices():
     assert {"one_shot", "linear", "cubic", "exponential", "iterative"} <= set(_options("schedule"))
     assert {"cpu", "gpu", "ddp"} <= set(_options("trainer"))
     assert {"csv", "tensorboard"} <= set(_options("logger"))
+    assert {"none", "l1", "group_lasso", "bn_slimming"} <= set(_options("regularization"))
+    assert {"none", "kd"} <= set(_options("distillation"))
     assert _compose(["pruning=magnitude_layerwise"]).pruning.scope == "layer"
 
 
@@ -132,6 +135,39 @@ def test_train_without_pruning(tmp_path):
     assert metrics["dense_test_acc"] == metrics["pruned_test_acc"] == pytest.approx(accuracy)
     # Without pruning, the lr milestone falls back to max_epochs: a constant learning rate.
     assert list(cfg.optimizer.lr_milestones) == [cfg.trainer.max_epochs]
+
+
+def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path):
+    cfg = _compose(
+        [
+            *FAST,
+            "pruning.start_epoch=1",
+            "pruning.end_epoch=1",
+            "schedule=one_shot",
+            "pruning.finetune_lr_scale=0.1",
+            "optimizer.lr_milestones=[]",
+            "regularization=l1",
+            "distillation=kd",
+            f"output_dir='{tmp_path}'",
+        ]
+    )
+    assert cfg.regularization.stop_epoch == 1  # the penalty stops when pruning starts
+    train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01) and metrics["pruned_test_acc"] > 0.3
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("epoch")]
+    epochs_with = {key: sorted({int(r["epoch"]) for r in rows if r.get(key)}) for key in ("reg/l1", "distill/kd")}
+    assert epochs_with == {"reg/l1": [0], "distill/kd": [1, 2]}
+    # The checkpoint's model weights are the student's alone and load into a fresh module.
+    (path,) = tmp_path.glob("csv/version_0/checkpoints/*.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    fresh = instantiate_module(cfg)
+    assert set(checkpoint["state_dict"]) == set(fresh.state_dict())
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    assert checkpoint["hyper_parameters"]["reg_lambda"] == cfg.regularization.strength
+    lrs = [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]]
+    assert lrs == [pytest.approx(cfg.optimizer.lr * 0.1)]
 
 
 def test_train_with_channel_pruning_compacts_and_saves_a_reloadable_model(tmp_path, capsys):

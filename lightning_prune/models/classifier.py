@@ -12,13 +12,16 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_prune.distillation import DistillationMixin
+from lightning_prune.regularization import L1RegularizationMixin, RegularizationKind
+
 __all__ = ["ImageClassifier"]
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 _OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModule):
     """Cross-entropy training of a plain ``nn.Module``, with accuracy for train, validation and test.
 
     The wrapped network is ``self.model`` and holds every parameter and buffer, so ``state_dict()`` is
@@ -28,6 +31,11 @@ class ImageClassifier(L.LightningModule):
 
     ``lr_milestones`` multiplies the learning rate by ``lr_gamma`` at each listed epoch
     (``torch.optim.lr_scheduler.MultiStepLR``), e.g. to fine-tune at a lower rate once pruning ends.
+
+    It includes :class:`~lightning_prune.regularization.L1RegularizationMixin` (off until ``reg_lambda`` > 0) and
+    :class:`~lightning_prune.distillation.DistillationMixin` (active while a
+    :class:`~lightning_prune.distillation.DistillationCallback` has set a teacher). ``train/loss`` logs the
+    cross-entropy alone; the training loss adds ``reg/<kind>`` and blends in ``distill/kd``.
 
     Args:
         model: The network; maps a batch of images to ``(batch, num_classes)`` logits.
@@ -39,6 +47,13 @@ class ImageClassifier(L.LightningModule):
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``; empty for a
             constant rate.
         lr_gamma: Factor applied at each milestone.
+        reg_kind: The penalty: ``"l1"``, ``"group_lasso"`` or ``"bn_slimming"`` (see
+            :class:`~lightning_prune.regularization.L1RegularizationMixin`); ``None`` (the default) is ``"l1"``,
+            or the kind of a sibling mixin a subclass adds (``class Net(GroupLassoMixin, ImageClassifier)``).
+        reg_lambda: Its weight λ; 0 (the default) trains without a penalty.
+        reg_ignore: Module-name patterns left unpenalised, e.g. ``["head"]``.
+        reg_warmup_epochs: Ramp λ linearly over this many epochs.
+        reg_stop_epoch: The first epoch without the penalty (``None``: to the end).
 
     Example:
         >>> from lightning_prune.models import MLP
@@ -57,8 +72,19 @@ class ImageClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (),
         lr_gamma: float = 0.1,
+        reg_kind: RegularizationKind | None = None,
+        reg_lambda: float = 0.0,
+        reg_ignore: Sequence[str] = (),
+        reg_warmup_epochs: int = 0,
+        reg_stop_epoch: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            reg_kind=reg_kind,
+            reg_lambda=reg_lambda,
+            reg_ignore=reg_ignore,
+            reg_warmup_epochs=reg_warmup_epochs,
+            reg_stop_epoch=reg_stop_epoch,
+        )
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
