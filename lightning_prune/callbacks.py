@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_prune.importance import Importance, build_importance
 from lightning_prune.masking import MaskSet, prunable_parameters
 from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
+from lightning_prune.stats import ModelProfile, compare_profiles, count_parameters, profile_model
 from lightning_prune.structured import ChannelStructure, compact, save_compact
 from lightning_prune.structures import SCOPES, Structure, build_structure
 
@@ -308,8 +309,6 @@ class PruningCallback(Callback):
         return move_data_to_device(example, pl_module.device)
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_prune.stats import ModelProfile, compare_profiles, count_parameters, profile_model
-
         example = self._example
         try:
             small = compact(pl_module, example, self.ignore)

@@ -645,9 +645,8 @@ def compact(
           (2): Linear(in_features=5, out_features=2, bias=True)
         )
     """
-    _check_example(model, example_inputs)
     small = copy.deepcopy(model)
-    graph, groups = _trace(small, example_inputs, ignore)
+    graph, groups = _trace(small, example_inputs, ignore)  # checks the example inputs on the copy
     named = dict(small.named_parameters())
     plan: list[tuple[tp.Group, list[int]]] = []
     for tp_group, group in groups:

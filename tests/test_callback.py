@@ -4,6 +4,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import ZeroChecker
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -71,26 +72,6 @@ def trainer(tmp_path: Path, callbacks, max_epochs: int, **kwargs) -> pl.Trainer:
         num_sanity_val_steps=0,
         **kwargs,
     )
-
-
-class ZeroChecker(Callback):
-    """After every batch (so after every optimizer step) pruned weights and their state must be exactly zero."""
-
-    def __init__(self, pruning: PruningCallback) -> None:
-        self.pruning = pruning
-        self.checked = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        masks = self.pruning.masks
-        if masks is None or masks.num_pruned() == 0:
-            return
-        opt = trainer.optimizers[0]
-        for p, m in zip(masks.params, masks.masks):
-            assert bool((p[~m] == 0).all()), "a pruned weight moved"
-            for value in opt.state[p].values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    assert bool((value[~m] == 0).all()), "optimizer state of a pruned weight is not zero"
-        self.checked += 1
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import ZeroChecker
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -132,25 +133,11 @@ def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-class ZeroChecker(Callback):
-    """After every batch, masked entries (weights, biases, BN gamma / beta) and their optimizer state are zero."""
+class ChannelZeroChecker(ZeroChecker):
+    """Also: every coupled slice of a pruned channel (weights, biases, BN gamma / beta, consumer columns) is zero."""
 
-    def __init__(self, pruning: PruningCallback) -> None:
-        self.pruning = pruning
-        self.checked = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        masks = self.pruning.masks
-        if masks is None or masks.num_pruned() == 0:
-            return
-        opt = trainer.optimizers[0]
-        for name, p, m in zip(masks.names, masks.params, masks.masks):
-            assert bool((p[~m] == 0).all()), f"a pruned entry of {name} moved"
-            for value in opt.state[p].values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    assert bool((value[~m] == 0).all()), f"optimizer state of a pruned entry of {name}"
+    def check(self, pl_module, masks) -> None:
         assert_pruned_channels_zero(pl_module, masks)
-        self.checked += 1
 
 
 # ---------------------------------------------------------------------------------------------- 1. gradual pruning
@@ -167,7 +154,7 @@ class ZeroChecker(Callback):
 )
 def test_pruned_channels_stay_zero_through_training(tmp_path, optimizer, extra):
     pruning = channels(0.5, start_epoch=0, end_epoch=2)
-    checker = ZeroChecker(pruning)
+    checker = ChannelZeroChecker(pruning)
     model = ConvNet(optimizer)
     trainer(tmp_path, [pruning, checker], max_epochs=4, **extra).fit(model, data())
     pruned_epochs = [e for e in range(4) if pruning.schedule.sparsity_at(e) > 0]
