@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from lightning_prune.importance import Importance, LpNormImportance, build_importance
 from lightning_prune.masking import MaskSet, matching_modules
-from lightning_prune.structures import Scope, Structure, check_scope, check_sparsity
+from lightning_prune.structures import Scope, Structure, Target, check_sparsity, layer_targets
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -432,8 +432,17 @@ class ChannelStructure(Structure):
     def check_importance(self, importance: Importance) -> None:
         _norm_order(importance)
 
-    def check_target(self, masks: MaskSet, sparsity: float, scope: Scope = "global") -> None:
+    def check_target(self, masks: MaskSet, sparsity: Target, scope: Scope = "global") -> None:
         masks = _channel_masks(masks)
+        per_group = layer_targets([g.name for g in masks.groups], sparsity, scope)
+        if isinstance(sparsity, Mapping):  # per-layer targets: fractions of each group's channels
+            over = {g.name: t for g, t in zip(masks.groups, per_group or []) if t > self.max_layer_sparsity}
+            if over:
+                raise ValueError(
+                    f"Cannot prune these layers' channels to their targets with `max_layer_sparsity`="
+                    f"{self.max_layer_sparsity}: {over}. Lower their targets or raise `max_layer_sparsity`."
+                )
+            return
         if scope == "layer":
             if sparsity > self.max_layer_sparsity:
                 raise ValueError(
@@ -473,22 +482,23 @@ class ChannelStructure(Structure):
         return min(max(rounded, self._min_keep(group)), kept)
 
     @torch.no_grad()
-    def prune_(self, masks: MaskSet, importance: Importance, sparsity: float, scope: Scope = "global") -> None:
-        check_sparsity(sparsity)
-        check_scope(scope)
+    def prune_(self, masks: MaskSet, importance: Importance, sparsity: Target, scope: Scope = "global") -> None:
         masks = _channel_masks(masks)
+        per_group = layer_targets([g.name for g in masks.groups], sparsity, scope)
+        single = 0.0 if isinstance(sparsity, Mapping) else float(sparsity)
         p = _norm_order(importance)
         self.check_target(masks, sparsity, scope)
         kept = [masks.kept(g) for g in masks.groups]
-        if scope == "layer":
+        if per_group is not None or scope == "layer":
+            fractions = per_group if per_group is not None else [single] * len(masks.groups)
             targets = [
-                self._rounded(g, g.channels - round(sparsity * g.channels), int(k.sum()))
-                for g, k in zip(masks.groups, kept)
+                self._rounded(g, g.channels - round(f * g.channels), int(k.sum()))
+                for g, k, f in zip(masks.groups, kept, fractions)
             ]
-            scores = [_channel_scores(masks, g, p) for g in masks.groups]
+            scores = [_channel_scores(masks, g, p, importance) for g in masks.groups]
         else:
-            scores = [_relative(_channel_scores(masks, g, p), k) for g, k in zip(masks.groups, kept)]
-            targets = self._global_targets(masks, scores, kept, sparsity)
+            scores = [_relative(_channel_scores(masks, g, p, importance), k) for g, k in zip(masks.groups, kept)]
+            targets = self._global_targets(masks, scores, kept, single)
         for g, k, s, target in zip(masks.groups, kept, scores, targets):
             excess = int(k.sum()) - target
             if excess <= 0:
@@ -548,14 +558,19 @@ def _channel_masks(masks: MaskSet) -> ChannelMaskSet:
     return masks
 
 
-def _norm_order(importance: Importance) -> int:
+def _norm_order(importance: Importance) -> int | None:
+    """The order of a weight-norm criterion, or None for a criterion that scores channels itself."""
     p = getattr(importance, "p", None)
-    if not isinstance(importance, LpNormImportance) or p not in (1, 2):
-        raise ValueError(
-            f"structure='channel' scores channels by a norm of their weights and supports importance 'l1', "
-            f"'l2' or 'magnitude' (= 'l1'), not {importance!r}."
-        )
-    return int(p)
+    if isinstance(importance, LpNormImportance) and p in (1, 2):
+        return int(p)
+    if getattr(importance, "scores_channels", False):
+        return None
+    raise ValueError(
+        f"structure='channel' scores channels by a norm of their weights or by a channel criterion: it supports "
+        f"importance 'l1', 'l2' or 'magnitude' (= 'l1'), and 'taylor', 'fisher', 'apoz' or 'activation' (from "
+        f"gradients or activations collected in training), not {importance!r}. A custom criterion scores channels "
+        "by setting `scores_channels = True` and implementing `channel_scores(masks, group)`."
+    )
 
 
 def _relative(scores: Tensor, kept: Tensor) -> Tensor:
@@ -564,8 +579,28 @@ def _relative(scores: Tensor, kept: Tensor) -> Tensor:
     return scores / mean if float(mean) > 0 else scores
 
 
-def _channel_scores(masks: ChannelMaskSet, group: ChannelGroup, p: int) -> Tensor:
-    """The Lp norm of each channel over its weight slices, in float64."""
+def _channel_scores(
+    masks: ChannelMaskSet, group: ChannelGroup, p: int | None, importance: Importance | None = None
+) -> Tensor:
+    """The Lp norm of each channel over its weight slices (``p`` None: ``importance``'s own channel scores), in
+    float64 on the CPU."""
+    if p is None:
+        if importance is None:
+            raise TypeError("Channel scores of a criterion that scores channels itself need the `importance`.")
+        scores = importance.channel_scores(masks, group)
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != (group.channels,):
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(
+                f"{importance!r} returned channel scores of shape {shape} for group {group.name!r}, which has "
+                f"{group.channels} channels: it must return one score per channel."
+            )
+        scores = scores.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(
+                f"{importance!r} returned NaN or infinite channel scores for group {group.name!r}; the masks were "
+                "not changed."
+            )
+        return scores
     sums = torch.zeros(group.channels, dtype=torch.float64)
     for s in group.slices:
         if not s.scored:
