@@ -4,7 +4,7 @@ Two layers, both before training starts:
 
 * **Structured configs** (the dataclasses below, registered in Hydra's ``ConfigStore`` under
   ``lightning_prune/schema``) give the ``pruning``, ``trainer``, ``logger``, ``optimizer``,
-  ``regularization`` and ``distillation`` groups a closed set of typed keys. Hydra rejects a misspelt key
+  ``regularization``, ``distillation`` and ``export`` groups a closed set of typed keys. Hydra rejects a misspelt key
   (``trainer.max_epoch=3``) or a wrong type (``pruning.sparsity=abc``, ``trainer.max_epochs=1.5``) while
   composing, naming the key and the value.
 * :func:`validate` checks ranges and the relations between keys (``pruning.sparsity=1.5``, ``end_epoch``
@@ -42,9 +42,11 @@ from lightning_prune.structures import SCOPES, STRUCTURES
 
 __all__ = [
     "SCHEMA_GROUP",
+    "AllocationConfig",
     "CSVLoggerConfig",
     "ConfigError",
     "DistillationConfig",
+    "ExportConfig",
     "OptimizerConfig",
     "PruningConfig",
     "RegularizationConfig",
@@ -72,14 +74,15 @@ class PruningConfig:
     """
 
     _target_: str = "lightning_prune.PruningCallback"
-    sparsity: float = 0.9
+    # A number in [0, 1), or per-layer targets {layer pattern: sparsity} (checked by `validate`).
+    sparsity: Any = 0.9
     schedule: str = "cubic"
     start_epoch: int = 0
     end_epoch: int | None = None
     every_n_epochs: int = 1
     importance: str = "magnitude"
-    structure: str = "unstructured"
-    scope: str = "global"
+    structure: str = "unstructured"  # unstructured | channel | block | an N:M pattern such as "2:4"
+    scope: str | None = "global"  # null: global, or layer for per-layer targets
     ignore: list[str] = field(default_factory=list)
     log_per_layer: bool = True
     # structure="channel" only; null leaves the callback's default (see PruningCallback).
@@ -89,6 +92,20 @@ class PruningConfig:
     compact_path: str | None = None  # null: compact.pt in the run directory (train() sets it)
     report_latency: bool = True
     finetune_lr_scale: float = 1.0
+    importance_batches: int | None = None  # taylor, fisher, apoz, activation: steps of statistics per pruning step
+    block_shape: list[int] | None = None  # structure=block only: [rows, columns]
+    rewind_epoch: int | None = None  # rewind surviving weights to this epoch after every pruning step
+
+
+@dataclass
+class AllocationConfig:
+    """The arguments of :class:`~lightning_prune.sensitivity.SensitivityCallback` (``allocation=sensitivity``)."""
+
+    _target_: str = "lightning_prune.SensitivityCallback"
+    target_sparsity: float | None = None
+    macs_budget: float | None = None
+    max_drop: float | None = None
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98])
 
 
 @dataclass
@@ -199,6 +216,24 @@ class DistillationConfig:
     start_epoch: int | None = None
 
 
+@dataclass
+class ExportConfig:
+    """What ``train()`` exports after testing (:func:`lightning_prune.export_report.export_model`'s arguments).
+
+    ``forms`` empty (or the group ``export=none``) exports nothing. ``dir`` is relative to the run directory.
+    """
+
+    forms: list[str] = field(default_factory=lambda: ["dense", "sparse", "torch_export", "onnx"])
+    dir: str = "export"
+    sparse_kernels: bool = True
+    latency: bool = True
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    blocks: int = 3
+    repeats: int = 10
+    threads: int | None = None
+    compact: Any = "auto"  # true | false | auto
+
+
 _SCHEMAS: dict[str, type] = {
     "pruning": PruningConfig,
     "trainer": TrainerConfig,
@@ -207,6 +242,8 @@ _SCHEMAS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "regularization": RegularizationConfig,
     "distillation": DistillationConfig,
+    "export": ExportConfig,
+    "allocation": AllocationConfig,
 }
 
 
@@ -262,7 +299,7 @@ def validate(cfg: DictConfig) -> None:
     """Check the ranges and relations the schemas cannot express; raise one :class:`ConfigError` for all.
 
     Checks ``seed``, ``data.batch_size`` (when present), and the ``pruning``, ``trainer``, ``optimizer``,
-    ``regularization`` and ``distillation`` groups when present. Each problem is reported as
+    ``regularization``, ``distillation`` and ``export`` groups when present. Each problem is reported as
     ``key=value: what is allowed``.
 
     Args:
@@ -276,12 +313,24 @@ def validate(cfg: DictConfig) -> None:
         >>> validate(OmegaConf.create({"seed": 0, "pruning": {"_target_": "x", "sparsity": 0.5}}))
     """
     check = _Checker()
-    for group in ("pruning", "trainer", "logger", "optimizer", "regularization", "distillation"):
+    for group in (
+        "pruning",
+        "trainer",
+        "logger",
+        "optimizer",
+        "regularization",
+        "distillation",
+        "export",
+        "allocation",
+    ):
         node = cfg.get(group)
         if isinstance(node, DictConfig):
             _check_keys(check, group, node)
     if "seed" in cfg:
         check.integer("seed", cfg.seed, 0)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and (not isinstance(ckpt_path, str) or not ckpt_path):
+        check.fail("ckpt_path", ckpt_path, "must be the path of a checkpoint, `last` (resume this run), or null")
     data = cfg.get("data")
     if isinstance(data, DictConfig) and "batch_size" in data:
         check.integer("data.batch_size", data.batch_size, 1)
@@ -289,6 +338,9 @@ def validate(cfg: DictConfig) -> None:
     max_epochs = None
     if isinstance(trainer, DictConfig):
         max_epochs = _validate_trainer(check, trainer)
+    logger = cfg.get("logger")
+    if isinstance(logger, DictConfig) and logger.get("flush_logs_every_n_steps") is not None:
+        check.integer("logger.flush_logs_every_n_steps", logger.flush_logs_every_n_steps, 1)
     pruning = cfg.get("pruning")
     if isinstance(pruning, DictConfig) and pruning.get("_target_"):
         _validate_pruning(check, pruning, max_epochs, trainer)
@@ -299,9 +351,15 @@ def validate(cfg: DictConfig) -> None:
     if isinstance(regularization, DictConfig) and "kind" in regularization:
         _validate_regularization(check, regularization)
     distillation = cfg.get("distillation")
+    has_pruning = isinstance(pruning, DictConfig) and bool(pruning.get("_target_"))
     if isinstance(distillation, DictConfig) and distillation.get("_target_"):
-        has_pruning = isinstance(pruning, DictConfig) and bool(pruning.get("_target_"))
         _validate_distillation(check, distillation, has_pruning, max_epochs)
+    allocation = cfg.get("allocation")
+    if isinstance(allocation, DictConfig) and allocation.get("_target_"):
+        _validate_allocation(check, allocation, has_pruning)
+    export = cfg.get("export")
+    if isinstance(export, DictConfig) and "forms" in export:
+        _validate_export(check, export)
     if check.errors:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(check.errors))
 
@@ -326,6 +384,40 @@ def _validate_trainer(check: _Checker, trainer: DictConfig) -> int | None:
     for key in ("num_nodes", "accumulate_grad_batches"):
         if key in trainer:
             check.integer(f"trainer.{key}", trainer[key], 1)
+    # Optional counts (null: Lightning's default) and their smallest allowed value.
+    for key, minimum in (
+        ("min_epochs", 0),
+        ("min_steps", 0),
+        ("check_val_every_n_epoch", 1),
+        ("num_sanity_val_steps", -1),
+        ("log_every_n_steps", 1),
+        ("reload_dataloaders_every_n_epochs", 0),
+    ):
+        if trainer.get(key) is not None:
+            check.integer(f"trainer.{key}", trainer[key], minimum)
+    if "max_steps" in trainer:
+        check.integer("trainer.max_steps", trainer.max_steps, -1)
+    if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu":
+        check.fail(
+            "trainer.sync_batchnorm",
+            True,
+            "PyTorch's SyncBatchNorm needs GPUs: set it to false with trainer.accelerator=cpu (trainer=ddp_cpu does)",
+        )
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (not _is_number(clip) or clip < 0):
+        check.fail("trainer.gradient_clip_val", clip, "must be a number >= 0 (0 or null: no clipping)")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and (
+        isinstance(interval, bool)
+        or not _is_number(interval)
+        or interval <= 0
+        or (isinstance(interval, float) and interval > 1)
+    ):
+        check.fail(
+            "trainer.val_check_interval",
+            interval,
+            "must be a fraction of an epoch in (0, 1] or a number of batches >= 1 (null: once per epoch)",
+        )
     devices = trainer.get("devices")
     ok = devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1))
     ok = ok or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
@@ -345,8 +437,22 @@ def _is_list_of_ints(value: object) -> bool:
 
 def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | None, trainer: Any) -> None:
     sparsity = pruning.get("sparsity")
-    if sparsity is not None and (not _is_number(sparsity) or not 0.0 <= sparsity < 1.0):
-        what = "channels pruned" if pruning.get("structure") == "channel" else "zeros"
+    what = "channels pruned" if pruning.get("structure") == "channel" else "zeros"
+    if isinstance(sparsity, DictConfig):
+        if not sparsity:
+            check.fail("pruning.sparsity", {}, "per-layer targets need at least one {layer pattern: sparsity}")
+        for pattern, value in sparsity.items():
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                check.fail(
+                    f"pruning.sparsity.{pattern!s}", value, f"must be in [0, 1) (the layer's final fraction of {what})"
+                )
+        if pruning.get("scope") not in (None, "layer"):
+            check.fail(
+                "pruning.scope",
+                pruning.get("scope"),
+                "per-layer targets (pruning.sparsity as a mapping) prune each layer to its own: set layer or null",
+            )
+    elif sparsity is not None and (not _is_number(sparsity) or not 0.0 <= sparsity < 1.0):
         check.fail("pruning.sparsity", sparsity, f"must be in [0, 1) (the final fraction of {what})")
     schedule = pruning.get("schedule", "cubic")
     check.choice("pruning.schedule", schedule, sorted(SCHEDULES))
@@ -382,9 +488,14 @@ def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | No
     if end is None and max_epochs is None and trainer is not None:
         check.fail("pruning.end_epoch", end, "null means the last epoch, which needs trainer.max_epochs to be set")
     check.choice("pruning.importance", pruning.get("importance", "magnitude"), sorted(IMPORTANCES))
-    check.choice("pruning.structure", pruning.get("structure", "unstructured"), sorted(STRUCTURES))
-    check.choice("pruning.scope", pruning.get("scope", "global"), list(SCOPES))
+    structure = pruning.get("structure", "unstructured")
+    if not (isinstance(structure, str) and ":" in structure):
+        check.choice("pruning.structure", structure, [*sorted(STRUCTURES), "an N:M pattern such as '1:4'"])
+    scope = pruning.get("scope", "global")
+    if scope is not None:
+        check.choice("pruning.scope", scope, list(SCOPES))
     _validate_structure(check, pruning)
+    _validate_criterion(check, pruning, start if start_ok else 0)
     scale = pruning.get("finetune_lr_scale", 1.0)
     if not _is_number(scale) or not scale > 0:
         check.fail(
@@ -402,7 +513,7 @@ def channel_importances() -> list[str]:
 
     Example:
         >>> channel_importances()
-        ['l1', 'l2', 'magnitude']
+        ['activation', 'apoz', 'fisher', 'l1', 'l2', 'magnitude', 'taylor']
     """
     from lightning_prune.structured import ChannelStructure  # Torch-Pruning itself is imported only when tracing
 
@@ -450,15 +561,95 @@ def _validate_structure(check: _Checker, pruning: DictConfig) -> None:
             f"removes pruned channels and needs pruning.structure=channel (got structure={structure!r}); "
             "set it to false or null",
         )
-    importance = pruning.get("importance", "magnitude")
-    if channel and importance in IMPORTANCES:
-        supported = channel_importances()
-        if importance not in supported:
+    block_shape = pruning.get("block_shape")
+    if block_shape is not None:
+        shape: list[Any] = list(block_shape) if not isinstance(block_shape, (int, str)) else [block_shape]
+        if not 1 <= len(shape) <= 2 or not all(_is_int(b) and int(b) >= 1 for b in shape):
             check.fail(
-                "pruning.importance",
-                importance,
-                f"structure=channel scores channels by a norm of their weights: must be one of {supported}",
+                "pruning.block_shape", block_shape, "must be [rows, columns] of positive integers (e.g. [4, 4]) or null"
             )
+        elif structure != "block":
+            check.fail(
+                "pruning.block_shape", list(shape), f"applies to pruning.structure=block only (got {structure!r})"
+            )
+    built = _structure_or_fail(check, structure)
+    if built is None:
+        return
+    importance = pruning.get("importance", "magnitude")
+    if importance in IMPORTANCES:
+        from lightning_prune.importance import build_importance
+
+        try:
+            built.check_importance(build_importance(importance))
+        except ValueError as err:
+            check.fail("pruning.importance", importance, f"not with pruning.structure={structure!r}: {err}")
+    limit = getattr(built, "default_sparsity", None)  # N:M: at most n / m
+    sparsity = pruning.get("sparsity")
+    if limit is not None and _is_number(sparsity) and sparsity > limit + 1e-12:
+        check.fail(
+            "pruning.sparsity", sparsity, f"{structure} prunes at most {limit:g} of the weights: set it to {limit:g}"
+        )
+
+
+def _structure_or_fail(check: _Checker, structure: object) -> Any:
+    """The structure ``structure`` names, or None after recording why it names none."""
+    from lightning_prune.structures import build_structure
+
+    if not isinstance(structure, str) or (structure not in STRUCTURES and ":" not in structure):
+        return None  # reported by the choice check
+    try:
+        return build_structure(structure)
+    except ValueError as err:
+        check.fail("pruning.structure", structure, str(err))
+        return None
+
+
+def _validate_criterion(check: _Checker, pruning: DictConfig, start: int) -> None:
+    """The statistics window of the data-driven criteria, and rewinding."""
+    importance = pruning.get("importance", "magnitude")
+    collects = importance in ("taylor", "fisher", "apoz", "activation")
+    batches = pruning.get("importance_batches")
+    if batches is not None and check.integer("pruning.importance_batches", batches, 1) and not collects:
+        check.fail(
+            "pruning.importance_batches",
+            batches,
+            f"applies to importance taylor, fisher, apoz or activation (got {importance!r}); set it to null",
+        )
+    if collects and start == 0 and pruning.get("schedule", "cubic") in ("one_shot", "iterative"):
+        check.fail(
+            "pruning.start_epoch",
+            0,
+            f"importance={importance} scores from statistics of training steps, so its first pruning step must come "
+            "after an epoch of training: set it to 1 or later",
+        )
+    rewind = pruning.get("rewind_epoch")
+    if rewind is not None and check.integer("pruning.rewind_epoch", rewind, 0, optional=True) and rewind > start:
+        check.fail(
+            "pruning.rewind_epoch",
+            rewind,
+            f"must be <= pruning.start_epoch={start}: the weights to rewind to are stored before pruning starts",
+        )
+
+
+def _validate_allocation(check: _Checker, allocation: DictConfig, has_pruning: bool) -> None:
+    if not has_pruning:
+        check.fail(
+            "allocation",
+            allocation.get("_target_"),
+            "allocates per-layer targets of a pruning callback: pruning=none has none",
+        )
+    for key, low, high in (("target_sparsity", 0.0, 1.0), ("max_drop", 0.0, 1.0)):
+        value = allocation.get(key)
+        if value is not None and (not _is_number(value) or not low <= value < high):
+            check.fail(f"allocation.{key}", value, f"must be in [{low:g}, {high:g}) or null")
+    budget = allocation.get("macs_budget")
+    if budget is not None and (not _is_number(budget) or not 0.0 < budget <= 1.0):
+        check.fail("allocation.macs_budget", budget, "must be a fraction of the dense MACs in (0, 1] or null")
+    if budget is not None and allocation.get("target_sparsity") is not None:
+        check.fail("allocation.macs_budget", budget, "give either allocation.target_sparsity or allocation.macs_budget")
+    ratios = list(allocation.get("ratios") or [])
+    if not ratios or not all(_is_number(r) and 0.0 <= r < 1.0 for r in ratios):
+        check.fail("allocation.ratios", ratios, "must be a non-empty list of sparsities in [0, 1)")
 
 
 def _validate_optimizer(check: _Checker, optimizer: DictConfig) -> None:
@@ -513,3 +704,22 @@ def _validate_distillation(
             "null means when pruning starts, but there is no pruning callback (pruning=none): set it, or set "
             "distillation.teacher",
         )
+
+
+def _validate_export(check: _Checker, export: DictConfig) -> None:
+    from lightning_prune.export_report import FORMS
+
+    forms = list(export.get("forms") or [])
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        check.fail("export.forms", forms, f"must be a list of {list(FORMS)} (unknown: {unknown}); [] exports nothing")
+    sizes = list(export.get("batch_sizes") or [])
+    if not sizes or not all(_is_int(b) and b >= 1 for b in sizes):
+        check.fail("export.batch_sizes", sizes, "must be a non-empty list of integers >= 1, e.g. [1, 64]")
+    check.integer("export.blocks", export.get("blocks", 3), 1)
+    check.integer("export.repeats", export.get("repeats", 10), 1)
+    check.integer("export.threads", export.get("threads"), 1, optional=True)
+    if export.get("compact", "auto") not in (True, False, "auto"):
+        check.fail("export.compact", export.get("compact"), "must be true, false or auto")
+    if not export.get("dir"):
+        check.fail("export.dir", export.get("dir"), "must be a folder name (relative to the run directory)")

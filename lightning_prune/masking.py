@@ -46,7 +46,14 @@ _APPLY_CHUNK = 1 << 20
 #: Module types whose ``weight`` is prunable by default.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
-__all__ = ["PRUNABLE_TYPES", "MaskSet", "matching_modules", "prunable_parameters", "sparsity_table"]
+__all__ = [
+    "PRUNABLE_TYPES",
+    "MaskSet",
+    "matching_modules",
+    "non_finite_parameters",
+    "prunable_parameters",
+    "sparsity_table",
+]
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -275,6 +282,22 @@ class MaskSet:
                 )
             m.copy_(saved.to(device=m.device, dtype=torch.bool))
         self.apply_()
+
+
+@torch.no_grad()
+def non_finite_parameters(masks: MaskSet) -> list[str]:
+    """The names of the masked parameters that hold a NaN or an infinite value (one pass over each).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> masks = MaskSet(prunable_parameters(net))
+        >>> with torch.no_grad():
+        ...     net[1].weight[0, 0] = float("nan")
+        >>> non_finite_parameters(masks)
+        ['1.weight']
+    """
+    return [n for n, p in zip(masks.names, masks.params) if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
 def sparsity_table(masks: MaskSet) -> str:

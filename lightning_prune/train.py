@@ -22,12 +22,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from typing_extensions import override
 
+from lightning_prune.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
 from lightning_prune.config import register_configs, validate
+from lightning_prune.export_report import run_export
 from lightning_prune.masking import PRUNABLE_TYPES
 from lightning_prune.stats import count_macs
 from lightning_prune.sweep import search_objective
@@ -37,12 +40,15 @@ __all__ = [
     "compaction_metrics",
     "evaluate_accuracy",
     "example_input",
+    "instantiate_allocation",
+    "instantiate_callbacks",
     "instantiate_distillation",
     "instantiate_logger",
     "instantiate_module",
     "instantiate_pruning",
     "regularization_arguments",
     "resolve_output_dir",
+    "resume_path",
     "sparsity_unit",
     "task_overrides",
     "train",
@@ -159,6 +165,41 @@ class AccuracyAtEpochStart(L.Callback):
         self.accuracy = evaluate_accuracy(pl_module, datamodule.test_dataloader())
         pl_module.log("dense/test_acc", self.accuracy, on_step=False, on_epoch=True)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy}  # a run resumed after `epoch` still reports the dense accuracy
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracy = state_dict.get("accuracy", self.accuracy)
+
+
+def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from: ``cfg.ckpt_path`` (a path, or ``last``), or None for a fresh run.
+
+    ``last`` is the run directory's ``checkpoints/last.ckpt``; when it does not exist yet (the run was stopped
+    before its first epoch ended), the run starts afresh, so the same command both starts and resumes a run.
+
+    Raises:
+        FileNotFoundError: ``cfg.ckpt_path`` names a file that does not exist.
+
+    Example:
+        >>> resume_path(OmegaConf.create({"ckpt_path": None}), Path("run")) is None
+        True
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no such checkpoint. Give the path of a .ckpt file, or `ckpt_path=last` with "
+            "`output_dir` set to the run directory to resume (its checkpoints/last.ckpt)."
+        )
+    return str(ckpt_path)
+
 
 def task_overrides() -> list[str]:
     """The command-line overrides of the current Hydra job (empty outside Hydra), e.g. ``["seed=1"]``."""
@@ -215,7 +256,7 @@ def instantiate_module(cfg: DictConfig) -> L.LightningModule:
     """
     net = instantiate(cfg.model, _convert_="all")
     optimizer_args = cast(dict[str, Any], OmegaConf.to_container(cfg.optimizer, resolve=True))
-    return instantiate(cfg.module, model=net, **optimizer_args, **regularization_arguments(cfg))
+    return instantiate(cfg.module, model=net, **optimizer_args, **regularization_arguments(cfg), _convert_="all")
 
 
 def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
@@ -229,6 +270,33 @@ def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
     if not pruning_cfg or "_target_" not in pruning_cfg:
         return None
     return instantiate(pruning_cfg, _convert_="all")
+
+
+def instantiate_allocation(cfg: DictConfig, output_dir: Path) -> L.Callback | None:
+    """The ``allocation`` group's callback (``allocation=sensitivity``: a
+    :class:`~lightning_prune.sensitivity.SensitivityCallback` writing its report to ``output_dir/sensitivity``), or
+    None for ``allocation=none``.
+
+    Example:
+        >>> instantiate_allocation(OmegaConf.create({"allocation": {}}), Path("run")) is None
+        True
+    """
+    node = cfg.get("allocation")
+    if not node or "_target_" not in node:
+        return None
+    return instantiate(node, output_dir=str(output_dir / "sensitivity"), _convert_="all")
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The extra callbacks of the ``callbacks`` group: one per entry with a ``_target_``, in the group's order.
+
+    Example:
+        >>> cfg = OmegaConf.create({"callbacks": {"checks": {"_target_": "lightning_prune.MaskInvariantChecker"}}})
+        >>> [type(c).__name__ for c in instantiate_callbacks(cfg)]
+        ['MaskInvariantChecker']
+    """
+    nodes = cfg.get("callbacks") or {}
+    return [instantiate(node, _convert_="all") for node in nodes.values() if node and "_target_" in node]
 
 
 def instantiate_logger(cfg: DictConfig, output_dir: Path) -> Any:
@@ -263,16 +331,19 @@ def example_input(datamodule: Any) -> torch.Tensor:
     return inputs[:1]
 
 
-def sparsity_unit(pruning: Any) -> Literal["weights", "channels"]:
-    """What ``pruning``'s sparsity counts: ``"channels"`` for a channel-pruning callback, else ``"weights"``.
+def sparsity_unit(pruning: Any) -> Literal["weights", "channels", "blocks"]:
+    """What ``pruning``'s sparsity counts: ``"channels"`` for channel pruning, ``"blocks"`` for block pruning, else
+    ``"weights"``.
 
     Example:
         >>> from lightning_prune import PruningCallback
         >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="channel")), sparsity_unit(None)
         ('channels', 'weights')
+        >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="block"))
+        'blocks'
     """
-    structure = getattr(pruning, "structure", None)
-    return "channels" if getattr(structure, "name", None) == "channel" else "weights"
+    name = getattr(getattr(pruning, "structure", None), "name", None)
+    return "channels" if name == "channel" else "blocks" if name == "block" else "weights"
 
 
 def compaction_metrics(pruning: Any) -> dict[str, Any] | None:
@@ -328,8 +399,13 @@ def train(cfg: DictConfig) -> float:
     names every out-of-range key before anything is built). Then builds the datamodule (``cfg.data``), network
     (``cfg.model``), LightningModule (``cfg.module`` plus the ``cfg.optimizer`` and ``cfg.regularization``
     arguments), pruning callback (``cfg.pruning``; absent or without ``_target_`` for none), distillation
-    callback (``cfg.distillation``, likewise), logger (``cfg.logger``) and trainer
-    (``cfg.trainer``) with ``hydra.utils.instantiate``. Test accuracy is measured before pruning starts (the
+    callback (``cfg.distillation``, likewise), the ``allocation`` group's sensitivity analysis (placed before the
+    pruning callback), the ``callbacks`` group's extra callbacks, logger (``cfg.logger``) and trainer
+    (``cfg.trainer``) with ``hydra.utils.instantiate``. With checkpointing on, ``<run dir>/checkpoints/last.ckpt``
+    is written atomically (:class:`~lightning_prune.checkpointing.AtomicCheckpointIO`) at every epoch's end with
+    every rank's random states (:class:`~lightning_prune.checkpointing.RandomStateCheckpoint`), and
+    ``cfg.ckpt_path`` (a path, or ``last``: see :func:`resume_path`) resumes from it. Under DDP every rank trains
+    and tests; rank 0 alone reports. Test accuracy is measured before pruning starts (the
     dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
     the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
     sample (:func:`lightning_prune.stats.count_macs`: ``macs`` counts nonzero weights, ``dense_macs`` all).
@@ -338,6 +414,8 @@ def train(cfg: DictConfig) -> float:
     weights. When the callback compacts (channel pruning), the compact model is saved as ``compact.pt`` in
     the run directory unless ``pruning.compact_path`` says otherwise, and ``compact`` holds
     :func:`compaction_metrics` plus the compact model's own test accuracy (``test_acc``); otherwise None.
+    When the ``export`` group asks for it (``export=all``), the pruned model is exported into the run directory
+    after testing (:func:`lightning_prune.export_report.run_export`) and ``export`` holds the report.
 
     Args:
         cfg: A config composed from this project's ``conf/``.
@@ -367,29 +445,49 @@ def train(cfg: DictConfig) -> float:
         pruning.compact_path = output_dir / "compact.pt"  # the run directory, next to metrics.json
     start_epoch = (cfg.pruning.get("start_epoch") or 0) if pruning else 0
     dense_probe = AccuracyAtEpochStart(epoch=start_epoch)
-    # Callbacks run in list order: the probe sees the model before the pruning callback touches it.
-    callbacks: list[L.Callback] = [dense_probe, pruning] if pruning else []
+    # Callbacks run in list order: the probe sees the model before the pruning callback touches it, and the
+    # sensitivity analysis hands its per-layer targets over before the first pruning step.
+    allocation = instantiate_allocation(cfg, output_dir) if pruning else None
+    callbacks: list[L.Callback] = [dense_probe, *([allocation] if allocation else []), pruning] if pruning else []
     distillation = instantiate_distillation(cfg)
     if distillation is not None:
         callbacks.append(distillation)
+    callbacks += instantiate_callbacks(cfg)
 
+    if cfg.trainer.get("enable_checkpointing") is not False:
+        # The random states make a resumed run repeat the uninterrupted one (dropout, augmentation); `last.ckpt`,
+        # written atomically at every epoch's end, is what `ckpt_path=last` resumes from.
+        callbacks += [
+            RandomStateCheckpoint(),
+            # One file, replaced at every epoch's end (ModelCheckpoint's `save_last` needs a second file to do so).
+            ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False),
+        ]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=instantiate_logger(cfg, output_dir),
         default_root_dir=output_dir,
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
     trainer.test(module, datamodule=datamodule, verbose=False)  # logs test/loss and test/acc
     # Measured exactly as the dense accuracy was, so the two numbers compare like for like.
     final_acc = evaluate_accuracy(module, datamodule.test_dataloader())
     # Without pruning, or if pruning never started, the final model is the dense one.
     dense_acc = dense_probe.accuracy if dense_probe.accuracy is not None else final_acc
+    if not trainer.is_global_zero:  # under DDP every rank gets here with the same model; rank 0 reports
+        return final_acc
 
     compaction = compaction_metrics(pruning)
     if compaction is not None:
         # The compact model computes what the masked one does; measured alike, the two accuracies agree.
         compaction["test_acc"] = evaluate_accuracy(pruning.compact_model, datamodule.test_dataloader())
+
+    export, export_text = None, ""  # the `export` group: deployable files and their sizes and latencies
+    if cfg.get("export") and cfg.export.get("forms"):
+        export_inputs, _ = next(iter(datamodule.test_dataloader()))
+        export_options = cast(dict[str, Any], OmegaConf.to_container(cfg.export, resolve=True))
+        export, export_text = run_export(export_options, net, export_inputs[:8], output_dir, masks=pruning)
 
     macs = count_macs(net, example_input(datamodule).to(next(net.parameters()).device))
     total = sum(p.numel() for p in net.parameters())
@@ -412,6 +510,8 @@ def train(cfg: DictConfig) -> float:
         "wall_time_s": time.perf_counter() - start,
         "overrides": task_overrides(),
     }
+    if export is not None:
+        metrics["export"] = export
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
     lines = [
@@ -421,7 +521,7 @@ def train(cfg: DictConfig) -> float:
         f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable {unit}; target "
         f"{metrics['target_sparsity']:.4f})",
     ]
-    if unit == "channels":
+    if unit != "weights":
         lines.append(f"  weight sparsity  {metrics['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
     lines += [
         f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})",
@@ -431,6 +531,8 @@ def train(cfg: DictConfig) -> float:
         f"  metrics          {output_dir / 'metrics.json'}",
     ]
     print("\n".join(lines))
+    if export_text:
+        print(export_text)
     if cfg.get("objective") == "max_sparsity":
         return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc

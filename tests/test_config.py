@@ -166,7 +166,7 @@ MALFORMED = [
     ),
     (["+trainer.max_epoch=3"], ConfigError, r"trainer\.max_epoch=3: unknown key; did you mean trainer\.max_epochs\?"),
     # wrong types
-    (["pruning.sparsity=abc"], HydraException, r"Value 'abc' of type 'str' could not be converted to Float"),
+    (["pruning.sparsity=abc"], ConfigError, r"pruning\.sparsity='abc': must be in \[0, 1\)"),
     (["trainer.max_epochs=1.5"], HydraException, r"Value '1\.5' of type 'float' could not be converted to Integer"),
     (["pruning.start_epoch=ten"], HydraException, r"Value 'ten' of type 'str' could not be converted to Integer"),
     (["trainer.enable_checkpointing=maybe"], HydraException, r"Value 'maybe' is not a valid bool"),
@@ -232,9 +232,9 @@ MALFORMED = [
         r"pruning\.sparsity=1\.0: must be in \[0, 1\) \(the final fraction of channels pruned\)",
     ),
     (
-        ["pruning=channel", "pruning.structure=block"],
+        ["pruning=channel", "pruning.structure=blocks"],
         ConfigError,
-        r"pruning\.structure='block': must be one of \['channel', 'unstructured'\]",
+        r"pruning\.structure='blocks': must be one of \['2:4', 'block', 'channel', 'unstructured', \"an N:M pattern",
     ),
     (
         ["pruning.round_to=8"],
@@ -376,7 +376,7 @@ def test_channel_pruning_config_builds_a_compacting_channel_callback():
     assert callback.ignore == ()  # the head's outputs are the logits, which channel pruning always keeps
 
 
-def test_channel_pruning_needs_a_norm_importance(monkeypatch):
+def test_channel_pruning_needs_an_importance_that_scores_channels(monkeypatch):
     class Random(Importance):
         def __call__(self, name, param):
             return torch.rand_like(param)
@@ -384,10 +384,18 @@ def test_channel_pruning_needs_a_norm_importance(monkeypatch):
     monkeypatch.setitem(IMPORTANCES, "random", Random)
     assert "random" not in channel_importances()
     validate(_compose(["pruning.importance=random"]))  # any importance scores single weights
-    with pytest.raises(ConfigError, match=r"pruning\.importance='random': structure=channel scores channels by a norm"):
+    with pytest.raises(
+        ConfigError, match=r"pruning\.importance='random': not with pruning\.structure='channel': .* by a norm"
+    ):
         validate(_compose(["pruning=channel", "pruning.importance=random"]))
-    for importance in ("l1", "l2", "magnitude"):
+    for importance in ("l1", "l2", "magnitude", "taylor", "fisher"):
         validate(_compose(["pruning=channel", f"pruning.importance={importance}"]))
+    for importance in ("apoz", "activation"):  # they score channels only
+        validate(_compose(["pruning=channel", f"pruning.importance={importance}"]))
+        with pytest.raises(
+            ConfigError, match=rf"pruning\.importance='{importance}': not with pruning\.structure='unstructured'"
+        ):
+            validate(_compose([f"pruning.importance={importance}"]))
 
 
 def test_digits_resnet20_channel_experiment():

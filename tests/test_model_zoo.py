@@ -167,6 +167,7 @@ EXPERIMENTS = [
     "cifar10_resnet20",
     "cifar10_vgg",
     "digits_cnn",
+    "digits_lottery",
     "digits_mlp",
     "digits_resnet20_channel",
     "mnist_lenet5",

@@ -102,7 +102,7 @@ def test_train_prunes_and_writes_metrics(tmp_path):
     assert all(0.0 <= s <= 1.0 for s in metrics["layer_sparsity"].values())
     assert metrics["nonzero_params"] < 0.2 * metrics["total_params"]
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()
-    assert list(tmp_path.glob("csv/version_0/checkpoints/*.ckpt"))  # checkpointing is on by default
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # checkpointing is on by default
 
 
 def test_dense_accuracy_is_measured_before_pruning(tmp_path):
@@ -160,7 +160,7 @@ def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path):
     epochs_with = {key: sorted({int(r["epoch"]) for r in rows if r.get(key)}) for key in ("reg/l1", "distill/kd")}
     assert epochs_with == {"reg/l1": [0], "distill/kd": [1, 2]}
     # The checkpoint's model weights are the student's alone and load into a fresh module.
-    (path,) = tmp_path.glob("csv/version_0/checkpoints/*.ckpt")
+    (path,) = tmp_path.glob("checkpoints/*.ckpt")
     checkpoint = torch.load(path, weights_only=False)
     fresh = instantiate_module(cfg)
     assert set(checkpoint["state_dict"]) == set(fresh.state_dict())

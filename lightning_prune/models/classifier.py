@@ -105,6 +105,8 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
             )
         if not lr_gamma > 0:
             raise ValueError(f"`lr_gamma` must be > 0, got {lr_gamma!r}.")
+        # Plain lists in the hyperparameters (not e.g. Hydra's ListConfig), so checkpoints load with weights_only=True.
+        lr_milestones, reg_ignore = [int(m) for m in milestones], [str(p) for p in reg_ignore]
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.lr_milestones = sorted(milestones)

@@ -1,0 +1,157 @@
+"""A pruning run under Lightning's ``strategy="ddp"`` on the CPU, which tests start in a subprocess.
+
+``python tests/_ddp_job.py OUT.json [--devices 2] [--batch-size 16] [--structure unstructured|channel]
+[--importance magnitude|rank|apoz] [--epochs 4] [--samples 128]``
+
+``strategy="ddp"`` re-runs this command line for every other rank, as it does for a user's script. After every
+optimizer step and every pruning step, each rank's masks and weights are hashed and the hashes gathered; rank 0
+writes them with the final sparsity and accuracy to ``OUT.json``. ``--importance rank`` scores differently on
+every rank (magnitude plus rank-seeded noise), so that ranks which computed their masks separately would differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune import MagnitudeImportance, PruningCallback
+from lightning_prune.distributed import rank_digest
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten())
+            self.body = nn.Sequential(nn.Linear(6 * 8 * 8, 32), nn.ReLU())
+            self.head = nn.Linear(32, 4)
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(self.features(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+class RankDependentImportance(MagnitudeImportance):
+    """Magnitude plus noise that differs per rank: computed separately, every rank would prune other weights."""
+
+    pointwise = False
+
+    def __call__(self, name: str, param: Tensor) -> Tensor:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        g = torch.Generator().manual_seed(1000 + rank)
+        return param.detach().abs() + torch.rand(param.shape, generator=g)
+
+
+class RankRecorder(pl.Callback):
+    """Gathers every rank's digest of masks and weights after each optimizer step and each pruning step."""
+
+    def __init__(self, pruning: PruningCallback, out: Path, samples: int) -> None:
+        self.pruning = pruning
+        self.out = out
+        self.samples = samples
+        self.records: list[dict] = []
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        masks = self.pruning.masks
+        if masks is None:
+            return
+        digests = {"masks": rank_digest(masks.masks), "weights": rank_digest(list(pl_module.parameters()))}
+        gathered: list = [digests] * trainer.world_size
+        if trainer.world_size > 1:
+            dist.all_gather_object(gathered, digests)
+        self.records.append(
+            {
+                "when": when,
+                "epoch": trainer.current_epoch,
+                "pruned": masks.num_pruned(),
+                "masks_agree": len({g["masks"] for g in gathered}) == 1,
+                "weights_agree": len({g["weights"] for g in gathered}) == 1,
+            }
+        )
+
+    def on_train_epoch_start(self, trainer, pl_module):  # after the PruningCallback: callbacks run in list order
+        self._record(trainer, pl_module, "pruning step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._record(trainer, pl_module, "optimizer step")
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        x, y = dataset(self.samples)[:]
+        pl_module.eval()
+        with torch.no_grad():
+            accuracy = float((pl_module(x).argmax(1) == y).float().mean())
+        masks = self.pruning.masks
+        result = {
+            "records": self.records,
+            "world_size": trainer.world_size,
+            "sparsity": self.pruning.achieved_sparsity,
+            "pruned": masks.num_pruned() if masks is not None else 0,
+            "numel": masks.numel() if masks is not None else 0,
+            "accuracy": accuracy,
+        }
+        self.out.write_text(json.dumps(result))
+
+
+def dataset(n: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--structure", default="unstructured")
+    parser.add_argument("--importance", default="rank")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    channel = args.structure == "channel"
+    importance = RankDependentImportance() if args.importance == "rank" else args.importance
+    pruning = PruningCallback(
+        sparsity=0.5 if channel else 0.8,
+        schedule="linear",
+        start_epoch=0,
+        end_epoch=args.epochs - 2,
+        importance=importance,
+        structure=args.structure,
+        importance_batches=2 if args.importance == "apoz" else None,
+        compact=False,
+    )
+    trainer = pl.Trainer(
+        default_root_dir=args.out.parent,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_epochs=args.epochs,
+        callbacks=[pruning, RankRecorder(pruning, args.out, args.samples)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(Net(), DataLoader(dataset(args.samples), batch_size=args.batch_size))
+
+
+if __name__ == "__main__":
+    main()

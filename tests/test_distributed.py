@@ -1,0 +1,87 @@
+"""Pruning under Lightning's DDP strategy on the CPU (gloo, two processes): every rank holds the same masks and weights.
+
+The runs start ``tests/_ddp_job.py`` in a subprocess with ``strategy="ddp"``, which re-runs the command line for the
+other rank as it does for a user's script. (``strategy="ddp_spawn"`` works as well, but torch's gloo process group
+sometimes aborts a spawned rank while the process shuts down after fitting, "terminate called without an active
+exception", with or without pruning, which would make a test of it flaky.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_prune import PruningCallback
+
+JOB = Path(__file__).with_name("_ddp_job.py")
+WORLD = 2
+
+
+def run_job(out: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(JOB), str(out), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def check_ranks_agree(result: dict, epochs: int = 4, steps_per_epoch: int = 128 // (16 * WORLD)) -> list[dict]:
+    records = result["records"]
+    assert result["world_size"] == WORLD
+    steps = [r for r in records if r["when"] == "pruning step"]
+    assert [r["epoch"] for r in steps] == list(range(epochs))
+    assert sum(r["when"] == "optimizer step" for r in records) == epochs * steps_per_epoch
+    assert all(r["masks_agree"] for r in records), [r for r in records if not r["masks_agree"]]
+    assert all(r["weights_agree"] for r in records), [r for r in records if not r["weights_agree"]]
+    return steps
+
+
+def test_ranks_hold_identical_masks_and_weights_after_every_step(tmp_path):
+    # Scores that differ per rank: without the broadcast from rank 0 the ranks' masks would differ at once.
+    result = run_job(tmp_path / "ranks.json", "--importance", "rank")
+    steps = check_ranks_agree(result)
+    total = 6 * 9 + 384 * 32 + 32 * 4
+    assert steps[-1]["pruned"] == round(0.8 * total)
+    assert result["sparsity"] == pytest.approx(round(0.8 * total) / total)
+
+
+@pytest.mark.slow
+def test_activation_statistics_are_reduced_over_the_ranks(tmp_path):
+    # APoZ channel pruning: each rank counts zeros on its own shard, the counts are summed before scoring.
+    result = run_job(tmp_path / "apoz.json", "--importance", "apoz", "--structure", "channel")
+    check_ranks_agree(result)
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy],
+    ids=["fsdp", "deepspeed", "model_parallel"],
+)
+def test_sharded_strategies_are_refused_with_a_clear_message(strategy):
+    # These strategies need GPUs (or DeepSpeed) to be built; the callback looks at the strategy's class only.
+    trainer = SimpleNamespace(strategy=object.__new__(strategy), max_epochs=3)
+    with pytest.raises(MisconfigurationException, match=rf"sharded strategy {strategy.__name__}.*strategy='ddp'"):
+        PruningCallback(sparsity=0.5).setup(trainer, nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_ddp_matches_a_single_process_run_of_the_same_global_batch(tmp_path, structure):
+    common = ["--structure", structure, "--importance", "magnitude", "--epochs", "8", "--samples", "512"]
+    ddp = run_job(tmp_path / "ddp.json", *common, "--devices", "2", "--batch-size", "16")
+    single = run_job(tmp_path / "single.json", *common, "--devices", "1", "--batch-size", "32")
+    check_ranks_agree(ddp, epochs=8, steps_per_epoch=512 // 32)
+    assert single["world_size"] == 1
+    # Sparsity is exact in both; the ranks average the same gradients in another order, so accuracy is close, not equal.
+    assert ddp["pruned"] == single["pruned"] and ddp["numel"] == single["numel"]
+    assert ddp["sparsity"] == single["sparsity"]
+    assert abs(ddp["accuracy"] - single["accuracy"]) < 0.1
