@@ -752,7 +752,7 @@ def _check_rewind_epoch(rewind_epoch: object, schedule: SparsitySchedule) -> int
         return None
     if isinstance(rewind_epoch, bool) or not isinstance(rewind_epoch, int) or rewind_epoch < 0:
         raise MisconfigurationException(f"`rewind_epoch` must be an integer >= 0 or None, got {rewind_epoch!r}.")
-    first = schedule.pruning_epochs()[0] if schedule.end_epoch is not None else schedule.start_epoch
+    first = schedule.start_epoch  # the first pruning epoch of every schedule
     if rewind_epoch > first:
         raise MisconfigurationException(
             f"`rewind_epoch`={rewind_epoch} is after the first pruning step (epoch {first}): the weights to rewind to "

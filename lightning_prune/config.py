@@ -607,7 +607,7 @@ def _structure_or_fail(check: _Checker, structure: object) -> Any:
 def _validate_criterion(check: _Checker, pruning: DictConfig, start: int) -> None:
     """The statistics window of the data-driven criteria, and rewinding."""
     importance = pruning.get("importance", "magnitude")
-    collects = importance in ("taylor", "fisher", "apoz", "activation")
+    collects = importance in IMPORTANCES and IMPORTANCES[importance]().collects != "nothing"
     batches = pruning.get("importance_batches")
     if batches is not None and check.integer("pruning.importance_batches", batches, 1) and not collects:
         check.fail(

@@ -30,7 +30,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.utils import _pytree as pytree
 
-__all__ = ["deployable"]
+__all__ = ["deployable", "relative_error"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -123,7 +123,7 @@ def deployable(
         deployed = deployed.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         output = deployed(*inputs)
-    error = _relative_error(output, reference)
+    error = relative_error(output, reference)
     if folded and error > 1e-4:
         warnings.warn(
             f"Folding {folded} BatchNorm(s) changed the outputs on `example_inputs` by {error:.2e} relative "
@@ -152,8 +152,18 @@ def _has_4d_weights(model: nn.Module) -> bool:
     return any(p.dim() == 4 for p in model.parameters())
 
 
-def _relative_error(output: object, reference: object) -> float:
-    """Largest ``||a - b|| / ||b||`` over the tensors of two outputs (inf when their structures differ)."""
+def relative_error(output: object, reference: object) -> float:
+    """The largest ``||output - reference|| / ||reference||`` (L2) over the floating tensors of two outputs.
+
+    Outputs are matched as PyTorch's pytrees (tensors, tuples, lists, dicts). A structure, shape or non-floating
+    value that differs gives ``inf``, and so does any NaN.
+
+    Example:
+        >>> relative_error(torch.tensor([0.0, 5.05]), torch.tensor([0.0, 5.0]))  # doctest: +ELLIPSIS
+        0.0100...
+        >>> relative_error((torch.ones(2),), [torch.ones(2)])
+        inf
+    """
     outs, out_spec = pytree.tree_flatten(output)
     refs, ref_spec = pytree.tree_flatten(reference)
     if out_spec != ref_spec:
@@ -164,14 +174,15 @@ def _relative_error(output: object, reference: object) -> float:
             if out != ref:
                 return math.inf
             continue
-        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(ref.shape):
             return math.inf
         if not ref.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(out, ref) else math.inf)
+            worst = max(worst, 0.0 if torch.equal(out.to(ref.dtype), ref) else math.inf)
             continue
-        diff = float(torch.linalg.vector_norm((out - ref).double()))
-        scale = float(torch.linalg.vector_norm(ref.double()))
-        worst = max(worst, diff / scale if scale > 0 else diff)
+        diff = float(torch.linalg.vector_norm((out.double() - ref.double()).reshape(-1)))
+        scale = float(torch.linalg.vector_norm(ref.double().reshape(-1)))
+        error = diff / scale if scale > 0 else diff
+        worst = max(worst, math.inf if math.isnan(error) else error)
     return worst
 
 

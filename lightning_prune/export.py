@@ -43,8 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from lightning_prune.deploy import deployable
+from lightning_prune.deploy import deployable, relative_error
 from lightning_prune.sparse_archive import check_masks_applied
+from lightning_prune.stats import _EvalMode
 
 __all__ = [
     "ExportError",
@@ -91,36 +92,6 @@ def _check_flag(name: str, value: object) -> None:
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
 
 
-def relative_error(output: Any, reference: Any) -> float:
-    """The largest ``||output - reference|| / ||reference||`` (L2) over the floating tensors of two outputs.
-
-    Outputs are matched as PyTorch's pytrees (tensors, tuples, lists, dicts); a structure or shape that differs
-    gives ``inf``, and so does any NaN.
-
-    Example:
-        >>> relative_error(torch.tensor([0.0, 5.05]), torch.tensor([0.0, 5.0]))  # doctest: +ELLIPSIS
-        0.0100...
-    """
-    outs, out_spec = pytree.tree_flatten(output)
-    refs, ref_spec = pytree.tree_flatten(reference)
-    if out_spec != ref_spec or len(outs) != len(refs):
-        return math.inf
-    worst = 0.0
-    for out, ref in zip(outs, refs):
-        if not isinstance(ref, Tensor):
-            continue
-        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(ref.shape):
-            return math.inf
-        if not ref.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(out.to(ref.dtype), ref) else math.inf)
-            continue
-        diff = float(torch.linalg.vector_norm((out.double() - ref.double()).reshape(-1)))
-        scale = float(torch.linalg.vector_norm(ref.double().reshape(-1)))
-        error = diff / scale if scale > 0 else diff
-        worst = max(worst, error if not math.isnan(error) else math.inf)
-    return worst
-
-
 def _batched(inputs: tuple[Tensor, ...], size: int, *, reverse: bool = False) -> tuple[Tensor, ...]:
     """The inputs with every tensor that shares the first input's batch size resized to ``size`` (repeating
     samples as needed; in reverse order with ``reverse``, so that outputs baked in as constants show)."""
@@ -144,21 +115,6 @@ def _other_batch(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """A batch of another size than the example's, to check a dynamic batch dimension with."""
     batch = inputs[0].shape[0]
     return _batched(inputs, batch + 1 if batch < 3 else batch - 1, reverse=True)
-
-
-class _EvalMode:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.modes: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for module, mode in self.modes:
-            module.training = mode
 
 
 def _reference_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:

@@ -55,6 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from lightning_prune.deploy import relative_error
+
 __all__ = [
     "KERNELS",
     "SPARSE_KERNELS",
@@ -637,23 +639,6 @@ def _record_inputs(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[
     return seen
 
 
-def _relative_error(output: Any, reference: Any) -> float:
-    outs, out_spec = pytree.tree_flatten(output)
-    refs, ref_spec = pytree.tree_flatten(reference)
-    if out_spec != ref_spec:
-        return math.inf
-    worst = 0.0
-    for out, ref in zip(outs, refs):
-        if not isinstance(ref, Tensor) or not ref.is_floating_point():
-            continue
-        if not isinstance(out, Tensor) or out.shape != ref.shape:
-            return math.inf
-        scale = float(torch.linalg.vector_norm(ref.double()))
-        diff = float(torch.linalg.vector_norm((out - ref).double()))
-        worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -913,7 +898,7 @@ def _verify(converted: nn.Module, reference: nn.Module, inputs: Any, rtol: float
             f"The model no longer runs with sparse layers {names[:5]}: {type(err).__name__}: {err}. Some code "
             "reads these layers' weights directly; restrict `layers` to layers used only through their forward."
         ) from err
-    error = _relative_error(got, expected)
+    error = relative_error(got, expected)
     if not error <= rtol:
         raise RuntimeError(
             f"The model with sparse layers {names[:5]} differs from the dense one by {error:.2e} relative (more "

@@ -38,6 +38,7 @@ __all__ = [
     "SweepSummary",
     "SweepSummaryCallback",
     "collect_runs",
+    "markdown_table",
     "search_objective",
     "summarize_sweep",
 ]
@@ -300,7 +301,15 @@ def _format(value: Any, key: str) -> str:
     return str(value)
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table with padded columns; ``|`` inside a cell is escaped.
+
+    Example:
+        >>> print(markdown_table(["a", "b"], [["1", "x|y"]]))
+        | a | b    |
+        |---|------|
+        | 1 | x\\|y |
+    """
     cells = [list(header), *[[c.replace("|", "\\|") for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
@@ -344,7 +353,7 @@ def results_table(runs: Sequence[RunResult]) -> str:
         row = run.row()
         row["overrides"] = " ".join(o for o in run.overrides if o not in common)
         rows.append([_format(row[key], key) for key, _ in _MD_COLUMNS])
-    return _markdown_table([title for _, title in _MD_COLUMNS], rows)
+    return markdown_table([title for _, title in _MD_COLUMNS], rows)
 
 
 def _write_csv(runs: Sequence[RunResult], path: Path) -> None:

@@ -174,11 +174,21 @@ def fit(root: Path, callbacks, max_epochs: int, model: Net, ckpt_path=None, **kw
     return trainer
 
 
-def test_trainer_checkpoints_through_the_atomic_writer_resume(tmp_path):
+def test_trainer_writes_its_checkpoints_through_the_atomic_writer(tmp_path, monkeypatch):
+    import lightning_prune.checkpointing as checkpointing
+
+    written = []
+
+    def counting_save(obj, path):
+        written.append(Path(path).name)
+        return atomic_save(obj, path)
+
+    monkeypatch.setattr(checkpointing, "atomic_save", counting_save)
     pruning = PruningCallback(sparsity=0.5, schedule="one_shot", start_epoch=1)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = fit(tmp_path, [pruning, ckpt], 2, Net(), plugins=[AtomicCheckpointIO()])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert "last.ckpt" in written  # every checkpoint went through atomic_save
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1
     with pytest.raises(TypeError, match="storage_options"):

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lightning_prune.sensitivity.table import SensitivityTable
+from lightning_prune.sweep import markdown_table
 
 __all__ = [
     "ALLOCATION_FILE",
@@ -94,14 +95,6 @@ def write_csv(table: SensitivityTable, path: str | Path) -> Path:
     return path
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    cells = [list(header), *[[c.replace("|", "\\|") for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 def _drop_text(table: SensitivityTable, drop: float) -> str:
     """Accuracy drops in percentage points, other metrics as they are."""
     return f"{100 * drop:+.2f}" if table.metric == "accuracy" else f"{drop:+.4g}"
@@ -153,7 +146,7 @@ def sensitivity_markdown(table: SensitivityTable, allocation: Mapping[str, float
         if allocation is not None:
             row.append(f"{allocation.get(layer.name, 0.0):.4f}")
         rows.append(row)
-    return "\n".join([*lines, "", _markdown_table(header, rows)])
+    return "\n".join([*lines, "", markdown_table(header, rows)])
 
 
 def plot_sensitivity(table: SensitivityTable, path: str | Path, allocation: Mapping[str, float] | None = None) -> Path:
