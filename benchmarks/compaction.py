@@ -95,8 +95,9 @@ def _variants(
     that cannot reach the ratio) maps to the refusal's message instead."""
     import torch_pruning as tp
 
-    from lightning_prune.deploy import deployable
-    from lightning_prune.structured import compact, prune_channels_
+    from lightning_prune.deploy.compact import compact
+    from lightning_prune.deploy.fold import deployable
+    from lightning_prune.structures.channel import prune_channels_
 
     masked = copy.deepcopy(dense)
     prune_channels_(masked, x, sparsity=ratio, importance="l1", scope=scope, round_to=round_to, ignore=[head])
@@ -197,7 +198,7 @@ def main() -> None:
 
     import torch
 
-    from lightning_prune.stats import count_flop_macs, count_parameters
+    from lightning_prune.deploy.profile import count_flop_macs, count_parameters
 
     torch.set_num_threads(args.threads)
     names = _main_variants(args.alt_round_to) + (ABLATION_VARIANTS if args.ablation else ())

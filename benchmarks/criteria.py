@@ -9,7 +9,7 @@
 **Accuracy.** Every run composes ``conf/config.yaml`` (the main job: dense epochs 0-9, cubic pruning over epochs
 10-20, fine-tuning until epoch 29 after the learning rate drops by 10x at epoch 20) with ``seed=<s>``,
 ``model=mlp|cnn``, the variant's overrides and any extra overrides given, and calls
-``lightning_prune.train.train(cfg)``; the numbers come from the run's ``metrics.json``. The config's seed fixes
+``lightning_prune.app.train.train(cfg)``; the numbers come from the run's ``metrics.json``. The config's seed fixes
 the initial weights, the data split and the data order, so every variant of a (model, seed) starts from the same
 weights and sees the same batches; the criteria only observe training until the first pruning step, so the dense
 accuracy just before pruning must be identical across them (the script checks it). The variants:
@@ -168,7 +168,7 @@ def _quiet_lightning() -> None:
 def _train(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
-    from lightning_prune.train import train
+    from lightning_prune.app.train import train
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, f"output_dir={run_dir}"])
@@ -421,7 +421,7 @@ def _fit_steps(base: Any, datamodule: Any, structure: str, criterion: str, steps
 def _interleaved(base: Any, datamodule: Any, rounds: int) -> dict[tuple[str, str], list[float]]:
     """Per-step times of every variant's training step, interleaved step by step in a plain loop."""
     from lightning_prune import ChannelStructure, Unstructured
-    from lightning_prune.importance import build_importance
+    from lightning_prune.criteria import build_importance
 
     batches = list(datamodule.train_dataloader())
     example = batches[0][0][:2]
@@ -634,7 +634,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import lightning_prune.train  # noqa: F401  (registers the config schemas)
+    import lightning_prune.app.train  # noqa: F401  (registers the config schemas)
 
     torch.set_num_threads(THREADS)
     _quiet_lightning()

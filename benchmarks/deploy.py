@@ -23,7 +23,7 @@ against the pruned model to 1e-5 relative.
 The variants timed, all against ``dense`` (the unpruned model): ``masked`` (the pruned model, dense
 kernels), ``compact`` (the inference copy: compacted, BatchNorm folded), ``ExportedProgram``
 (``torch.export.load(...).module()``), ``ONNX Runtime`` (CPU provider, 2 intra-op threads) and ``sparse
-kernels`` (:func:`lightning_prune.sparse_inference` of the compact copy: every Linear / 1x1 Conv2d at least 50%
+kernels`` (:func:`lightning_prune.deploy.kernels` of the compact copy: every Linear / 1x1 Conv2d at least 50%
 sparse timed dense and with each CSR kernel at batch 1 and 64, the fastest kept where it is at least 1.1x faster
 than dense; it is timed only when a layer was converted). ``torch.set_num_threads(2)``,
 ``torch.inference_mode()``, contiguous float32 inputs that repeat one sample. A block times every variant at
@@ -34,7 +34,7 @@ per-block ratio dense time / variant time, with its interquartile range.
 
 Break-even sparsity: for each layer shape of these models (and ResNet-20's 1x1 shortcut convolutions), a
 random weight pruned to 50, 60, 70, 80, 85, 90, 95, 98 and 99% is timed with
-:func:`lightning_prune.sparse_inference.measure_kernels` (dense and each kernel interleaved call by call,
+:func:`lightning_prune.deploy.kernels.measure_kernels` (dense and each kernel interleaved call by call,
 median of at least 31 calls at batch 1 and 7 at batch 64, more for small layers so that the dense calls take
 ``--min-variant-ms``); the break-even point of a kernel is the lowest sparsity of the grid from which on it is
 faster than dense at every higher grid point.
@@ -93,9 +93,9 @@ def _cases(quick: bool) -> list[tuple[str, str, float, Callable[[], Any], tuple[
 
 def _prune(net: Any, kind: str, sparsity: float, x: Any) -> Any:
     from lightning_prune import MaskSet, prunable_parameters
-    from lightning_prune.importance import MagnitudeImportance
-    from lightning_prune.structured import prune_channels_
-    from lightning_prune.structures import Unstructured
+    from lightning_prune.criteria.magnitude import MagnitudeImportance
+    from lightning_prune.structures.channel import prune_channels_
+    from lightning_prune.structures.unstructured import Unstructured
 
     if kind == "channels":
         return prune_channels_(net, x, sparsity=sparsity)
@@ -110,8 +110,8 @@ def _sizes(net: Any, masks: Any, prepared: Any, x: Any, folder: Path) -> tuple[d
     """File sizes of the four forms; the reloaded ExportedProgram's module and an ONNX Runtime runner."""
     import torch
 
-    from lightning_prune.export import export_onnx, export_program, onnx_files, onnx_runner
-    from lightning_prune.sparse_archive import load_sparse_state_dict, save_sparse
+    from lightning_prune.deploy.archive import load_sparse_state_dict, save_sparse
+    from lightning_prune.deploy.export import export_onnx, export_program, onnx_files, onnx_runner
 
     state = net.state_dict()
     torch.save(state, folder / "dense.pt")
@@ -201,7 +201,8 @@ def _break_even(args: argparse.Namespace, repeats: dict[int, int]) -> list[list[
     import torch
     from torch import nn
 
-    from lightning_prune.sparse_inference import SPARSE_KERNELS, measure_kernels
+    from lightning_prune.deploy.kernels import measure_kernels
+    from lightning_prune.deploy.sparse_layers import SPARSE_KERNELS
 
     shapes: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
         ("Linear 64->300 (MLP fc1)", lambda: nn.Linear(64, 300), (64,)),
@@ -343,8 +344,8 @@ def main() -> None:
 
     import torch
 
-    from lightning_prune.export import inference_model
-    from lightning_prune.sparse_inference import sparse_inference
+    from lightning_prune.deploy.export import inference_model
+    from lightning_prune.deploy.kernels import sparse_inference
 
     torch.set_num_threads(args.threads)
     cases = _cases(args.quick)

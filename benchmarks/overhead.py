@@ -249,10 +249,11 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
     import torch.nn.functional as F
     from torch.nn.utils import prune
 
+    from lightning_prune.criteria.magnitude import MagnitudeImportance
     from lightning_prune.data import DigitsDataModule
-    from lightning_prune.importance import MagnitudeImportance
-    from lightning_prune.masking import MaskSet, prunable_parameters
-    from lightning_prune.structures import Unstructured
+    from lightning_prune.masks.maskset import MaskSet
+    from lightning_prune.masks.params import prunable_parameters
+    from lightning_prune.structures.unstructured import Unstructured
 
     torch.manual_seed(seed)
     base = build()

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/quality.py model=mlp        # any extra Hydra overrides
 
 Each seed composes ``conf/config.yaml`` with ``seed=<s>``, ``output_dir=<run dir>`` and
-``trainer.enable_progress_bar=false`` (plus the overrides given) and calls ``lightning_prune.train.train``,
+``trainer.enable_progress_bar=false`` (plus the overrides given) and calls ``lightning_prune.app.train.train``,
 which trains densely, prunes on the configured schedule, fine-tunes, tests, and writes ``metrics.json``: the
 dense test accuracy (measured just before pruning starts), the pruned test accuracy (after training), the
 achieved sparsity of the prunable weights and the wall time. Runs are in this process, one after another.
@@ -70,7 +70,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lightning_prune.train import train
+    from lightning_prune.app.train import train
 
     torch.set_num_threads(THREADS)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "lightning_prune"):

@@ -166,7 +166,7 @@ def _module(model: str, seed: int, reg_kind: str = "l1", reg_lambda: float = 0.0
 def _prune_now(module: Any, structure: str, sparsity: float, example: Any) -> Any:
     """A copy of ``module`` pruned once, without training."""
     from lightning_prune import ChannelStructure, MagnitudeImportance, MaskSet, Unstructured, prunable_parameters
-    from lightning_prune.importance import build_importance
+    from lightning_prune.criteria import build_importance
 
     pruned = copy.deepcopy(module)
     if structure == "channel":
@@ -204,8 +204,8 @@ def _finetune(module: Any, datamodule: Any, structure: str, sparsity: float, epo
 
 
 def accuracy_tables(args: argparse.Namespace, seeds: list[int], epochs: int, finetune_epochs: int) -> list[str]:
+    from lightning_prune.app.train import evaluate_accuracy
     from lightning_prune.data import DigitsDataModule
-    from lightning_prune.train import evaluate_accuracy
 
     # (model, trained, structure, sparsity) -> stage -> [accuracy per seed]
     results: dict[tuple[str, str, str, float], dict[str, list[float]]] = {}

@@ -74,9 +74,9 @@ def _method(method: str) -> Callable[[list[Any]], Any]:
     from torch import nn
 
     if method == "ours":
-        from lightning_prune.importance import MagnitudeImportance
-        from lightning_prune.masking import MaskSet
-        from lightning_prune.structures import Unstructured
+        from lightning_prune.criteria.magnitude import MagnitudeImportance
+        from lightning_prune.masks.maskset import MaskSet
+        from lightning_prune.structures.unstructured import Unstructured
 
         importance, structure = MagnitudeImportance(), Unstructured()
 

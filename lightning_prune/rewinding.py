@@ -12,8 +12,8 @@ The learning-rate schedule is not rewound.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from lightning_prune.importance import MagnitudeImportance
-    >>> from lightning_prune.masking import MaskSet, prunable_parameters
+    >>> from lightning_prune.criteria import MagnitudeImportance
+    >>> from lightning_prune.masks import MaskSet, prunable_parameters
     >>> from lightning_prune.structures import Unstructured
     >>> net = nn.Sequential(nn.Linear(4, 4))
     >>> early = snapshot(net)
@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.masking import MaskSet
+from lightning_prune.masks.maskset import MaskSet
 
 __all__ = ["rewind_", "snapshot"]
 

@@ -24,12 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lightning_prune._helpers import check_sparsity
+
 ScheduleName = Literal["one_shot", "linear", "cubic", "exponential", "iterative"]
-
-
-def _check_sparsity(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
 
 
 def _check_epoch(name: str, value: object, minimum: int = 0) -> None:
@@ -57,8 +54,8 @@ class SparsitySchedule(ABC):
     initial_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_sparsity("final_sparsity", self.final_sparsity)
-        _check_sparsity("initial_sparsity", self.initial_sparsity)
+        check_sparsity(self.final_sparsity, "final_sparsity")
+        check_sparsity(self.initial_sparsity, "initial_sparsity")
         _check_epoch("start_epoch", self.start_epoch)
         _check_epoch("every_n_epochs", self.every_n_epochs, minimum=1)
         if self.end_epoch is not None:
@@ -224,7 +221,7 @@ class IterativeSchedule(SparsitySchedule):
         if not sparsities:
             raise ValueError("`sparsities` must list at least one target sparsity, e.g. (0.5, 0.75, 0.9).")
         for i, s in enumerate(sparsities):
-            _check_sparsity(f"sparsities[{i}]", s)
+            check_sparsity(s, f"sparsities[{i}]")
         if any(b < a for a, b in itertools.pairwise(sparsities)):
             raise ValueError(
                 f"`sparsities` must be non-decreasing (pruned weights are never revived), got {sparsities}."
@@ -305,7 +302,7 @@ def build_schedule(
         raise ValueError(
             f"Unknown schedule {name!r}; expected one of {sorted(SCHEDULES)} or a SparsitySchedule object."
         )
-    _check_sparsity("sparsity", sparsity)
+    check_sparsity(sparsity, "sparsity")
     if name == "iterative":
         _check_epoch("start_epoch", start_epoch)
         _check_epoch("every_n_epochs", every_n_epochs, minimum=1)

@@ -2,7 +2,7 @@
 
 Rebuilds the model from the run's Hydra config (``<run dir>/.hydra/config.yaml``, found above a checkpoint
 too, or ``--config``), loads the checkpoint's weights (the newest ``*.ckpt`` under a run directory) and the
-pruning masks the ``PruningCallback`` saved in it, and runs ``lightning_prune.export_report.export_model``:
+pruning masks the ``PruningCallback`` saved in it, and runs ``lightning_prune.deploy.report.export_model``:
 ``dense.pt``, ``sparse.pt`` (sparse archive), ``model.pt2`` (``torch.export``) and ``model.onnx`` in
 ``--out`` (default ``<run dir>/export``), each checked against the model, then file sizes and CPU latencies
 at batch 1 and 64 of the dense, masked, compacted, exported, ONNX Runtime and sparse-kernel versions. The
@@ -85,7 +85,7 @@ def _masks(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.Tensor] |
 def _example_inputs(cfg: Any) -> tuple[torch.Tensor, str]:
     from hydra.utils import instantiate
 
-    from lightning_prune.train import example_input
+    from lightning_prune.app.train import example_input
 
     datamodule = instantiate(cfg.data)
     try:
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from lightning_prune.export_report import FORMS, export_model
-    from lightning_prune.train import instantiate_module
+    from lightning_prune.app.train import instantiate_module
+    from lightning_prune.deploy.report import FORMS, export_model
 
     try:
         if not args.path.exists():

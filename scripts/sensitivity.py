@@ -26,8 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lightning_prune.config import ConfigError
-from lightning_prune.sensitivity.job import run_sensitivity
+from lightning_prune.app.config import ConfigError
+from lightning_prune.app.sensitivity import run_sensitivity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

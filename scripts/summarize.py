@@ -1,7 +1,7 @@
 """Rebuild a sweep's summary: ``python scripts/summarize.py <sweep_dir> [--max-accuracy-drop 0.01] [--no-plot]``.
 
 Writes ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.png`` into the sweep directory from its runs'
-``metrics.json`` and ``failure.json`` (see ``lightning_prune.sweep.summarize_sweep``) and prints the table.
+``metrics.json`` and ``failure.json`` (see ``lightning_prune.app.sweep.summarize_sweep``) and prints the table.
 Exits with status 2, naming the directory and what it should hold, when it holds no run results.
 """
 
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning_prune.sweep import SweepResultsError, results_table, summarize_sweep
+from lightning_prune.app.sweep import SweepResultsError, results_table, summarize_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lightning_prune.config import ConfigError
-from lightning_prune.train import resolve_output_dir, task_overrides, train
+from lightning_prune.app.config import ConfigError
+from lightning_prune.app.train import resolve_output_dir, task_overrides, train
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudeImportance, PruningCallback
-from lightning_prune.distributed import rank_digest
+from lightning_prune.masks.distributed import rank_digest
 
 
 class Net(pl.LightningModule):

@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_prune.checkpointing as checkpointing
+import lightning_prune.callbacks.checkpointing as checkpointing
 from lightning_prune import PruningCallback
-from lightning_prune.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
+from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
 from lightning_prune.data import EpochShuffleSampler
 
 MAX_EPOCHS = 7

@@ -15,9 +15,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prune.activations import ActivationImportance, ActivationStatistics, APoZImportance
-from lightning_prune.masking import MaskSet, prunable_parameters
-from lightning_prune.structured import ChannelMaskSet, ChannelStructure
+from lightning_prune.criteria.activation import ActivationImportance, ActivationStatistics, APoZImportance
+from lightning_prune.masks.channels import ChannelMaskSet
+from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.params import prunable_parameters
+from lightning_prune.structures.channel import ChannelStructure
 
 
 @pytest.fixture(autouse=True)

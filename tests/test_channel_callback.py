@@ -14,10 +14,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import CubicSchedule, PruningCallback
+from lightning_prune.criteria.base import Importance
 from lightning_prune.data import DigitsDataModule, EpochShuffleSampler
-from lightning_prune.importance import Importance
+from lightning_prune.deploy.compact import load_compact
+from lightning_prune.masks.channels import ChannelMaskSet
 from lightning_prune.models import ImageClassifier, SmallCNN
-from lightning_prune.structured import ChannelMaskSet, ChannelStructure, load_compact
+from lightning_prune.structures.channel import ChannelStructure
 
 
 @pytest.fixture(autouse=True)
@@ -404,8 +406,8 @@ def test_example_inputs_of_the_wrong_shape_fail_at_train_start(tmp_path):
     ("kwargs", "match"),
     [
         ({"structure": "channel", "importance": HalfScore()}, r"supports importance 'l1', 'l2' or 'magnitude'"),
-        ({"round_to": 8}, r"`round_to` apply to structure='channel' only, got structure='unstructured'"),
-        ({"max_layer_sparsity": 0.5}, r"`max_layer_sparsity` apply to structure='channel' only"),
+        ({"round_to": 8}, r"`round_to` applies to structure='channel' only, got structure='unstructured'"),
+        ({"max_layer_sparsity": 0.5}, r"`max_layer_sparsity` applies to structure='channel' only"),
         ({"compact": True}, r"`compact=True` removes pruned channels and needs structure='channel'"),
         ({"structure": "channel", "round_to": 0}, r"`round_to` must be a positive integer, got 0"),
         ({"structure": "channel", "max_layer_sparsity": 1.0}, r"`max_layer_sparsity` must be a number in \[0, 1\)"),

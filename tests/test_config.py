@@ -19,19 +19,22 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import lightning_prune.train as train_module
+import lightning_prune.app.train as train_module
 from lightning_prune import DistillationCallback, PruningCallback
-from lightning_prune.config import ConfigError, TrainerConfig, channel_importances, validate
-from lightning_prune.importance import IMPORTANCES, Importance, LpNormImportance
-from lightning_prune.schedules import SCHEDULES, IterativeSchedule
-from lightning_prune.structured import ChannelStructure
-from lightning_prune.train import (
+from lightning_prune.app.config import ConfigError, TrainerConfig
+from lightning_prune.app.train import (
     instantiate_distillation,
     instantiate_logger,
     instantiate_module,
     instantiate_pruning,
     train,
 )
+from lightning_prune.app.validation import channel_importances, validate
+from lightning_prune.criteria import IMPORTANCES
+from lightning_prune.criteria.base import Importance
+from lightning_prune.criteria.magnitude import LpNormImportance
+from lightning_prune.schedules import SCHEDULES, IterativeSchedule
+from lightning_prune.structures.channel import ChannelStructure
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -18,8 +18,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import lightning_prune.train as train_module
-from lightning_prune.config import (
+import lightning_prune.app.train as train_module
+from lightning_prune.app.config import (
     AllocationConfig,
     CSVLoggerConfig,
     DistillationConfig,

@@ -19,7 +19,8 @@ from lightning_prune import (
     TaylorImportance,
 )
 from lightning_prune.data import EpochShuffleSampler
-from lightning_prune.patterns import BlockStructure, NMStructure
+from lightning_prune.structures.block import BlockStructure
+from lightning_prune.structures.nm import NMStructure
 
 
 class Net(pl.LightningModule):
@@ -218,10 +219,12 @@ def test_set_targets_replaces_the_sparsity_before_the_first_step_only(tmp_path):
         pruning.set_targets({"head.weight": 0.1})
 
 
-def test_sensitivity_callback_hands_its_allocation_to_a_real_pruning_callback(tmp_path):
+@pytest.mark.parametrize("sensitivity_first", [True, False])
+def test_sensitivity_callback_hands_its_allocation_to_a_real_pruning_callback(tmp_path, sensitivity_first):
     pruning = PruningCallback(sparsity=0.7, schedule="one_shot", start_epoch=2)
-    sensitivity = SensitivityCallback(ratios=[0.3, 0.6, 0.9])
-    fit(tmp_path, [sensitivity, pruning, MaskInvariantChecker()], max_epochs=3, val=True)
+    sensitivity = SensitivityCallback(ratios=[0.3, 0.6, 0.9], pruning=pruning)
+    callbacks = [sensitivity, pruning] if sensitivity_first else [pruning, sensitivity]  # the order does not matter
+    fit(tmp_path, [*callbacks, MaskInvariantChecker()], max_epochs=3, val=True)
     assert sensitivity.targets and pruning.layer_targets == sensitivity.targets
     layers = pruning.layer_sparsity()
     for name, target in sensitivity.targets.items():
@@ -338,5 +341,5 @@ def test_a_layer_pruned_entirely_is_named_in_a_warning(tmp_path):
                 pl_module.head.weight.mul_(1e-6)
 
     pruning = PruningCallback(sparsity=0.2, schedule="one_shot", start_epoch=0)
-    with pytest.warns(UserWarning, match=r"every weight of \['head.weight'\] is pruned"):
+    with pytest.warns(UserWarning, match=r"Every weight of \[.head.weight.\] is pruned"):
         fit(tmp_path, [Tiny(), pruning], max_epochs=1)

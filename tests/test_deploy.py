@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.deploy import deployable
+from lightning_prune.deploy.fold import deployable
 from lightning_prune.models import VGG, SmallCNN, resnet20, torchvision_model
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

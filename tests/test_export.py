@@ -13,15 +13,23 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lightning_prune import MaskSet, PruningCallback, prunable_parameters
-from lightning_prune.config import ConfigError, validate
+from lightning_prune.app.config import ConfigError
+from lightning_prune.app.validation import validate
+from lightning_prune.criteria.magnitude import MagnitudeImportance
 from lightning_prune.data import DigitsDataModule
-from lightning_prune.export import ExportError, export_onnx, export_program, inference_model, onnx_files, onnx_runner
-from lightning_prune.export_report import FILE_NAMES, ExportReport, export_model, run_export
-from lightning_prune.importance import MagnitudeImportance
+from lightning_prune.deploy.archive import load_sparse
+from lightning_prune.deploy.export import (
+    ExportError,
+    export_onnx,
+    export_program,
+    inference_model,
+    onnx_files,
+    onnx_runner,
+)
+from lightning_prune.deploy.report import FILE_NAMES, ExportReport, export_model, run_export
 from lightning_prune.models import MLP, ImageClassifier, SmallCNN, resnet20
-from lightning_prune.sparse_archive import load_sparse
-from lightning_prune.structured import prune_channels_
-from lightning_prune.structures import Unstructured
+from lightning_prune.structures.channel import prune_channels_
+from lightning_prune.structures.unstructured import Unstructured
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -302,7 +310,7 @@ def test_report_table_lists_latencies():
 
 # ---------------------------------------------------------------------------------------------- Hydra and the CLI
 def _compose(overrides):
-    import lightning_prune.train  # noqa: F401  (registers the schemas)
+    import lightning_prune.app.train  # noqa: F401  (registers the schemas)
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -335,7 +343,7 @@ FAST = [
 
 @pytest.mark.slow
 def test_train_exports_when_the_group_asks_and_the_cli_reexports(tmp_path, capsys):
-    from lightning_prune.train import train
+    from lightning_prune.app.train import train
 
     cfg = _compose([*FAST, "export=all", "export.repeats=2", "export.blocks=1", f"output_dir={tmp_path}"])
     train(cfg)

@@ -166,7 +166,7 @@ def test_resume_applies_the_drop_exactly_once(tmp_path, scheduler, stop_after):
         assert rates == [pytest.approx(v, rel=1e-6) for v in expected[epoch]], epoch
 
 
-@pytest.mark.parametrize("scale", [0, -0.1, True, "0.1", float("nan")])
+@pytest.mark.parametrize("scale", [0, -0.1, True, "0.1", float("nan"), float("inf")])
 def test_bad_scale_fails_at_construction(scale):
-    with pytest.raises(MisconfigurationException, match=r"`finetune_lr_scale` must be a number > 0 .* got "):
+    with pytest.raises(MisconfigurationException, match=r"`finetune_lr_scale` must be a finite number > 0 .* got "):
         PruningCallback(sparsity=0.5, finetune_lr_scale=scale)

@@ -12,20 +12,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_prune import PruningCallback
-from lightning_prune.activations import ActivationImportance, APoZImportance
-from lightning_prune.config import channel_importances
-from lightning_prune.gradients import FisherImportance, GradientImportance, TaylorImportance
-from lightning_prune.importance import (
-    IMPORTANCES,
-    Importance,
-    LpNormImportance,
-    MagnitudeImportance,
-    StatisticsImportance,
-    build_importance,
-)
-from lightning_prune.masking import MaskSet, prunable_parameters
-from lightning_prune.structured import ChannelMaskSet, ChannelStructure
-from lightning_prune.structures import Unstructured
+from lightning_prune.app.validation import channel_importances
+from lightning_prune.criteria import IMPORTANCES, build_importance
+from lightning_prune.criteria.activation import ActivationImportance, APoZImportance
+from lightning_prune.criteria.base import Importance, StatisticsImportance
+from lightning_prune.criteria.gradient import FisherImportance, GradientImportance, TaylorImportance
+from lightning_prune.criteria.magnitude import LpNormImportance, MagnitudeImportance
+from lightning_prune.masks.channels import ChannelMaskSet
+from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.params import prunable_parameters
+from lightning_prune.structures.channel import ChannelStructure
+from lightning_prune.structures.unstructured import Unstructured
 
 Contribution = Callable[[Tensor, Tensor], Tensor]
 

@@ -103,9 +103,22 @@ def test_each_broken_promise_is_caught(how, match):
         fit([pruning, Sabotage(how), MaskInvariantChecker()])
 
 
-def test_the_checker_must_come_after_the_pruning_callback():
-    with pytest.raises(MisconfigurationException, match="must come after the PruningCallback"):
-        fit([MaskInvariantChecker(), PruningCallback(sparsity=0.5)])
+@pytest.mark.parametrize("checker_first", [True, False])
+def test_the_checker_sees_every_pruning_step_wherever_it_is_in_the_list(checker_first):
+    pruning = PruningCallback(sparsity=0.7, schedule="linear", start_epoch=0, end_epoch=2)
+    checker = MaskInvariantChecker(pruning=pruning)
+    fit([checker, pruning] if checker_first else [pruning, checker])
+    assert checker.checks == 4 + 4 * 4  # one right after each epoch's pruning step and one per batch
+
+
+def test_the_checker_is_told_which_pruning_callback_to_check():
+    first, second = PruningCallback(sparsity=0.5), PruningCallback(sparsity=0.5, scope="layer")
+    with pytest.raises(MisconfigurationException, match=r"found 2: pass the one to use as `pruning=`"):
+        fit([MaskInvariantChecker(), first, second], max_epochs=1)
+    with pytest.raises(MisconfigurationException, match=r"its `pruning` callback is not among the Trainer's"):
+        fit([MaskInvariantChecker(pruning=first)], max_epochs=1)
+    with pytest.raises(TypeError, match=r"`pruning` must be a PruningCallback, got str"):
+        MaskInvariantChecker(pruning="magnitude")  # type: ignore[arg-type]
 
 
 def test_bad_arguments():
@@ -118,7 +131,7 @@ def test_bad_arguments():
 def test_the_main_job_with_the_invariants_callbacks_group(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from lightning_prune.train import train
+    from lightning_prune.app.train import train
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     overrides = ["callbacks=invariants", "trainer.max_epochs=3", "pruning.start_epoch=0", "pruning.end_epoch=1"]

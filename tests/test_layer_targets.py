@@ -7,10 +7,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_prune.importance import MagnitudeImportance
-from lightning_prune.patterns import BlockStructure, NMStructure
-from lightning_prune.structured import ChannelStructure
-from lightning_prune.structures import Unstructured, layer_targets, resolve_layer_targets
+from lightning_prune.criteria.magnitude import MagnitudeImportance
+from lightning_prune.structures.base import layer_targets, resolve_layer_targets
+from lightning_prune.structures.block import BlockStructure
+from lightning_prune.structures.channel import ChannelStructure
+from lightning_prune.structures.nm import NMStructure
+from lightning_prune.structures.unstructured import Unstructured
 
 MAG = MagnitudeImportance()
 NAMES = ["features.0.weight", "features.3.weight", "body.0.weight", "head.weight"]
@@ -91,8 +93,16 @@ def test_layer_targets_checks_the_value_and_the_scope():
         layer_targets(NAMES, {"head": 0.5}, "global")
     with pytest.raises(ValueError, match="Unknown scope 'local'"):
         layer_targets(NAMES, {"head": 0.5}, "local")
-    with pytest.raises(TypeError, match=r"`sparsity` must be a number in \[0, 1\) or a mapping .*got list \[0.5\]"):
+    # A sequence gives one target per layer, in order (what a Pruner passes after matching the patterns once).
+    assert layer_targets(NAMES, [0.1, 0.2, 0.3, 0.4], "layer") == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match=r"Got 1 per-layer targets for 4 layers .*give one per layer"):
         layer_targets(NAMES, [0.5], "layer")
+    with pytest.raises(ValueError, match=r"`sparsity\['head.weight'\]` must be a number in \[0, 1\), got 1.5"):
+        layer_targets(NAMES, [0.1, 0.2, 0.3, 1.5], "layer")
+    with pytest.raises(ValueError, match=r"contradicts scope='global'"):
+        layer_targets(NAMES, [0.1, 0.2, 0.3, 0.4], "global")
+    with pytest.raises(TypeError, match=r"`sparsity` must be a number in \[0, 1\) or a mapping .*got str '0.5'"):
+        layer_targets(NAMES, "0.5", "layer")
     with pytest.raises(ValueError, match=r"`sparsity` must be a number in \[0, 1\), got 1.0"):
         layer_targets(NAMES, 1.0, "layer")
 

@@ -2,9 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.importance import Importance, MagnitudeImportance, build_importance
-from lightning_prune.masking import MaskSet, prunable_parameters
-from lightning_prune.structures import Unstructured, build_structure
+from lightning_prune.criteria import build_importance
+from lightning_prune.criteria.base import Importance
+from lightning_prune.criteria.magnitude import MagnitudeImportance
+from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.params import prunable_parameters
+from lightning_prune.structures import build_structure
+from lightning_prune.structures.unstructured import Unstructured
 
 
 def make_net(seed: int = 0) -> nn.Module:

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
+from lightning_prune.app.train import instantiate_module
 from lightning_prune.data.fakes import write_fake_cifar10, write_fake_mnist
 from lightning_prune.models import (
     TORCHVISION_MODELS,
@@ -23,7 +24,6 @@ from lightning_prune.models import (
     vgg11,
     vgg16,
 )
-from lightning_prune.train import instantiate_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]

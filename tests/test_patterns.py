@@ -17,11 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruningCallback
+from lightning_prune.criteria import IMPORTANCES
+from lightning_prune.criteria.base import Importance
+from lightning_prune.criteria.magnitude import LpNormImportance, MagnitudeImportance
 from lightning_prune.data import EpochShuffleSampler
-from lightning_prune.importance import IMPORTANCES, Importance, LpNormImportance, MagnitudeImportance
-from lightning_prune.masking import MaskSet
-from lightning_prune.patterns import BlockStructure, NMStructure
-from lightning_prune.structures import Unstructured, build_structure
+from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.structures import build_structure
+from lightning_prune.structures.block import BlockStructure
+from lightning_prune.structures.nm import NMStructure
+from lightning_prune.structures.unstructured import Unstructured
 
 MAG = MagnitudeImportance()
 

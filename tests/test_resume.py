@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import ChannelStructure, CubicSchedule, LinearSchedule, PruningCallback
-from lightning_prune.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint, atomic_save
+from lightning_prune._files import atomic_save
+from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
 from lightning_prune.data import EpochShuffleSampler
 
 JOB = Path(__file__).with_name("_resume_job.py")
@@ -175,7 +176,7 @@ def fit(root: Path, callbacks, max_epochs: int, model: Net, ckpt_path=None, **kw
 
 
 def test_trainer_writes_its_checkpoints_through_the_atomic_writer(tmp_path, monkeypatch):
-    import lightning_prune.checkpointing as checkpointing
+    import lightning_prune.callbacks.checkpointing as checkpointing
 
     written = []
 
@@ -318,7 +319,7 @@ MAIN_JOB = [
 def train_main_job(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from lightning_prune.train import train
+    from lightning_prune.app.train import train
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         train(compose(config_name="config", overrides=[*MAIN_JOB, *overrides]))
@@ -344,7 +345,7 @@ def test_the_main_job_stopped_and_resumed_with_ckpt_path_last_ends_as_an_uninter
 def test_ckpt_path_last_without_a_checkpoint_starts_afresh_and_a_missing_file_is_an_error(tmp_path):
     from omegaconf import OmegaConf
 
-    from lightning_prune.train import resume_path
+    from lightning_prune.app.train import resume_path
 
     assert resume_path(OmegaConf.create({"ckpt_path": "last"}), tmp_path) is None
     (tmp_path / "checkpoints").mkdir()

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
 
-import lightning_prune.train  # noqa: F401  (registers the schemas the configs extend)
+import lightning_prune.app.train  # noqa: F401  (registers the schemas the configs extend)
 from hydra_plugins.lightning_prune_searchpath import LightningPruneSearchPathPlugin, config_source
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_prune.selection import prune_lowest_
+from lightning_prune.masks.selection import prune_lowest_
 
 
 def reference(scores, keep, k):

@@ -1,4 +1,4 @@
-"""Sparse archives: bitwise round trips, sizes, and refusals (lightning_prune.sparse_archive)."""
+"""Sparse archives: bitwise round trips, sizes, and refusals (lightning_prune.deploy.archive)."""
 
 import copy
 
@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from lightning_prune import MaskSet, PruningCallback, prunable_parameters
-from lightning_prune.importance import MagnitudeImportance
-from lightning_prune.models import MLP, SmallCNN, resnet20
-from lightning_prune.sparse_archive import (
+from lightning_prune.criteria.magnitude import MagnitudeImportance
+from lightning_prune.deploy.archive import (
     SPARSE_FORMAT,
     check_masks_applied,
     load_sparse,
@@ -17,8 +16,9 @@ from lightning_prune.sparse_archive import (
     save_sparse,
     sparse_archive,
 )
-from lightning_prune.structured import prune_channels_
-from lightning_prune.structures import Unstructured
+from lightning_prune.models import MLP, SmallCNN, resnet20
+from lightning_prune.structures.channel import prune_channels_
+from lightning_prune.structures.unstructured import Unstructured
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

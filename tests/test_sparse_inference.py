@@ -7,15 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_prune.deploy.kernels import measure_kernels, sparse_inference
+from lightning_prune.deploy.sparse_layers import SPARSE_KERNELS, SparseConv2d, SparseLinear, to_sparse_layer
 from lightning_prune.models import MLP, resnet20
-from lightning_prune.sparse_inference import (
-    SPARSE_KERNELS,
-    SparseConv2d,
-    SparseLinear,
-    measure_kernels,
-    sparse_inference,
-    to_sparse_layer,
-)
 
 
 def _sparsify_(module: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:

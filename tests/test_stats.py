@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.models import SmallCNN
-from lightning_prune.stats import (
+from lightning_prune.deploy.profile import (
     MacCount,
     ModelProfile,
     compare_profiles,
@@ -13,6 +12,7 @@ from lightning_prune.stats import (
     measure_latency,
     profile_model,
 )
+from lightning_prune.models import SmallCNN
 
 
 def test_conv_macs_are_weights_times_output_positions():

@@ -9,19 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prune.importance import Importance, LpNormImportance
-from lightning_prune.masking import MaskSet
+from lightning_prune.criteria.base import Importance
+from lightning_prune.criteria.magnitude import LpNormImportance
+from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
+from lightning_prune.masks.channels import ChannelMaskSet
+from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.models import MLP, VGG, SmallCNN, resnet20, resnet56, torchvision_model
-from lightning_prune.structured import (
-    ChannelMaskSet,
-    ChannelStructure,
-    channel_groups,
-    compact,
-    compact_state,
-    load_compact,
-    prune_channels_,
-    save_compact,
-)
+from lightning_prune.structures.channel import ChannelStructure, prune_channels_
+from lightning_prune.structures.tracing import channel_groups
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_prune.sweep import (
+from lightning_prune.app.sweep import (
     RESULT_COLUMNS,
     RunResult,
     SweepResultsError,

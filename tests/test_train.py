@@ -12,10 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from lightning_prune.data import DigitsDataModule
-from lightning_prune.models import ImageClassifier, SmallCNN
-from lightning_prune.structured import load_compact
-from lightning_prune.train import (
+from lightning_prune.app.train import (
     AccuracyAtEpochStart,
     compaction_metrics,
     evaluate_accuracy,
@@ -24,6 +21,9 @@ from lightning_prune.train import (
     sparsity_unit,
     train,
 )
+from lightning_prune.data import DigitsDataModule
+from lightning_prune.deploy.compact import load_compact
+from lightning_prune.models import ImageClassifier, SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

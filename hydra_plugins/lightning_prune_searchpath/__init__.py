@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from lightning_prune.config import register_configs
+from lightning_prune.app.config import register_configs
 
 PROVIDER = "lightning_prune"
 

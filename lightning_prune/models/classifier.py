@@ -12,8 +12,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_prune.distillation import DistillationMixin
-from lightning_prune.regularization import L1RegularizationMixin, RegularizationKind
+from lightning_prune.training.distillation import DistillationMixin
+from lightning_prune.training.regularization import L1RegularizationMixin, RegularizationKind
 
 __all__ = ["ImageClassifier"]
 
@@ -32,9 +32,9 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
     ``lr_milestones`` multiplies the learning rate by ``lr_gamma`` at each listed epoch
     (``torch.optim.lr_scheduler.MultiStepLR``), e.g. to fine-tune at a lower rate once pruning ends.
 
-    It includes :class:`~lightning_prune.regularization.L1RegularizationMixin` (off until ``reg_lambda`` > 0) and
-    :class:`~lightning_prune.distillation.DistillationMixin` (active while a
-    :class:`~lightning_prune.distillation.DistillationCallback` has set a teacher). ``train/loss`` logs the
+    It includes :class:`~lightning_prune.training.regularization.L1RegularizationMixin` (off until ``reg_lambda`` > 0) and
+    :class:`~lightning_prune.training.distillation.DistillationMixin` (active while a
+    :class:`~lightning_prune.callbacks.distillation.DistillationCallback` has set a teacher). ``train/loss`` logs the
     cross-entropy alone; the training loss adds ``reg/<kind>`` and blends in ``distill/kd``.
 
     Args:
@@ -48,7 +48,7 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
             constant rate.
         lr_gamma: Factor applied at each milestone.
         reg_kind: The penalty: ``"l1"``, ``"group_lasso"`` or ``"bn_slimming"`` (see
-            :class:`~lightning_prune.regularization.L1RegularizationMixin`); ``None`` (the default) is ``"l1"``,
+            :class:`~lightning_prune.training.regularization.L1RegularizationMixin`); ``None`` (the default) is ``"l1"``,
             or the kind of a sibling mixin a subclass adds (``class Net(GroupLassoMixin, ImageClassifier)``).
         reg_lambda: Its weight λ; 0 (the default) trains without a penalty.
         reg_ignore: Module-name patterns left unpenalised, e.g. ``["head"]``.

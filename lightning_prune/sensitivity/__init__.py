@@ -9,11 +9,11 @@ Networks"), Li et al. (2017, "Pruning Filters for Efficient ConvNets") and Disti
 (Zmora et al., 2019). The mapping's keys are the exact layer names, so it plugs into
 ``PruningCallback(sparsity=...)`` and ``Structure.prune_(..., sparsity=..., scope="layer")``.
 :meth:`SensitivityTable.predict` says what any mapping is predicted to give; :func:`write_report` writes
-the table as CSV and markdown, a plot, and the allocation as YAML; :class:`SensitivityCallback` runs it all
+the table as CSV and markdown, a plot, and the allocation as YAML; :class:`~lightning_prune.callbacks.SensitivityCallback` runs it all
 inside a ``Trainer`` when pruning starts. ``scripts/sensitivity.py`` is the Hydra job
-(:func:`lightning_prune.sensitivity.job.run_sensitivity`).
+(:func:`lightning_prune.app.sensitivity.run_sensitivity`).
 
-Modules: ``table`` (the result types), ``analysis``, ``allocation``, ``report`` (files), ``callback``, ``job``.
+Modules: ``table`` (the result types), ``analysis``, ``allocation``, ``report`` (files).
 
 Example:
     >>> import torch
@@ -31,7 +31,6 @@ Example:
 
 from lightning_prune.sensitivity.allocation import allocate, check_constraints
 from lightning_prune.sensitivity.analysis import DEFAULT_RATIOS, analyze, check_ratios
-from lightning_prune.sensitivity.callback import SensitivityCallback
 from lightning_prune.sensitivity.report import (
     plot_sensitivity,
     sensitivity_markdown,
@@ -52,7 +51,6 @@ __all__ = [
     "LayerSensitivity",
     "MacTerm",
     "Prediction",
-    "SensitivityCallback",
     "SensitivityPoint",
     "SensitivityTable",
     "allocate",

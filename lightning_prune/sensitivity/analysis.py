@@ -21,11 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.importance import Importance, build_importance
-from lightning_prune.masking import MaskSet
+from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune.criteria import build_importance
+from lightning_prune.criteria.base import Importance
+from lightning_prune.masks.channels import ChannelMaskSet
+from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.sensitivity.table import LayerSensitivity, MacTerm, SensitivityPoint, SensitivityTable
-from lightning_prune.structured import ChannelMaskSet
-from lightning_prune.structures import Structure, build_structure
+from lightning_prune.structures import build_structure
+from lightning_prune.structures.base import Structure
 
 __all__ = ["DEFAULT_RATIOS", "analyze", "check_ratios"]
 
@@ -35,7 +38,7 @@ DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 Batches = Iterable[Any]  # yields (inputs, labels) batches, e.g. a DataLoader
 Evaluate = Callable[[nn.Module], float]
 
-# Module types whose MACs are counted, as lightning_prune.stats.count_macs counts them.
+# Module types whose MACs are counted, as lightning_prune.deploy.profile.count_macs counts them.
 _MAC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -99,9 +102,9 @@ def analyze(
         evaluate: Instead of accuracy, any ``evaluate(model) -> float`` where higher is better; for a loss,
             return its negative (``lambda m: -val_loss(m)``): a drop is then a rise of the loss.
         ratios: The fractions of each layer to prune, in [0, 1).
-        structure: ``"unstructured"``, ``"channel"`` or a :class:`~lightning_prune.structures.Structure`.
+        structure: ``"unstructured"``, ``"channel"`` or a :class:`~lightning_prune.structures.base.Structure`.
         importance: The criterion, as for ``PruningCallback``: a name or an
-            :class:`~lightning_prune.importance.Importance` (one that needs statistics must have collected
+            :class:`~lightning_prune.criteria.base.Importance` (one that needs statistics must have collected
             them already).
         ignore: Module-name patterns left out of the analysis (as for ``PruningCallback(ignore=...)``).
         example_inputs: What the model's forward takes (a tensor, tuple or dict), to count MACs and, for
@@ -136,7 +139,7 @@ def analyze(
     mac_terms, layer_macs = _mac_terms(model, example_inputs, masks)
     evaluations = 0
     layers: list[LayerSensitivity] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         baseline = _evaluate(run, model, "the unpruned model")
         evaluations += 1
         for name, sub, size in units:
@@ -207,7 +210,7 @@ def _accuracy(model: nn.Module, data: Batches) -> float:
                 "other batch formats."
             )
         inputs, labels = batch[0], batch[1]
-        logits = _forward(model, _to(inputs, device))
+        logits = forward(model, _to(inputs, device))
         if not isinstance(logits, Tensor) or logits.dim() < 2:
             raise ValueError(
                 "The default metric needs the model to return logits of shape (batch, classes); pass `evaluate` "
@@ -322,8 +325,8 @@ def _weight_uses(model: nn.Module, example_inputs: Any) -> dict[str, tuple[Tenso
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _MAC_TYPES)]
     try:
-        with _eval_mode(model), torch.no_grad():
-            _forward(model, _to(example_inputs, _device(model)))
+        with eval_mode(model), torch.no_grad():
+            forward(model, _to(example_inputs, _device(model)))
     except Exception as err:
         raise ValueError(
             f"{type(model).__name__} cannot run on the `example_inputs` to count MACs: {type(err).__name__}: {err}"
@@ -335,31 +338,13 @@ def _weight_uses(model: nn.Module, example_inputs: Any) -> dict[str, tuple[Tenso
 
 
 def _batch_size(example_inputs: Any) -> int:
-    tensors = _tensors(example_inputs)
+    tensors = output_tensors(example_inputs)
     if not tensors or tensors[0].dim() < 1 or tensors[0].shape[0] < 1:
         raise ValueError(
             "`example_inputs` must be a batch (a tensor, or a tuple or dict holding tensors) with at least one "
             f"sample, got {type(example_inputs).__name__}."
         )
     return int(tensors[0].shape[0])
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -374,15 +359,3 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; each module's own mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode

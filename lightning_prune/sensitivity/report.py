@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
+from lightning_prune.app.sweep import markdown_table
 from lightning_prune.sensitivity.table import SensitivityTable
-from lightning_prune.sweep import markdown_table
 
 __all__ = [
     "ALLOCATION_FILE",

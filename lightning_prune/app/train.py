@@ -1,0 +1,518 @@
+"""The importable training entry point: ``train(cfg)`` builds every object from a Hydra config and runs it.
+
+``scripts/train.py`` wraps :func:`train` with ``@hydra.main``; tests and sweeps call it with a config from
+``hydra.compose``. One run trains the model densely, prunes it as the ``pruning`` group says, fine-tunes it,
+tests it, prints a short summary and writes ``metrics.json`` to the run directory.
+
+Importing this module registers the config schemas (:func:`lightning_prune.app.config.register_configs`) that the
+files in ``conf/`` extend, so ``hydra.compose`` on ``conf/`` works after ``import lightning_prune.app.train``
+whether or not Hydra found the ``lightning_prune_searchpath`` plugin (editable installs hide it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from torch import nn
+from typing_extensions import override
+
+from lightning_prune.app.config import register_configs
+from lightning_prune.app.sweep import search_objective
+from lightning_prune.app.validation import validate
+from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
+from lightning_prune.deploy.profile import count_macs
+from lightning_prune.deploy.report import run_export
+from lightning_prune.masks.params import PRUNABLE_TYPES
+
+register_configs()
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """The directory a run writes to, created if needed.
+
+    ``cfg.output_dir`` when set; otherwise Hydra's run directory when running under ``@hydra.main``;
+    otherwise the current directory (e.g. a config from ``hydra.compose`` without ``output_dir``).
+
+    Args:
+        cfg: The composed run config.
+
+    Returns:
+        The output directory.
+
+    Example:
+        >>> resolve_output_dir(OmegaConf.create({"output_dir": None})) == Path.cwd()
+        True
+    """
+    output_dir = cfg.get("output_dir")
+    if not output_dir and HydraConfig.initialized():
+        # A config from compose(return_hydra_config=True) has no run directory: MissingMandatoryValue.
+        with contextlib.suppress(MissingMandatoryValue):
+            output_dir = HydraConfig.get().runtime.output_dir
+    path = Path(output_dir) if output_dir else Path.cwd()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 accuracy of ``model`` on ``loader``, in eval mode and without autograd.
+
+    The model's training mode is restored afterwards; no random state is consumed.
+
+    Args:
+        model: Maps a batch of inputs to logits.
+        loader: Yields ``(inputs, labels)`` batches.
+
+    Returns:
+        The fraction of correctly classified samples.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> evaluate_accuracy(net, [(torch.eye(2), net(torch.eye(2)).argmax(1))])
+        1.0
+    """
+    was_training = model.training
+    device = next(model.parameters()).device
+    correct = total = 0
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for x, y in loader:
+                predictions = model(x.to(device)).argmax(dim=1)
+                correct += int((predictions == y.to(device)).sum())
+                total += y.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("`loader` yielded no samples.")
+    return correct / total
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros among the weights of ``model``'s Linear and Conv layers.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> _ = nn.init.zeros_(net.weight)
+        >>> weight_sparsity(net)
+        1.0
+    """
+    weights: list[torch.Tensor] = [
+        cast(torch.Tensor, m.weight) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
+    ]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / max(1, sum(w.numel() for w in weights))
+
+
+class AccuracyAtEpochStart(L.Callback):
+    """Measures test accuracy at the start of training epoch ``epoch``, e.g. just before pruning starts.
+
+    Place it before the pruning callback in ``Trainer(callbacks=...)``: callbacks run in list order, so
+    it sees the model as the previous epochs left it. The test loader comes from the trainer's
+    datamodule; the result is in :attr:`accuracy` and logged as ``dense/test_acc``.
+
+    Args:
+        epoch: The epoch at whose start the model is evaluated.
+
+    Example:
+        >>> callback = AccuracyAtEpochStart(epoch=10)
+        >>> callback.accuracy is None
+        True
+    """
+
+    def __init__(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"`epoch` must be an integer >= 0, got {epoch!r}.")
+        self.epoch = epoch
+        self.accuracy: float | None = None
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer.current_epoch != self.epoch or datamodule is None:
+            return
+        self.accuracy = evaluate_accuracy(pl_module, datamodule.test_dataloader())
+        pl_module.log("dense/test_acc", self.accuracy, on_step=False, on_epoch=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy}  # a run resumed after `epoch` still reports the dense accuracy
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracy = state_dict.get("accuracy", self.accuracy)
+
+
+def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from: ``cfg.ckpt_path`` (a path, or ``last``), or None for a fresh run.
+
+    ``last`` is the run directory's ``checkpoints/last.ckpt``; when it does not exist yet (the run was stopped
+    before its first epoch ended), the run starts afresh, so the same command both starts and resumes a run.
+
+    Raises:
+        FileNotFoundError: ``cfg.ckpt_path`` names a file that does not exist.
+
+    Example:
+        >>> resume_path(OmegaConf.create({"ckpt_path": None}), Path("run")) is None
+        True
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no such checkpoint. Give the path of a .ckpt file, or `ckpt_path=last` with "
+            "`output_dir` set to the run directory to resume (its checkpoints/last.ckpt)."
+        )
+    return str(ckpt_path)
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of the current Hydra job (empty outside Hydra), e.g. ``["seed=1"]``."""
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def regularization_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """The module arguments of the ``regularization`` group (empty for ``regularization=none`` or none at all).
+
+    ``kind``, ``strength``, ``ignore``, ``warmup_epochs`` and ``stop_epoch`` become ``reg_kind``, ``reg_lambda``,
+    ``reg_ignore``, ``reg_warmup_epochs`` and ``reg_stop_epoch`` of
+    :class:`~lightning_prune.training.regularization.L1RegularizationMixin` (which ``ImageClassifier`` includes).
+
+    Example:
+        >>> regularization_arguments(OmegaConf.create({"regularization": {"kind": "l1", "strength": 1e-4}}))
+        {'reg_kind': 'l1', 'reg_lambda': 0.0001}
+    """
+    node = cfg.get("regularization")
+    if not node or "kind" not in node:
+        return {}
+    values = cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+    names = {"kind": "reg_kind", "strength": "reg_lambda", "ignore": "reg_ignore"}
+    names.update(warmup_epochs="reg_warmup_epochs", stop_epoch="reg_stop_epoch")
+    return {names[key]: value for key, value in values.items() if key in names}
+
+
+def instantiate_distillation(cfg: DictConfig) -> L.Callback | None:
+    """The distillation callback ``cfg.distillation``, or None when it is absent or has no ``_target_``.
+
+    Example:
+        >>> instantiate_distillation(OmegaConf.create({"distillation": {}})) is None
+        True
+    """
+    node = cfg.get("distillation")
+    if not node or "_target_" not in node:
+        return None
+    return instantiate(node, _convert_="all")
+
+
+def instantiate_module(cfg: DictConfig) -> L.LightningModule:
+    """The LightningModule ``cfg.module`` wrapping the network ``cfg.model``, with ``cfg.optimizer``'s args
+    and the ``regularization`` group's (:func:`regularization_arguments`).
+
+    Example:
+        >>> cfg = OmegaConf.create({
+        ...     "model": {"_target_": "lightning_prune.models.MLP", "hidden": [16]},
+        ...     "module": {"_target_": "lightning_prune.models.ImageClassifier"},
+        ...     "optimizer": {"optimizer": "adam", "lr": 1e-3},
+        ... })
+        >>> type(instantiate_module(cfg).model).__name__
+        'MLP'
+    """
+    net = instantiate(cfg.model, _convert_="all")
+    optimizer_args = cast(dict[str, Any], OmegaConf.to_container(cfg.optimizer, resolve=True))
+    return instantiate(cfg.module, model=net, **optimizer_args, **regularization_arguments(cfg), _convert_="all")
+
+
+def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
+    """The pruning callback ``cfg.pruning``, or None when it is absent or has no ``_target_``.
+
+    Example:
+        >>> instantiate_pruning(OmegaConf.create({"pruning": {}})) is None
+        True
+    """
+    pruning_cfg = cfg.get("pruning")
+    if not pruning_cfg or "_target_" not in pruning_cfg:
+        return None
+    return instantiate(pruning_cfg, _convert_="all")
+
+
+def instantiate_allocation(cfg: DictConfig, output_dir: Path) -> L.Callback | None:
+    """The ``allocation`` group's callback (``allocation=sensitivity``: a
+    :class:`~lightning_prune.callbacks.sensitivity.SensitivityCallback` writing its report to ``output_dir/sensitivity``), or
+    None for ``allocation=none``.
+
+    Example:
+        >>> instantiate_allocation(OmegaConf.create({"allocation": {}}), Path("run")) is None
+        True
+    """
+    node = cfg.get("allocation")
+    if not node or "_target_" not in node:
+        return None
+    return instantiate(node, output_dir=str(output_dir / "sensitivity"), _convert_="all")
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The extra callbacks of the ``callbacks`` group: one per entry with a ``_target_``, in the group's order.
+
+    Example:
+        >>> cfg = OmegaConf.create({"callbacks": {"checks": {"_target_": "lightning_prune.MaskInvariantChecker"}}})
+        >>> [type(c).__name__ for c in instantiate_callbacks(cfg)]
+        ['MaskInvariantChecker']
+    """
+    nodes = cfg.get("callbacks") or {}
+    return [instantiate(node, _convert_="all") for node in nodes.values() if node and "_target_" in node]
+
+
+def instantiate_logger(cfg: DictConfig, output_dir: Path) -> Any:
+    """The logger ``cfg.logger`` (CSV in ``output_dir`` when absent); ``save_dir: null`` means ``output_dir``.
+
+    Example:
+        >>> logger = instantiate_logger(OmegaConf.create({}), Path("runs"))
+        >>> type(logger).__name__, logger.name
+        ('CSVLogger', 'csv')
+    """
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg:
+        logger_cfg = OmegaConf.create({"_target_": "lightning.pytorch.loggers.CSVLogger", "name": "csv"})
+    if logger_cfg.get("save_dir"):
+        return instantiate(logger_cfg)
+    return instantiate(logger_cfg, save_dir=str(output_dir))
+
+
+def example_input(datamodule: Any) -> torch.Tensor:
+    """One sample shaped like the datamodule's inputs: zeros of ``datamodule.input_shape`` with a batch of one,
+    or the first test sample when the datamodule has no ``input_shape``.
+
+    Example:
+        >>> from lightning_prune.data import DigitsDataModule
+        >>> tuple(example_input(DigitsDataModule()).shape)
+        (1, 1, 8, 8)
+    """
+    shape = getattr(datamodule, "input_shape", None)
+    if shape is not None:
+        return torch.zeros(1, *shape)
+    inputs, _ = next(iter(datamodule.test_dataloader()))
+    return inputs[:1]
+
+
+def sparsity_unit(pruning: Any) -> Literal["weights", "channels", "blocks"]:
+    """What ``pruning``'s sparsity counts: ``"channels"`` for channel pruning, ``"blocks"`` for block pruning, else
+    ``"weights"``.
+
+    Example:
+        >>> from lightning_prune import PruningCallback
+        >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="channel")), sparsity_unit(None)
+        ('channels', 'weights')
+        >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="block"))
+        'blocks'
+    """
+    name = getattr(getattr(pruning, "structure", None), "name", None)
+    return "channels" if name == "channel" else "blocks" if name == "block" else "weights"
+
+
+def compaction_metrics(pruning: Any) -> dict[str, Any] | None:
+    """The pruning callback's compaction report for ``metrics.json``, or None when it did not compact.
+
+    The keys are the callback's ``compaction_report`` without the ``compact/`` prefix: ``<figure>_before``
+    (the masked model) and ``<figure>_after`` (the compact one) for each figure of
+    :meth:`lightning_prune.deploy.profile.ModelProfile.as_dict` (``params``, ``macs``, ``latency_b<batch>_ms`` when
+    latency was measured), plus ``path``, where the compact model was saved.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> callback = SimpleNamespace(
+        ...     compaction_report={"compact/params_before": 100, "compact/params_after": 40}, compact_path="c.pt"
+        ... )
+        >>> compaction_metrics(callback)
+        {'params_before': 100, 'params_after': 40, 'path': 'c.pt'}
+    """
+    report = getattr(pruning, "compaction_report", None)
+    if not report:
+        return None
+    figures: dict[str, Any] = {key.removeprefix("compact/"): value for key, value in report.items()}
+    path = getattr(pruning, "compact_path", None)
+    figures["path"] = None if path is None else str(path)
+    return figures
+
+
+def _compaction_lines(compaction: dict[str, Any]) -> list[str]:
+    """Summary lines: each figure of the masked and the compact model, and where the compact one is."""
+    lines = ["  compaction       masked -> compact model"]
+    names = [key.removesuffix("_before") for key in compaction if key.endswith("_before")]
+    for name in names:
+        before, after = compaction[name + "_before"], compaction.get(name + "_after")
+        if after is None or before == after == 0:  # not measured (e.g. MACs of a model with several inputs)
+            continue
+        ratio = f"{before / after:.2f}x" if after else "-"
+        if name.startswith("latency_"):
+            label = "latency " + name.removeprefix("latency_").removesuffix("_ms")
+            lines.append(f"    {label:<13}  {before:.2f} ms -> {after:.2f} ms  ({ratio} faster)")
+        else:
+            label = "MACs/sample" if name == "macs" else name
+            lines.append(f"    {label:<13}  {int(before):,} -> {int(after):,}  ({ratio} smaller)")
+    if "test_acc" in compaction:
+        lines.append(f"    {'test acc':<13}  {compaction['test_acc']:.4f}  (the compact model's own)")
+    lines.append(f"    {'saved to':<13}  {compaction['path']}  (lightning_prune.load_compact(model, path))")
+    return lines
+
+
+def train(cfg: DictConfig) -> float:
+    """Train, prune, fine-tune and test the model described by ``cfg``.
+
+    First checks ``cfg`` with :func:`lightning_prune.app.validation.validate` (a :class:`~lightning_prune.app.config.ConfigError`
+    names every out-of-range key before anything is built). Then builds the datamodule (``cfg.data``), network
+    (``cfg.model``), LightningModule (``cfg.module`` plus the ``cfg.optimizer`` and ``cfg.regularization``
+    arguments), pruning callback (``cfg.pruning``; absent or without ``_target_`` for none), distillation
+    callback (``cfg.distillation``, likewise), the ``allocation`` group's sensitivity analysis (placed before the
+    pruning callback), the ``callbacks`` group's extra callbacks, logger (``cfg.logger``) and trainer
+    (``cfg.trainer``) with ``hydra.utils.instantiate``. With checkpointing on, ``<run dir>/checkpoints/last.ckpt``
+    is written atomically (:class:`~lightning_prune.callbacks.checkpointing.AtomicCheckpointIO`) at every epoch's end with
+    every rank's random states (:class:`~lightning_prune.callbacks.checkpointing.RandomStateCheckpoint`), and
+    ``cfg.ckpt_path`` (a path, or ``last``: see :func:`resume_path`) resumes from it. Under DDP every rank trains
+    and tests; rank 0 alone reports. Test accuracy is measured before pruning starts (the
+    dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
+    the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
+    sample (:func:`lightning_prune.deploy.profile.count_macs`: ``macs`` counts nonzero weights, ``dense_macs`` all).
+    ``sparsity`` is the callback's achieved sparsity, a fraction of weights or, for channel pruning, of
+    channels, as ``sparsity_of`` says; ``weight_sparsity`` is the fraction of zeros among all Linear and Conv
+    weights. When the callback compacts (channel pruning), the compact model is saved as ``compact.pt`` in
+    the run directory unless ``pruning.compact_path`` says otherwise, and ``compact`` holds
+    :func:`compaction_metrics` plus the compact model's own test accuracy (``test_acc``); otherwise None.
+    When the ``export`` group asks for it (``export=all``), the pruned model is exported into the run directory
+    after testing (:func:`lightning_prune.deploy.report.run_export`) and ``export`` holds the report.
+
+    Args:
+        cfg: A config composed from this project's ``conf/``.
+
+    Returns:
+        The test accuracy of the final, pruned model: the metric a sweep optimises.
+
+    Raises:
+        ConfigError: when ``cfg`` asks for something impossible, e.g. ``pruning.sparsity=1.5``.
+
+    Example:
+        >>> from hydra import compose, initialize_config_dir
+        >>> with initialize_config_dir(config_dir="/abs/path/to/conf", version_base="1.3"):  # doctest: +SKIP
+        ...     cfg = compose("config", overrides=["trainer.max_epochs=3", "output_dir=/tmp/run"])
+        ...     accuracy = train(cfg)
+    """
+    validate(cfg)
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = resolve_output_dir(cfg)
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate_module(cfg)
+    net = cast(nn.Module, module.model)
+    pruning: Any = instantiate_pruning(cfg)
+    if getattr(pruning, "compact", False) and hasattr(pruning, "compact_path") and pruning.compact_path is None:
+        pruning.compact_path = output_dir / "compact.pt"  # the run directory, next to metrics.json
+    start_epoch = (cfg.pruning.get("start_epoch") or 0) if pruning else 0
+    dense_probe = AccuracyAtEpochStart(epoch=start_epoch)
+    # Callbacks run in list order: the probe sees the model before the pruning callback touches it, and the
+    # sensitivity analysis hands its per-layer targets over before the first pruning step.
+    allocation = instantiate_allocation(cfg, output_dir) if pruning else None
+    callbacks: list[L.Callback] = [dense_probe, *([allocation] if allocation else []), pruning] if pruning else []
+    distillation = instantiate_distillation(cfg)
+    if distillation is not None:
+        callbacks.append(distillation)
+    callbacks += instantiate_callbacks(cfg)
+
+    if cfg.trainer.get("enable_checkpointing") is not False:
+        # The random states make a resumed run repeat the uninterrupted one (dropout, augmentation); `last.ckpt`,
+        # written atomically at every epoch's end, is what `ckpt_path=last` resumes from.
+        callbacks += [
+            RandomStateCheckpoint(),
+            # One file, replaced at every epoch's end (ModelCheckpoint's `save_last` needs a second file to do so).
+            ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False),
+        ]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=instantiate_logger(cfg, output_dir),
+        default_root_dir=output_dir,
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
+    trainer.test(module, datamodule=datamodule, verbose=False)  # logs test/loss and test/acc
+    # Measured exactly as the dense accuracy was, so the two numbers compare like for like.
+    final_acc = evaluate_accuracy(module, datamodule.test_dataloader())
+    # Without pruning, or if pruning never started, the final model is the dense one.
+    dense_acc = dense_probe.accuracy if dense_probe.accuracy is not None else final_acc
+    if not trainer.is_global_zero:  # under DDP every rank gets here with the same model; rank 0 reports
+        return final_acc
+
+    compaction = compaction_metrics(pruning)
+    if compaction is not None:
+        # The compact model computes what the masked one does; measured alike, the two accuracies agree.
+        compaction["test_acc"] = evaluate_accuracy(pruning.compact_model, datamodule.test_dataloader())
+
+    export, export_text = None, ""  # the `export` group: deployable files and their sizes and latencies
+    if cfg.get("export") and cfg.export.get("forms"):
+        export_inputs, _ = next(iter(datamodule.test_dataloader()))
+        export_options = cast(dict[str, Any], OmegaConf.to_container(cfg.export, resolve=True))
+        export, export_text = run_export(export_options, net, export_inputs[:8], output_dir, masks=pruning)
+
+    macs = count_macs(net, example_input(datamodule).to(next(net.parameters()).device))
+    total = sum(p.numel() for p in net.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in net.parameters())
+    unit = sparsity_unit(pruning)
+    metrics: dict[str, Any] = {
+        "status": "ok",
+        "dense_test_acc": dense_acc,
+        "pruned_test_acc": final_acc,
+        "target_sparsity": float(cfg.pruning.get("sparsity", pruning.sparsity)) if pruning else 0.0,
+        "sparsity": float(pruning.achieved_sparsity) if pruning else weight_sparsity(net),
+        "sparsity_of": unit,
+        "weight_sparsity": weight_sparsity(net),
+        "layer_sparsity": dict(pruning.layer_sparsity()) if pruning else {},
+        "nonzero_params": nonzero,
+        "total_params": total,
+        "macs": macs.macs,
+        "dense_macs": macs.dense_macs,
+        "compact": compaction,
+        "wall_time_s": time.perf_counter() - start,
+        "overrides": task_overrides(),
+    }
+    if export is not None:
+        metrics["export"] = export
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
+    lines = [
+        f"Summary ({type(net).__name__}, seed {cfg.seed})",
+        f"  dense test acc   {dense_acc:.4f}  ({dense_when})",
+        f"  {'pruned' if pruning else 'final '} test acc  {final_acc:.4f}",
+        f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable {unit}; target "
+        f"{metrics['target_sparsity']:.4f})",
+    ]
+    if unit != "weights":
+        lines.append(f"  weight sparsity  {metrics['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
+    lines += [
+        f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})",
+        f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})",
+        *(_compaction_lines(compaction) if compaction is not None else []),
+        f"  wall time        {metrics['wall_time_s']:.1f} s",
+        f"  metrics          {output_dir / 'metrics.json'}",
+    ]
+    print("\n".join(lines))
+    if export_text:
+        print(export_text)
+    if cfg.get("objective") == "max_sparsity":
+        return search_objective(metrics, cfg.get("max_accuracy_drop"))
+    return final_acc

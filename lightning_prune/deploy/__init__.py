@@ -1,0 +1,57 @@
+"""Deployment: what turns a pruned model into something smaller and faster to ship.
+
+* :mod:`~lightning_prune.deploy.compact`: remove pruned channels (:func:`compact`), save and reload the smaller
+  model (:func:`save_compact`, :func:`load_compact`);
+* :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
+* :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
+* :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
+* :mod:`~lightning_prune.deploy.sparse_layers` and :mod:`~lightning_prune.deploy.kernels`: CSR layers, used where
+  measuring shows they are faster (:func:`sparse_inference`);
+* :mod:`~lightning_prune.deploy.profile`: parameters, MACs and latency of a model;
+* :mod:`~lightning_prune.deploy.report`: all of it at once, with a report (:func:`export_model`).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_prune.structures import prune_channels_
+    >>> net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2))
+    >>> _ = prune_channels_(net, torch.randn(2, 4), sparsity=0.5)
+    >>> compact(net, torch.randn(2, 4))[0]
+    Linear(in_features=4, out_features=5, bias=True)
+"""
+
+from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
+from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
+from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model
+from lightning_prune.deploy.fold import deployable, relative_error
+from lightning_prune.deploy.kernels import sparse_inference
+from lightning_prune.deploy.profile import ModelProfile, count_macs, count_parameters, measure_latency, profile_model
+from lightning_prune.deploy.report import ExportReport, export_model
+from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
+
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "ModelProfile",
+    "SparseConv2d",
+    "SparseLinear",
+    "check_masks_applied",
+    "compact",
+    "compact_state",
+    "count_macs",
+    "count_parameters",
+    "deployable",
+    "export_model",
+    "export_onnx",
+    "export_program",
+    "inference_model",
+    "load_compact",
+    "load_sparse",
+    "load_sparse_state_dict",
+    "measure_latency",
+    "profile_model",
+    "relative_error",
+    "save_compact",
+    "save_sparse",
+    "sparse_inference",
+]

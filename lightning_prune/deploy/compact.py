@@ -1,0 +1,238 @@
+"""Compaction: a physically smaller model without its pruned channels, and its saving and reloading.
+
+* :func:`compact` removes every channel whose slices are all zero (the masked ones) from a copy of the model with
+  Torch-Pruning's layer surgery, and checks that the copy computes what the original computes.
+* :func:`compact_state` / :func:`save_compact` / :func:`load_compact` save a compacted model as a state dict plus
+  its layer widths, and rebuild it from a fresh, full-width instance of the same architecture.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_prune.structures.channel import prune_channels_
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> _ = prune_channels_(net, x, sparsity=0.5)
+    >>> small = compact(net.eval(), x)
+    >>> small[0].out_channels, small[1].num_features, small[3].in_channels
+    (8, 8, 8)
+    >>> torch.allclose(small(x), net(x), rtol=1e-5, atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune.masks.channels import ChannelGroup
+from lightning_prune.structures.tracing import ExampleInputs, trace_groups
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+_COMPACT_FORMAT = "lightning_prune.compact"
+
+
+_COMPACT_VERSION = 1
+
+
+#: Module attributes that describe widths; saved with a compact model so a fresh instance can be resized.
+_WIDTH_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "in_features",
+    "out_features",
+    "num_features",
+    "num_parameters",
+    "groups",
+)
+
+
+# ---------------------------------------------------------------------------------------------- compaction
+def compact(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    ignore: Sequence[str] = (),
+    *,
+    verify: bool = True,
+    rtol: float = 1e-4,
+) -> nn.Module:
+    """A physically smaller copy of ``model`` without its pruned channels; ``model`` is left unchanged.
+
+    A channel of a coupled group is removed when every entry it owns is exactly zero, which is what
+    :class:`ChannelStructure`'s masks leave (at least one channel of a group always stays). Removing such a
+    channel changes no output: its consumers' input columns are zero. The layer surgery is Torch-Pruning's.
+
+    Args:
+        model: the masked network, e.g. ``pl_module`` after channel pruning, or its inner ``nn.Module``.
+        example_inputs: what ``model``'s forward takes (see :func:`channel_groups`).
+        ignore: module-name patterns whose output channels are kept whole.
+        verify: run both models in eval mode on ``example_inputs`` and raise unless the outputs agree to
+            ``rtol`` (relative to the largest output magnitude).
+        rtol: the tolerance of ``verify``.
+
+    Returns:
+        The compact model, in ``model``'s training mode.
+
+    Raises:
+        ValueError: the model does not run on ``example_inputs``, cannot be traced, or has no channel group.
+        RuntimeError: the surgery failed or the compact model computes something else (``model`` is then
+            unchanged all the same: only the copy was touched).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_prune.structures.channel import prune_channels_
+        >>> net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2))
+        >>> _ = prune_channels_(net, torch.randn(2, 4), sparsity=0.5)
+        >>> compact(net, torch.randn(2, 4))
+        Sequential(
+          (0): Linear(in_features=4, out_features=5, bias=True)
+          (1): ReLU()
+          (2): Linear(in_features=5, out_features=2, bias=True)
+        )
+    """
+    small = copy.deepcopy(model)
+    graph, groups = trace_groups(small, example_inputs, ignore)  # checks the example inputs on the copy
+    named = dict(small.named_parameters())
+    plan: list[tuple[tp.Group, list[int]]] = []
+    for tp_group, group in groups:
+        zero = _zero_channels(group, named)
+        if len(zero) == group.channels:
+            zero = zero[1:]  # an all-zero group keeps one channel so that the layer stays valid
+        if zero:
+            plan.append((tp_group, zero))
+    try:
+        for tp_group, zero in plan:
+            root = tp_group[0].dep
+            graph.get_pruning_group(root.target.module, root.handler, zero).prune()
+    except Exception as err:
+        raise RuntimeError(
+            f"Compacting {type(model).__name__} failed in the layer surgery ({type(err).__name__}: {err}); "
+            "the model is unchanged."
+        ) from err
+    small.train(model.training)
+    if verify:
+        _verify(model, small, example_inputs, rtol)
+    return small
+
+
+def _zero_channels(group: ChannelGroup, params: Mapping[str, Tensor]) -> list[int]:
+    nonzero = torch.zeros(group.channels, dtype=torch.long)
+    for s in group.slices:
+        nonzero.index_add_(0, s.root, s.rows(params[s.param].detach()).ne(0).any(1).long().cpu())
+    return torch.nonzero(nonzero == 0).flatten().tolist()
+
+
+def _verify(model: nn.Module, small: nn.Module, example_inputs: ExampleInputs, rtol: float) -> None:
+    with eval_mode(model), eval_mode(small), torch.no_grad():
+        expected = output_tensors(forward(model, example_inputs))
+        got = output_tensors(forward(small, example_inputs))
+    shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in got]
+    if shapes[0] != shapes[1]:
+        raise RuntimeError(f"The compact model's outputs have shapes {shapes[1]}, the original's {shapes[0]}.")
+    for e, g in zip(expected, got):
+        if not e.is_floating_point():
+            continue
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        error = float((e - g).abs().max()) if e.numel() else 0.0
+        if error > rtol * max(scale, 1e-12) and error > 1e-6:
+            raise RuntimeError(
+                f"The compact model differs from the original by {error:.3g} (outputs up to {scale:.3g}); "
+                "a pruned channel was not exactly zero in every entry it owns, or a layer is not supported."
+            )
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def compact_state(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds a compact model from a fresh instance: its ``state_dict`` and its layers' widths.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_prune.structures.channel import prune_channels_
+        >>> net = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2))
+        >>> _ = prune_channels_(net, torch.randn(2, 4), sparsity=0.5)
+        >>> state = compact_state(compact(net, torch.randn(2, 4)))
+        >>> state["widths"]["0"]
+        {'in_features': 4, 'out_features': 5}
+        >>> load_compact(nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2)), state)[2]
+        Linear(in_features=5, out_features=2, bias=True)
+    """
+    widths = {
+        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a)}
+        for name, m in model.named_modules()
+    }
+    return {
+        "format": _COMPACT_FORMAT,
+        "version": _COMPACT_VERSION,
+        "architecture": type(model).__qualname__,
+        "widths": {n: w for n, w in widths.items() if w},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def save_compact(model: nn.Module, path: str | Path) -> Path:
+    """Save :func:`compact_state` of ``model`` to ``path`` with ``torch.save``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(compact_state(model), path)
+    return path
+
+
+@torch.no_grad()
+def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.Module:
+    """Resize a fresh, full-width ``model`` to a saved compact model's widths and load its weights, in place.
+
+    Args:
+        model: a new instance of the architecture that was compacted (same constructor arguments).
+        state: :func:`compact_state`'s dict or the path :func:`save_compact` wrote.
+
+    Returns:
+        ``model``, now compact.
+
+    Raises:
+        ValueError: ``state`` is not a compact model, or was saved from another architecture.
+    """
+    if isinstance(state, (str, Path)):
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or state.get("format") != _COMPACT_FORMAT:
+        raise ValueError("`state` is not a compact model saved by lightning_prune.save_compact / compact_state.")
+    if state.get("version") != _COMPACT_VERSION:
+        raise ValueError(f"Compact model format version {state.get('version')!r} is not supported.")
+    if state.get("architecture") != type(model).__qualname__:
+        raise ValueError(
+            f"The compact model was saved from a {state.get('architecture')}, not a {type(model).__qualname__}."
+        )
+    modules = dict(model.named_modules())
+    unknown = [n for n in state["widths"] if n not in modules]
+    if unknown:
+        raise ValueError(f"The compact model has layers this {type(model).__qualname__} lacks: {unknown[:5]}.")
+    current = model.state_dict()
+    missing = sorted(set(current) - set(state["state_dict"]))
+    unexpected = sorted(set(state["state_dict"]) - set(current))
+    if missing or unexpected:
+        raise ValueError(
+            f"The compact model's weights do not fit this {type(model).__qualname__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Build the model with the constructor arguments it was trained with."
+        )
+    for name, widths in state["widths"].items():
+        for attr, value in widths.items():
+            setattr(modules[name], attr, value)
+    for key, saved in state["state_dict"].items():
+        if key in current and current[key].shape != saved.shape:
+            module_name, _, attr = key.rpartition(".")
+            owner = modules[module_name]
+            blank = torch.empty(saved.shape, dtype=current[key].dtype, device=current[key].device)
+            if attr in owner._parameters:
+                old = owner._parameters[attr]
+                owner._parameters[attr] = nn.Parameter(blank, requires_grad=old is None or old.requires_grad)
+            else:
+                owner._buffers[attr] = blank
+    model.load_state_dict(state["state_dict"], strict=True)
+    return model

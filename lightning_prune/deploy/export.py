@@ -1,0 +1,533 @@
+"""Deployable exports of a pruned model: ``torch.export`` programs and ONNX files, checked against it.
+
+A channel-pruned model only becomes smaller once its pruned channels are removed, and BatchNorm layers cost a
+pass over their activations until they are folded into the convolution before them. :func:`inference_model`
+does both on a copy (:func:`~lightning_prune.deploy.compact.compact`, then
+:func:`~lightning_prune.deploy.fold.deployable`); :func:`export_program` turns that copy into an
+``ExportedProgram`` (``torch.export``, saved with ``torch.export.save``), and :func:`export_onnx` into an ONNX
+file (PyTorch's ``torch.export``-based exporter) that is run with ONNX Runtime. Every export is reloaded
+from disk and compared with the pruned model it came from on the example inputs and, with a dynamic batch
+dimension, on a batch of another size: outputs must agree to ``rtol`` (1e-5 by default) relative, in the L2
+norm of each output.
+
+Before anything is exported, :func:`~lightning_prune.deploy.archive.check_masks_applied` refuses a model
+whose masks were never applied. A model that ``torch.export`` or the ONNX exporter cannot handle fails with
+an :class:`ExportError` naming the innermost layer that fails on its own and the exporter's reason: the
+layer's submodules are exported one by one, with the inputs they got in an eager forward, until the culprit
+is found.
+
+Example:
+    >>> import tempfile
+    >>> import torch
+    >>> from pathlib import Path
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 10))
+    >>> x = torch.randn(4, 1, 8, 8)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     program = export_program(net.eval(), x, Path(folder) / "net.pt2")
+    ...     reloaded = torch.export.load(Path(folder) / "net.pt2").module()
+    ...     torch.allclose(reloaded(x[:3]), net(x[:3]), rtol=1e-5, atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from lightning_prune._helpers import eval_mode
+from lightning_prune.deploy.archive import check_masks_applied
+from lightning_prune.deploy.fold import deployable, relative_error
+
+CompactMode = bool | Literal["auto"]
+
+
+Inputs = Tensor | tuple[Tensor, ...]
+
+
+class ExportError(ValueError):
+    """A model that an exporter cannot handle; the message names the layer and the exporter's reason."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _as_tuple(example_inputs: object) -> tuple[Tensor, ...]:
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
+        raise TypeError(
+            "`example_inputs` must be a tensor or a non-empty tuple of tensors (the positional inputs of one "
+            f"forward, batch first), got {type(example_inputs).__name__}."
+        )
+    if inputs[0].dim() == 0 or inputs[0].shape[0] < 1:
+        raise ValueError(
+            f"`example_inputs` must be batched (first dimension the batch, at least 1), got shape "
+            f"{tuple(inputs[0].shape)}."
+        )
+    return inputs
+
+
+def _check_rtol(rtol: object) -> float:
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < math.inf:
+        raise ValueError(f"`rtol` must be a number >= 0 (e.g. 1e-5), got {rtol!r}.")
+    return float(rtol)
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def _batched(inputs: tuple[Tensor, ...], size: int, *, reverse: bool = False) -> tuple[Tensor, ...]:
+    """The inputs with every tensor that shares the first input's batch size resized to ``size`` (repeating
+    samples as needed; in reverse order with ``reverse``, so that outputs baked in as constants show)."""
+    batch = inputs[0].shape[0]
+    out = []
+    for x in inputs:
+        if x.dim() >= 1 and x.shape[0] == batch:
+            index = torch.arange(size, device=x.device) % batch
+            x = x.index_select(0, batch - 1 - index if reverse else index).contiguous()
+        out.append(x)
+    return tuple(out)
+
+
+def _dynamic_shapes(inputs: tuple[Tensor, ...]) -> tuple[dict[int, Any] | None, ...]:
+    batch = torch.export.Dim("batch")
+    size = inputs[0].shape[0]
+    return tuple({0: batch} if x.dim() >= 1 and x.shape[0] == size else None for x in inputs)
+
+
+def _other_batch(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A batch of another size than the example's, to check a dynamic batch dimension with."""
+    batch = inputs[0].shape[0]
+    return _batched(inputs, batch + 1 if batch < 3 else batch - 1, reverse=True)
+
+
+def _reference_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
+    with eval_mode(model), torch.no_grad():
+        return model(*inputs)
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+def inference_model(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    masks: Any = None,
+    compact: CompactMode = "auto",
+    fold_bn: bool = True,
+    channels_last: bool = False,
+    ignore: Sequence[str] = (),
+) -> nn.Module:
+    """The copy of a pruned model that gets exported: compacted, BatchNorm folded, in eval mode.
+
+    ``model`` is not changed. Steps: :func:`~lightning_prune.deploy.archive.check_masks_applied`; then
+    :func:`~lightning_prune.deploy.compact.compact`, which removes every coupled channel whose entries are all zero
+    (Torch-Pruning's layer surgery, checked against ``model``); then
+    :func:`~lightning_prune.deploy.fold.deployable`, which folds each BatchNorm into the convolution or linear layer
+    before it.
+
+    Args:
+        model: The pruned network.
+        example_inputs: One input batch (a tensor or a tuple of positional inputs).
+        masks: Checked to be applied (see :func:`~lightning_prune.deploy.archive.check_masks_applied`).
+        compact: ``True`` to compact (an error if the model has no channel group), ``False`` to skip it,
+            ``"auto"`` to compact when Torch-Pruning can trace channel groups and to export the model as it is
+            otherwise (a plain stack of linear layers whose channels all reach the output, say).
+        fold_bn: Fold BatchNorms.
+        channels_last: Store 4-D weights channels-last (for eager PyTorch inference; exporters choose their own
+            layouts, so the default is off).
+        ignore: Module-name patterns whose output channels stay whole when compacting.
+
+    Returns:
+        The eval-mode copy.
+
+    Raises:
+        ValueError: The masks were not applied, or ``compact=True`` and the model cannot be compacted.
+        TypeError: A bad argument type.
+
+    Example:
+        >>> from lightning_prune.structures.channel import prune_channels_
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 3))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> _ = prune_channels_(net, x, sparsity=0.5)
+        >>> small = inference_model(net, x)
+        >>> small[0].out_channels, type(small[1]).__name__, small.training
+        (8, 'Identity', False)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    inputs = _as_tuple(example_inputs)
+    if compact not in (True, False, "auto"):
+        raise ValueError(f"`compact` must be True, False or 'auto', got {compact!r}.")
+    _check_flag("fold_bn", fold_bn)
+    _check_flag("channels_last", channels_last)
+    check_masks_applied(model, masks)
+    small = model
+    if compact is not False:
+        from lightning_prune.deploy.compact import compact as compact_model
+
+        try:
+            with warnings.catch_warnings(record=compact == "auto"):  # "auto": groups left whole are expected
+                small = compact_model(model, inputs, ignore)
+        except (ValueError, RuntimeError) as err:
+            if compact is True:
+                raise ValueError(f"`compact=True` but {type(model).__name__} cannot be compacted: {err}") from err
+            small = model
+    with eval_mode(model):
+        prepared = deployable(small, inputs, fold_bn=fold_bn, channels_last=channels_last)
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------- diagnosis
+def _record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The (copied) arguments of each submodule's first call in one eval forward of ``model``."""
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    handles = []
+
+    def clone(value: Any) -> Any:
+        return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, Tensor) else v, value)
+
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _name: str = name) -> None:
+            if _name not in calls:
+                calls[_name] = (clone(args), clone(kwargs))
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        _reference_outputs(model, inputs)
+    except Exception:  # the eager forward itself fails: the caller reports the exporter's error as it is
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _first_lines(err: BaseException, limit: int = 400) -> str:
+    """The first lines of the innermost cause of ``err`` (exporters wrap the real reason)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # terminal colours
+    text = " ".join(line.strip() for line in plain.strip().splitlines()[:4] if line.strip())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diagnose(
+    exporter: str,
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    attempt: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], object],
+    error: BaseException,
+) -> ExportError:
+    """An :class:`ExportError` naming the innermost submodule of ``model`` that ``attempt`` fails on."""
+    calls = _record_calls(model, inputs)
+    name, module, reason = "", model, error
+    while True:
+        failed = None
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if full not in calls:
+                continue
+            args, kwargs = calls[full]
+            try:
+                with eval_mode(child):
+                    attempt(child, args, kwargs)
+            except Exception as child_error:
+                failed = (full, child, child_error)
+                break
+        if failed is None:
+            break
+        name, module, reason = failed
+    where = (
+        f"layer {name!r} ({type(module).__name__}) fails on its own"
+        if name
+        else f"{type(model).__name__}'s own forward fails (every submodule exports alone)"
+    )
+    return ExportError(
+        f"{exporter} cannot export {type(model).__name__}: {where}: {_first_lines(reason)}. Rewrite that code "
+        "for the exporter (data-dependent Python control flow, NumPy calls and unsupported operators are the usual "
+        "causes), or leave this export form out."
+    )
+
+
+def _check_outputs(
+    what: str,
+    run: Callable[..., Any],
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, ...]],
+    rtol: float,
+    *,
+    flat: bool = False,
+) -> float:
+    """Run ``run`` and ``model`` on each batch; raise unless they agree to ``rtol``; return the worst error.
+    ``flat``: ``run`` returns the list of ``model``'s output tensors (as ONNX Runtime does)."""
+    worst = 0.0
+    for batch in batches:
+        expected = _reference_outputs(model, batch)
+        if flat:
+            expected = [t for t in pytree.tree_leaves(expected) if isinstance(t, Tensor)]
+        with torch.no_grad():
+            got = run(*batch)
+        error = relative_error(got, expected)
+        if not error <= rtol:
+            raise RuntimeError(
+                f"The {what} computes something else than the pruned model: relative error {error:.2e} (more than "
+                f"rtol={rtol:g}) on a batch of {batch[0].shape[0]}."
+            )
+        worst = max(worst, error)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------- torch.export
+def export_program(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: str | Path | None = None,
+    *,
+    masks: Any = None,
+    compact: CompactMode = "auto",
+    fold_bn: bool = True,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    rtol: float = 1e-5,
+    prepared: nn.Module | None = None,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of the compacted, BatchNorm-folded copy of ``model``, saved to ``path`` if given.
+
+    The copy is :func:`inference_model`'s (or ``prepared``, when built already). It is exported with
+    ``torch.export.export(strict=False)``, with the batch dimension dynamic (``torch.export.Dim``) unless
+    ``dynamic_batch=False``; an example batch of one is repeated to two for tracing, since PyTorch specialises
+    sizes 0 and 1. With ``path``, the program is written with ``torch.export.save`` and the check runs on the
+    program ``torch.export.load`` reads back.
+
+    Args:
+        model: The pruned network (the reference of the check).
+        example_inputs: One input batch (a tensor or a tuple of positional inputs).
+        path: Where to save the program (``.pt2``); None to keep it in memory.
+        masks: Checked to be applied first.
+        compact: See :func:`inference_model`.
+        fold_bn: See :func:`inference_model`.
+        dynamic_batch: Export with a dynamic batch dimension.
+        check: Compare the program's outputs with ``model``'s on the example inputs and on a batch of another
+            size; raise ``RuntimeError`` beyond ``rtol``.
+        rtol: The check's tolerance (L2-relative, per output).
+        prepared: The copy to export, if already built by :func:`inference_model`.
+
+    Returns:
+        The ``ExportedProgram`` (the reloaded one when saved).
+
+    Raises:
+        ExportError: ``torch.export`` fails; the message names the layer and why.
+        ValueError: The masks were not applied (see :func:`inference_model`).
+        RuntimeError: The program computes something else than ``model``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> program = export_program(net, torch.randn(1, 4))
+        >>> program.module()(torch.randn(5, 4)).shape
+        torch.Size([5, 2])
+    """
+    inputs = _as_tuple(example_inputs)
+    _check_flag("dynamic_batch", dynamic_batch)
+    _check_flag("check", check)
+    rtol = _check_rtol(rtol)
+    if prepared is None:
+        prepared = inference_model(model, inputs, masks=masks, compact=compact, fold_bn=fold_bn)
+    else:
+        check_masks_applied(model, masks)
+    trace = _batched(inputs, max(2, inputs[0].shape[0])) if dynamic_batch else inputs
+    shapes = _dynamic_shapes(trace) if dynamic_batch else None
+
+    def attempt(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+        return torch.export.export(module, args, kwargs, strict=False)
+
+    try:
+        with eval_mode(prepared):
+            program = torch.export.export(prepared, trace, dynamic_shapes=shapes, strict=False)
+    except Exception as err:
+        raise _diagnose("torch.export", prepared, trace, attempt, err) from err
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, path)
+        program = torch.export.load(path)
+    if check:
+        batches = [inputs, _other_batch(inputs)] if dynamic_batch else [inputs]
+        _check_outputs("ExportedProgram", program.module(), model, batches, rtol)
+    return program
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError(
+            f"ONNX export needs the `onnx` and `onnxruntime` packages ({err.name} is missing): "
+            'pip install "lightning-prune[export]".'
+        ) from err
+    return onnx, onnxruntime
+
+
+def onnx_runner(path: str | Path, *, threads: int | None = None) -> Callable[..., list[Tensor]]:
+    """A callable that runs an ONNX file with ONNX Runtime's CPU provider: tensors in, a list of tensors out.
+
+    Args:
+        path: The ``.onnx`` file.
+        threads: ONNX Runtime's intra-op threads (None: its default, all cores).
+
+    Raises:
+        ImportError: ``onnxruntime`` is not installed.
+        ValueError: ``path`` does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> from onnx import TensorProto, helper, save
+        >>> x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 3]) for n in ("x", "y"))
+        >>> graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), f"{folder}/relu.onnx")
+        ...     run = onnx_runner(f"{folder}/relu.onnx", threads=1)
+        ...     run(torch.tensor([[-1.0, 0.5, 2.0]]))
+        [tensor([[0.0000, 0.5000, 2.0000]])]
+    """
+    _, ort = _require_onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"No ONNX file at {str(path)!r}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"`threads` must be None or an integer >= 1, got {threads!r}.")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*tensors: Tensor) -> list[Tensor]:
+        if len(tensors) != len(names):
+            raise ValueError(f"The ONNX model takes {len(names)} inputs {names}, got {len(tensors)}.")
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(names, tensors)}
+        return [torch.from_numpy(out) for out in session.run(None, feed)]
+
+    return run
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: str | Path,
+    *,
+    masks: Any = None,
+    compact: CompactMode = "auto",
+    fold_bn: bool = True,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    rtol: float = 1e-5,
+    opset_version: int | None = None,
+    prepared: nn.Module | None = None,
+) -> Path:
+    """Write the compacted, BatchNorm-folded copy of ``model`` as an ONNX file and check it with ONNX Runtime.
+
+    Exported with ``torch.onnx.export(dynamo=True)`` (PyTorch's ``torch.export``-based exporter, with its
+    graph optimisations), the batch dimension dynamic unless ``dynamic_batch=False``; weights are stored in
+    the file, or beside it (``<path>.data``) above ONNX's 2 GB protobuf limit. The file is validated with
+    ``onnx.checker`` and run by ONNX Runtime (CPU) on the example inputs and on a batch of another size.
+
+    Args:
+        model: The pruned network (the reference of the check).
+        example_inputs: One input batch (a tensor or a tuple of positional inputs).
+        path: The ``.onnx`` file to write (its folder is created).
+        masks: Checked to be applied first.
+        compact: See :func:`inference_model`.
+        fold_bn: See :func:`inference_model`.
+        dynamic_batch: Export with a dynamic batch dimension.
+        check: Run the file with ONNX Runtime and compare with ``model``; raise ``RuntimeError`` beyond ``rtol``.
+        rtol: The check's tolerance (L2-relative, per output).
+        opset_version: The ONNX opset (None: the exporter's default).
+        prepared: The copy to export, if already built by :func:`inference_model`.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: ``onnx`` or ``onnxruntime`` is missing (``pip install "lightning-prune[export]"``).
+        ExportError: The exporter fails; the message names the layer and why.
+        ValueError: The masks were not applied.
+        RuntimeError: ONNX Runtime computes something else than ``model``.
+
+    Example:
+        >>> import tempfile
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     written = export_onnx(net, torch.randn(2, 4), Path(folder) / "net.onnx")
+        ...     [p.name for p in onnx_files(written)]
+        ['net.onnx']
+    """
+    onnx, _ = _require_onnx()
+    inputs = _as_tuple(example_inputs)
+    _check_flag("dynamic_batch", dynamic_batch)
+    _check_flag("check", check)
+    rtol = _check_rtol(rtol)
+    if opset_version is not None and (isinstance(opset_version, bool) or not isinstance(opset_version, int)):
+        raise TypeError(f"`opset_version` must be None or an integer, got {opset_version!r}.")
+    if prepared is None:
+        prepared = inference_model(model, inputs, masks=masks, compact=compact, fold_bn=fold_bn)
+    else:
+        check_masks_applied(model, masks)
+    trace = _batched(inputs, max(2, inputs[0].shape[0])) if dynamic_batch else inputs
+    shapes = _dynamic_shapes(trace) if dynamic_batch else None
+
+    def export(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None, dynamic: Any) -> Any:
+        with warnings.catch_warnings():  # the exporter's notes on its own fallbacks are not the user's concern
+            warnings.simplefilter("ignore", category=FutureWarning)
+            return torch.onnx.export(
+                module,
+                args,
+                kwargs=dict(kwargs) if kwargs else None,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                verbose=False,
+                opset_version=opset_version,
+            )
+
+    try:
+        with eval_mode(prepared):
+            program = export(prepared, trace, None, shapes)
+    except Exception as err:
+        raise _diagnose("torch.onnx.export", prepared, trace, lambda m, a, k: export(m, a, k, None), err) from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # a stale file beside a new model that keeps its weights inside would mislead
+    program.save(str(path), external_data=None)
+    if check:
+        onnx.checker.check_model(str(path))
+        batches = [inputs, _other_batch(inputs)] if dynamic_batch else [inputs]
+        _check_outputs("ONNX model (ONNX Runtime)", onnx_runner(path), model, batches, rtol, flat=True)
+    return path
+
+
+def onnx_files(path: str | Path) -> list[Path]:
+    """The files an ONNX export wrote: ``path`` and its external-data file (``<path>.data``) if there is one.
+
+    Example:
+        >>> onnx_files("no/such/model.onnx")
+        []
+    """
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [p for p in (path, data) if p.exists()]

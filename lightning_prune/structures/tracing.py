@@ -1,0 +1,206 @@
+"""Tracing the coupled channel groups of a model with Torch-Pruning.
+
+Removing one convolution filter is only correct for a plain chain. BatchNorm after it still adds beta to the
+"removed" channel, a residual addition ties the channel to every other layer writing into the sum, a depthwise
+convolution ties its input and output channels, and a flatten in front of a linear layer turns one channel into a
+block of input columns. `Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_'s ``DependencyGraph`` traces
+these couplings (Fang et al., 2023, "DepGraph: Towards Any Structural Pruning"); :func:`channel_groups` turns each
+traced group into a :class:`~lightning_prune.masks.channels.ChannelGroup` of *slices*.
+
+A group is left whole when its channels reach the model's output (the classifier's logits), when one of its
+output layers is under ``ignore``, or when it runs through a layer whose channels cannot be masked exactly
+(GroupNorm and LayerNorm pool statistics across channels; general grouped convolutions): a warning names it.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> [(g.name, g.channels, g.params()) for g in channel_groups(net, torch.randn(2, 4))]
+    [('0', 8, ['0.weight', '0.bias', '2.weight'])]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune.masks.channels import ChannelGroup, ChannelSlice
+from lightning_prune.masks.params import matching_modules
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+
+ExampleInputs = Any  # a tensor, or a tuple / dict of what the model's forward takes
+
+
+def _slice_dims(module: nn.Module, out: bool) -> list[tuple[str, int]] | None:
+    """(parameter, dimension) pairs that a channel prune of ``module`` touches; ``None`` when the module's
+    channels cannot be masked exactly."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        if module.groups != 1:
+            return None
+        return [("weight", 1), ("bias", 0)] if out else [("weight", 0)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups == 1:
+            return [("weight", 0), ("bias", 0)] if out else [("weight", 1)]
+        if module.groups == module.in_channels == module.out_channels:  # depthwise: input c feeds output c
+            return [("weight", 0), ("bias", 0)]
+        return None
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)] if out else [("weight", 1)]
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return [("weight", 0), ("bias", 0)]
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0)] if module.num_parameters > 1 else []
+    if not any(True for _ in module.parameters(recurse=False)):
+        return []
+    return None
+
+
+def _check_example(model: nn.Module, example_inputs: ExampleInputs) -> None:
+    if example_inputs is None:
+        raise ValueError(
+            f"Channel pruning needs `example_inputs` to trace {type(model).__name__}: a batch (or a tuple of "
+            "the forward's arguments) shaped like real inputs."
+        )
+    with eval_mode(model), torch.no_grad():
+        try:
+            forward(model, example_inputs)
+        except Exception as err:
+            raise ValueError(
+                f"{type(model).__name__} cannot run on the `example_inputs` ({_describe(example_inputs)}): "
+                f"{type(err).__name__}: {err}. Pass inputs shaped like a real batch."
+            ) from err
+
+
+def _describe(example_inputs: ExampleInputs) -> str:
+    if isinstance(example_inputs, Tensor):
+        return f"tensor of shape {tuple(example_inputs.shape)}"
+    if isinstance(example_inputs, (tuple, list)):
+        return ", ".join(_describe(x) for x in example_inputs)
+    if isinstance(example_inputs, Mapping):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in example_inputs.items())
+    return type(example_inputs).__name__
+
+
+def trace_groups(
+    model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str]
+) -> tuple[tp.DependencyGraph, list[tuple[tp.Group, ChannelGroup]]]:
+    """Torch-Pruning's dependency graph of ``model`` and its prunable groups, each with our slices."""
+    import torch_pruning as tp
+
+    _check_example(model, example_inputs)
+    ignored = matching_modules(model, ignore)
+    names = {m: n for n, m in model.named_modules()}
+    outputs: list[Tensor] = []
+
+    def keep_outputs(out: Any) -> Any:
+        outputs.extend(output_tensors(out))
+        return out
+
+    # Torch-Pruning follows autograd's graph: gradients must be on, even inside a caller's no_grad().
+    with eval_mode(model), torch.enable_grad():
+        try:
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, output_transform=keep_outputs, verbose=False
+            )
+            tp_groups = list(graph.get_all_groups(ignored_layers=ignored))
+        except Exception as err:
+            raise ValueError(
+                f"Torch-Pruning could not trace the channel couplings of {type(model).__name__}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    groups: list[tuple[tp.Group, ChannelGroup]] = []
+    skipped: list[str] = []
+    returned = {t.grad_fn for t in outputs if t.grad_fn is not None}
+    for tp_group in tp_groups:
+        group = _channel_group(graph, tp_group, names, returned, skipped)
+        if group is not None:
+            groups.append((tp_group, group))
+    if skipped:
+        warnings.warn(
+            "Channel pruning leaves these layers' channel groups whole: " + "; ".join(skipped) + ".",
+            stacklevel=3,
+        )
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} has no channel group to prune: every group reaches the model's output, "
+            f"is under `ignore`={list(ignore)!r}, or runs through a layer that cannot be masked."
+        )
+    return graph, groups
+
+
+def _channel_group(
+    graph: tp.DependencyGraph,
+    tp_group: tp.Group,
+    names: Mapping[nn.Module, str],
+    returned: set[Any],
+    skipped: list[str],
+) -> ChannelGroup | None:
+    import torch_pruning as tp
+
+    root = tp_group[0].dep.target.module
+    root_name = names.get(root, str(root))
+    slices: dict[tuple[str, int], ChannelSlice] = {}
+    for item in tp_group.items:
+        node, handler = item.dep.target, item.dep.handler
+        out = graph.is_out_channel_pruning_fn(handler)
+        if out and (not node.outputs or node.grad_fn in returned):
+            return None  # the channels reach the model's output: its shape must not change
+        if node.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.SLICE):
+            # Torch-Pruning 1.6 can map a split's channels to the wrong branch: leave such groups whole.
+            skipped.append(f"{root_name} (through a split or slice of channels)")
+            return None
+        module = node.module
+        if not isinstance(module, nn.Module):
+            skipped.append(f"{root_name} (couples a bare parameter)")
+            return None
+        dims = _slice_dims(module, out)
+        if dims is None:
+            skipped.append(f"{root_name} (through {names.get(module, '?')}: {type(module).__name__})")
+            return None
+        index = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
+        root_index = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+        for attr, dim in dims:
+            param = getattr(module, attr, None)
+            if not isinstance(param, nn.Parameter):
+                continue
+            name = f"{names[module]}.{attr}" if names[module] else attr
+            dim = dim % param.dim()
+            if len(index) and int(index.max()) >= param.shape[dim]:  # a coupling the tracer got wrong
+                skipped.append(f"{root_name} (an index beyond {name}'s {param.shape[dim]} channels)")
+                return None
+            scored = attr == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+            slices.setdefault((name, dim), ChannelSlice(name, dim, index, root_index, scored))
+    channels = len(tp_group[0].idxs)
+    return ChannelGroup(root_name, channels, tuple(slices.values()))
+
+
+def channel_groups(model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
+    """The coupled channel groups of ``model`` that can be pruned, traced with Torch-Pruning.
+
+    Args:
+        model: the network (a ``LightningModule`` works: its ``forward`` is traced).
+        example_inputs: what ``model``'s forward takes: a tensor, a tuple of arguments or a dict of keyword
+            arguments. Two samples are enough; the model runs in eval mode and its mode is restored.
+        ignore: module-name patterns (``fnmatch``, as for ``PruningCallback(ignore=...)``) whose output
+            channels stay whole.
+
+    Raises:
+        ValueError: the model does not run on ``example_inputs``, cannot be traced, an ``ignore`` pattern
+            matches nothing, or no group is left to prune.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [(g.name, g.channels, g.params()) for g in channel_groups(net, torch.randn(2, 4))]
+        [('0', 8, ['0.weight', '0.bias', '2.weight'])]
+    """
+    _, groups = trace_groups(model, example_inputs, ignore)
+    return [g for _, g in groups]
