@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,vision,sweep,tensorboard,cli,export]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all]"
 	touch $@
 
 setup: $(VENV)/.installed

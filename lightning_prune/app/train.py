@@ -28,10 +28,12 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from typing_extensions import override
 
-from lightning_prune.app.config import register_configs
+from lightning_prune._helpers import is_int
+from lightning_prune.app.config import ConfigError, register_configs
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
+from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.deploy.profile import count_macs
 from lightning_prune.deploy.report import run_export
 from lightning_prune.masks.params import PRUNABLE_TYPES
@@ -118,12 +120,14 @@ def weight_sparsity(model: nn.Module) -> float:
 class AccuracyAtEpochStart(L.Callback):
     """Measures test accuracy at the start of training epoch ``epoch``, e.g. just before pruning starts.
 
-    Place it before the pruning callback in ``Trainer(callbacks=...)``: callbacks run in list order, so
-    it sees the model as the previous epochs left it. The test loader comes from the trainer's
-    datamodule; the result is in :attr:`accuracy` and logged as ``dense/test_acc``.
+    With ``pruning``, the measurement runs right before that callback's pruning step (it asks the pruning callback to
+    call it), so it sees the model as the previous epochs left it wherever it is in ``Trainer(callbacks=...)``.
+    The test loader comes from the trainer's datamodule; the result is in :attr:`accuracy` and logged as
+    ``dense/test_acc``.
 
     Args:
         epoch: The epoch at whose start the model is evaluated.
+        pruning: The :class:`~lightning_prune.callbacks.PruningCallback` to measure before.
 
     Example:
         >>> callback = AccuracyAtEpochStart(epoch=10)
@@ -131,14 +135,24 @@ class AccuracyAtEpochStart(L.Callback):
         True
     """
 
-    def __init__(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    def __init__(self, epoch: int, pruning: PruningCallback | None = None) -> None:
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(f"`epoch` must be an integer >= 0, got {epoch!r}.")
         self.epoch = epoch
+        self.pruning = pruning
         self.accuracy: float | None = None
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.pruning is not None:
+            self.pruning.before_pruning(self._measure)
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.pruning is None:
+            self._measure(trainer, pl_module)
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if trainer.current_epoch != self.epoch or datamodule is None:
             return
@@ -208,8 +222,9 @@ def regularization_arguments(cfg: DictConfig) -> dict[str, Any]:
     return {names[key]: value for key, value in values.items() if key in names}
 
 
-def instantiate_distillation(cfg: DictConfig) -> L.Callback | None:
-    """The distillation callback ``cfg.distillation``, or None when it is absent or has no ``_target_``.
+def instantiate_distillation(cfg: DictConfig, pruning: PruningCallback | None = None) -> L.Callback | None:
+    """The distillation callback ``cfg.distillation`` (wired to ``pruning``, when given), or None when it is absent or
+    has no ``_target_``.
 
     Example:
         >>> instantiate_distillation(OmegaConf.create({"distillation": {}})) is None
@@ -218,7 +233,7 @@ def instantiate_distillation(cfg: DictConfig) -> L.Callback | None:
     node = cfg.get("distillation")
     if not node or "_target_" not in node:
         return None
-    return instantiate(node, _convert_="all")
+    return instantiate(node, _convert_="all", **({"pruning": pruning} if pruning is not None else {}))
 
 
 def instantiate_module(cfg: DictConfig) -> L.LightningModule:
@@ -239,8 +254,12 @@ def instantiate_module(cfg: DictConfig) -> L.LightningModule:
     return instantiate(cfg.module, model=net, **optimizer_args, **regularization_arguments(cfg), _convert_="all")
 
 
-def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
+def instantiate_pruning(cfg: DictConfig) -> PruningCallback | None:
     """The pruning callback ``cfg.pruning``, or None when it is absent or has no ``_target_``.
+
+    Raises:
+        ConfigError: ``pruning._target_`` builds something other than a
+            :class:`~lightning_prune.callbacks.PruningCallback` (a subclass is fine).
 
     Example:
         >>> instantiate_pruning(OmegaConf.create({"pruning": {}})) is None
@@ -249,13 +268,21 @@ def instantiate_pruning(cfg: DictConfig) -> L.Callback | None:
     pruning_cfg = cfg.get("pruning")
     if not pruning_cfg or "_target_" not in pruning_cfg:
         return None
-    return instantiate(pruning_cfg, _convert_="all")
+    pruning = instantiate(pruning_cfg, _convert_="all")
+    if not isinstance(pruning, PruningCallback):
+        raise ConfigError(
+            f"pruning._target_={pruning_cfg['_target_']!r} built a {type(pruning).__name__}, not a PruningCallback: "
+            "point it at lightning_prune.PruningCallback or a subclass."
+        )
+    return pruning
 
 
-def instantiate_allocation(cfg: DictConfig, output_dir: Path) -> L.Callback | None:
-    """The ``allocation`` group's callback (``allocation=sensitivity``: a
-    :class:`~lightning_prune.callbacks.sensitivity.SensitivityCallback` writing its report to ``output_dir/sensitivity``), or
-    None for ``allocation=none``.
+def instantiate_allocation(
+    cfg: DictConfig, output_dir: Path, pruning: PruningCallback | None = None
+) -> L.Callback | None:
+    """The ``allocation`` group's callback, wired to ``pruning`` (``allocation=sensitivity``: a
+    :class:`~lightning_prune.callbacks.SensitivityCallback` writing its report to ``output_dir/sensitivity``),
+    or None for ``allocation=none``.
 
     Example:
         >>> instantiate_allocation(OmegaConf.create({"allocation": {}}), Path("run")) is None
@@ -264,7 +291,8 @@ def instantiate_allocation(cfg: DictConfig, output_dir: Path) -> L.Callback | No
     node = cfg.get("allocation")
     if not node or "_target_" not in node:
         return None
-    return instantiate(node, output_dir=str(output_dir / "sensitivity"), _convert_="all")
+    wiring = {"pruning": pruning} if pruning is not None else {}
+    return instantiate(node, output_dir=str(output_dir / "sensitivity"), _convert_="all", **wiring)
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -375,15 +403,16 @@ def _compaction_lines(compaction: dict[str, Any]) -> list[str]:
 def train(cfg: DictConfig) -> float:
     """Train, prune, fine-tune and test the model described by ``cfg``.
 
-    First checks ``cfg`` with :func:`lightning_prune.app.validation.validate` (a :class:`~lightning_prune.app.config.ConfigError`
-    names every out-of-range key before anything is built). Then builds the datamodule (``cfg.data``), network
-    (``cfg.model``), LightningModule (``cfg.module`` plus the ``cfg.optimizer`` and ``cfg.regularization``
-    arguments), pruning callback (``cfg.pruning``; absent or without ``_target_`` for none), distillation
-    callback (``cfg.distillation``, likewise), the ``allocation`` group's sensitivity analysis (placed before the
-    pruning callback), the ``callbacks`` group's extra callbacks, logger (``cfg.logger``) and trainer
-    (``cfg.trainer``) with ``hydra.utils.instantiate``. With checkpointing on, ``<run dir>/checkpoints/last.ckpt``
-    is written atomically (:class:`~lightning_prune.callbacks.checkpointing.AtomicCheckpointIO`) at every epoch's end with
-    every rank's random states (:class:`~lightning_prune.callbacks.checkpointing.RandomStateCheckpoint`), and
+    First checks ``cfg`` with :func:`~lightning_prune.app.validation.validate` (a
+    :class:`~lightning_prune.app.config.ConfigError` names every out-of-range key before anything is built). Then
+    builds the datamodule (``cfg.data``), network (``cfg.model``), LightningModule (``cfg.module`` plus the
+    ``cfg.optimizer`` and ``cfg.regularization`` arguments), pruning callback (``cfg.pruning``; absent or without
+    ``_target_`` for none), distillation callback (``cfg.distillation``, likewise), the ``allocation`` group's
+    sensitivity analysis (run by the pruning callback right before its first pruning step), the ``callbacks``
+    group's extra callbacks, logger (``cfg.logger``) and trainer (``cfg.trainer``) with ``hydra.utils.instantiate``.
+    With checkpointing on, ``<run dir>/checkpoints/last.ckpt`` is written atomically
+    (:class:`~lightning_prune.callbacks.AtomicCheckpointIO`) at every epoch's end with every rank's random states
+    (:class:`~lightning_prune.callbacks.RandomStateCheckpoint`), and
     ``cfg.ckpt_path`` (a path, or ``last``: see :func:`resume_path`) resumes from it. Under DDP every rank trains
     and tests; rank 0 alone reports. Test accuracy is measured before pruning starts (the
     dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
@@ -420,16 +449,15 @@ def train(cfg: DictConfig) -> float:
     datamodule = instantiate(cfg.data)
     module = instantiate_module(cfg)
     net = cast(nn.Module, module.model)
-    pruning: Any = instantiate_pruning(cfg)
-    if getattr(pruning, "compact", False) and hasattr(pruning, "compact_path") and pruning.compact_path is None:
+    pruning = instantiate_pruning(cfg)
+    if pruning is not None and pruning.compact and pruning.compact_path is None:
         pruning.compact_path = output_dir / "compact.pt"  # the run directory, next to metrics.json
-    start_epoch = (cfg.pruning.get("start_epoch") or 0) if pruning else 0
-    dense_probe = AccuracyAtEpochStart(epoch=start_epoch)
-    # Callbacks run in list order: the probe sees the model before the pruning callback touches it, and the
-    # sensitivity analysis hands its per-layer targets over before the first pruning step.
-    allocation = instantiate_allocation(cfg, output_dir) if pruning else None
-    callbacks: list[L.Callback] = [dense_probe, *([allocation] if allocation else []), pruning] if pruning else []
-    distillation = instantiate_distillation(cfg)
+    start_epoch = pruning.start_epoch if pruning else 0
+    # The pruning callback runs the probe and the sensitivity analysis right before its pruning step.
+    dense_probe = AccuracyAtEpochStart(epoch=start_epoch, pruning=pruning)
+    allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning else None
+    callbacks: list[L.Callback] = [pruning, dense_probe, *([allocation] if allocation else [])] if pruning else []
+    distillation = instantiate_distillation(cfg, pruning)
     if distillation is not None:
         callbacks.append(distillation)
     callbacks += instantiate_callbacks(cfg)
@@ -459,7 +487,7 @@ def train(cfg: DictConfig) -> float:
         return final_acc
 
     compaction = compaction_metrics(pruning)
-    if compaction is not None:
+    if compaction is not None and pruning is not None and pruning.compact_model is not None:
         # The compact model computes what the masked one does; measured alike, the two accuracies agree.
         compaction["test_acc"] = evaluate_accuracy(pruning.compact_model, datamodule.test_dataloader())
 
@@ -477,7 +505,7 @@ def train(cfg: DictConfig) -> float:
         "status": "ok",
         "dense_test_acc": dense_acc,
         "pruned_test_acc": final_acc,
-        "target_sparsity": float(cfg.pruning.get("sparsity", pruning.sparsity)) if pruning else 0.0,
+        "target_sparsity": pruning.sparsity if pruning else 0.0,
         "sparsity": float(pruning.achieved_sparsity) if pruning else weight_sparsity(net),
         "sparsity_of": unit,
         "weight_sparsity": weight_sparsity(net),

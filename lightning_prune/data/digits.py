@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
@@ -18,6 +17,18 @@ __all__ = ["DigitsDataModule"]
 
 _MAX_PIXEL = 16.0  # `load_digits` pixels are integers in [0, 16].
 _SIDE = 8  # `load_digits` images are 8x8.
+
+
+def _sklearn() -> tuple[Any, Any]:
+    """scikit-learn's ``load_digits`` and ``train_test_split``, or an ``ImportError`` saying how to install it."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:  # pragma: no cover - scikit-learn is installed in the test environment
+        raise ImportError(
+            "The digits datamodule reads scikit-learn's bundled digits: `pip install 'lightning-prune[digits]'`."
+        ) from error
+    return load_digits, train_test_split
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -122,6 +133,7 @@ class DigitsDataModule(ClassificationDataModule[TensorDataset]):
         Returns:
             Three disjoint, sorted index arrays covering every sample.
         """
+        load_digits, train_test_split = _sklearn()
         labels = load_digits().target
         indices = np.arange(len(labels))
         rest, test = train_test_split(indices, test_size=self.test_fraction, stratify=labels, random_state=self.seed)
@@ -137,6 +149,7 @@ class DigitsDataModule(ClassificationDataModule[TensorDataset]):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        load_digits, _ = _sklearn()
         digits = load_digits()
         images = torch.from_numpy(digits.data / _MAX_PIXEL).float().reshape(-1, 1, _SIDE, _SIDE)
         images = resize_images(images, self.image_size).expand(-1, self.channels, -1, -1).contiguous()

@@ -113,18 +113,19 @@ class ChannelStructure(Structure):
                     f"{self.max_layer_sparsity}: {over}. Lower their targets or raise `max_layer_sparsity`."
                 )
             return
+        single = float(sparsity)  # type: ignore[arg-type]
         if scope == "layer":
-            if sparsity > self.max_layer_sparsity:
+            if single > self.max_layer_sparsity:
                 raise ValueError(
-                    f"Cannot prune {sparsity:.0%} of every layer's channels with `max_layer_sparsity`="
+                    f"Cannot prune {single:.0%} of every layer's channels with `max_layer_sparsity`="
                     f"{self.max_layer_sparsity}. Lower the sparsity or raise `max_layer_sparsity`."
                 )
             return
         total = masks.num_channels()
         room = sum(g.channels - self._min_keep(g) for g in masks.groups)
-        if round(sparsity * total) > room:
+        if round(single * total) > room:
             raise ValueError(
-                f"Cannot prune {sparsity:.0%} of the channels: with `max_layer_sparsity`={self.max_layer_sparsity} "
+                f"Cannot prune {single:.0%} of the channels: with `max_layer_sparsity`={self.max_layer_sparsity} "
                 f"and `round_to`={self.round_to} at most {room / total:.1%} can go. Lower the sparsity or raise "
                 "`max_layer_sparsity`."
             )
