@@ -43,7 +43,7 @@ class _Checker:
     def integer(self, key: str, value: object, minimum: int, *, optional: bool = False) -> bool:
         if value is None and optional:
             return True
-        if not is_int(value) or value < minimum:  # type: ignore[operator]
+        if not is_int(value) or value < minimum:
             self.fail(key, value, f"must be an integer >= {minimum}" + (" or null" if optional else ""))
             return False
         return True
@@ -166,10 +166,7 @@ def _validate_trainer(check: _Checker, trainer: DictConfig) -> int | None:
         check.fail("trainer.gradient_clip_val", clip, "must be a number >= 0 (0 or null: no clipping)")
     interval = trainer.get("val_check_interval")
     if interval is not None and (
-        isinstance(interval, bool)
-        or not is_number(interval)
-        or interval <= 0
-        or (isinstance(interval, float) and interval > 1)
+        not is_number(interval) or interval <= 0 or (isinstance(interval, float) and interval > 1)
     ):
         check.fail(
             "trainer.val_check_interval",

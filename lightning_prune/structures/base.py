@@ -166,8 +166,11 @@ class Structure(ABC):
     name: str = ""
     #: True when :meth:`bind` needs example inputs to trace the model.
     needs_example_inputs: bool = False
-    #: The sparsity a pruner aims at when none is given (``None``: the pruner's default); N:M sets ``n / m``.
-    default_sparsity: float | None = None
+
+    @property
+    def default_sparsity(self) -> float | None:
+        """The sparsity a pruner aims at when none is given (``None``: the pruner's default); N:M gives ``n / m``."""
+        return None
 
     def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
         """The masks this structure prunes in ``module``: by default, the weight of every Linear and Conv
