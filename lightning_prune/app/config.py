@@ -35,7 +35,8 @@ SCHEMA_GROUP = "lightning_prune/schema"
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
-_SHARDED = ("fsdp", "deepspeed")
+#: Strategies that shard parameters across ranks, which pruning cannot work with (validation refuses them).
+SHARDED_STRATEGIES: tuple[str, ...] = ("fsdp", "deepspeed")
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune._helpers import is_int, is_number
-from lightning_prune.app.config import _SHARDED, OPTIMIZERS, ConfigError
+from lightning_prune.app.config import OPTIMIZERS, SHARDED_STRATEGIES, ConfigError
 from lightning_prune.criteria import IMPORTANCES
 from lightning_prune.schedules import SCHEDULES
 from lightning_prune.structures import STRUCTURES
@@ -259,7 +259,7 @@ def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | No
             "must be a number > 0 (the learning rates' factor once pruning ends; 0.1 as in Han et al., 2015)",
         )
     strategy = str(trainer.get("strategy", "")) if isinstance(trainer, DictConfig) else ""
-    if any(name in strategy.lower() for name in _SHARDED):
+    if any(name in strategy.lower() for name in SHARDED_STRATEGIES):
         check.fail("trainer.strategy", strategy, "pruning needs whole parameters on every rank: use 'ddp' or 'auto'")
 
 
