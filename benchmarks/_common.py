@@ -1,20 +1,29 @@
-"""Helpers shared by the benchmarks: environment report, robust statistics and markdown tables."""
+"""Helpers shared by the benchmarks: environment report, robust statistics, markdown tables, timing loops, and
+the waits and retries that keep a shared machine's load out of the measurements."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import hashlib
 import importlib.metadata
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 THREADS = 2
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 def cpu_name() -> str:
@@ -94,6 +103,21 @@ def quartiles(values: Sequence[float]) -> tuple[float, float]:
         return values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
+
+
+def median_iqr(values: Sequence[float]) -> str:
+    """``median [q1-q3]`` with two decimals, e.g. ``1.52 [1.48-1.60]``."""
+    q1, q3 = quartiles(values)
+    return f"{median(values):.2f} [{q1:.2f}-{q3:.2f}]"
+
+
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± sample std`` of ``values`` times ``scale`` (``-`` for none), e.g. ``+0.12 ± 0.30``."""
+    if not values:
+        return "-"
+    mean = statistics.mean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -178,3 +202,179 @@ def add_contention_arguments(
         help=f"discard and repeat a {unit} during which other processes used more cores than this on average",
     )
     parser.add_argument("--max-attempts", type=int, default=max_attempts, help=f"at most this many attempts per {unit}")
+
+
+def measure_quietly(
+    measure: Callable[[], R], args: argparse.Namespace, on_busy: Callable[[float, bool], None] | None = None
+) -> tuple[R, float]:
+    """``measure()`` after waiting for quiet (``--quiet-cores``), repeated while other processes used more than
+    ``--max-other-load`` cores during it, at most ``--max-attempts`` times in all; ``on_busy(cores, last)`` hears
+    of each busy attempt. Returns the last result and the other processes' load during it, in cores."""
+    for attempt in range(1, args.max_attempts + 1):
+        if args.quiet_cores > 0:
+            wait_for_quiet(args.quiet_cores, args.quiet_timeout)
+        with OtherLoad() as load:
+            result = measure()
+        if load.cores <= args.max_other_load:
+            break
+        if on_busy is not None:
+            on_busy(load.cores, attempt == args.max_attempts)
+    return result, load.cores
+
+
+def contention_note(args: argparse.Namespace) -> str:
+    """What :func:`quiet_blocks` does with the contention options, for a benchmark's environment lines."""
+    return (
+        f"before each block, wait up to {args.quiet_timeout:.0f} s for other processes to use < {args.quiet_cores} "
+        f"cores; a block during which they used > {args.max_other_load} cores on average is discarded and repeated"
+    )
+
+
+def report_discarded(who: str, cores: float) -> None:
+    """Say that a block of ``who`` was discarded (an ``on_discard`` for :func:`quiet_blocks`)."""
+    print(f"{who}: block discarded, other processes used {cores:.2f} cores", flush=True)
+
+
+def report_repeated(who: str, cores: float, last: bool) -> None:
+    """Say that ``who`` is measured again (an ``on_busy`` for :func:`measure_quietly`; silent on the last try)."""
+    if not last:
+        print(f"{who}: other processes used {cores:.2f} cores, repeated", flush=True)
+
+
+def quiet_blocks(
+    measure: Callable[[list[T]], R],
+    order: Sequence[T],
+    blocks: int,
+    args: argparse.Namespace,
+    *,
+    who: str,
+    shift_by_kept: bool = False,
+    on_discard: Callable[[float], None] | None = None,
+) -> tuple[list[R], int, list[float]]:
+    """``blocks`` results of ``measure(order)``, a timed block of what ``order`` lists, in that order rotated
+    (:func:`rotated`) by the attempt's number, or with ``shift_by_kept`` by the number of blocks kept so far.
+
+    Before each block, wait for other processes to go quiet (``--quiet-cores``); the first block is untimed; a block
+    during which they used more than ``--max-other-load`` cores on average is discarded (``on_discard(cores)``
+    hears of it) and repeated, at most ``(blocks + 1) * --max-attempts`` blocks in all.
+
+    Returns:
+        The kept results, how many were discarded, and the other processes' load during each kept block.
+
+    Raises:
+        RuntimeError: every block was discarded (``who`` names the measurement).
+    """
+    kept: list[R] = []
+    loads: list[float] = []
+    discarded = attempt = 0
+    while len(kept) < blocks and attempt < (blocks + 1) * args.max_attempts:
+        shift = len(kept) if shift_by_kept else attempt
+        if args.quiet_cores > 0:
+            wait_for_quiet(args.quiet_cores, args.quiet_timeout)
+        with OtherLoad() as load:
+            result = measure(rotated(order, shift))
+        attempt += 1
+        if attempt == 1:
+            continue  # untimed warm-up block
+        if load.cores > args.max_other_load:
+            discarded += 1
+            if on_discard is not None:
+                on_discard(load.cores)
+            continue
+        kept.append(result)
+        loads.append(load.cores)
+    if not kept:
+        raise RuntimeError(f"{who}: every block was discarded; the machine never went quiet")
+    return kept, discarded, loads
+
+
+# ------------------------------------------------------------------------------------------------- timing
+def rotated(items: Sequence[T], shift: int) -> list[T]:
+    """``items`` rotated left by ``shift`` places: the order of block or round ``shift``, so that the machine's
+    drifts hit every item alike."""
+    start = shift % len(items)
+    return [*items[start:], *items[:start]]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector collected once, then paused inside the block."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def median_seconds(run: Callable[[Any], object], x: Any, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls ``run(x)``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def warm_up(runs: Mapping[str, Callable[[Any], object]], inputs: Mapping[int, Any], calls: int = 3) -> None:
+    """``calls`` untimed calls of every run on every input, under ``torch.inference_mode()``."""
+    import torch
+
+    with torch.inference_mode():
+        for run in runs.values():
+            for x in inputs.values():
+                for _ in range(calls):
+                    run(x)
+
+
+def time_block(
+    runs: Mapping[str, Callable[[Any], object]],
+    inputs: Mapping[int, Any],
+    order: Sequence[str],
+    repeats: Mapping[int, int],
+) -> dict[tuple[str, int], float]:
+    """Median seconds per call of each run at each batch size, ``{(run, batch): seconds}``: at each batch size of
+    ``inputs`` in turn, the runs in ``order``, ``repeats[batch]`` calls each; under ``torch.inference_mode()``,
+    the garbage collector paused."""
+    import torch
+
+    result = {}
+    with gc_paused(), torch.inference_mode():
+        for batch, x in inputs.items():
+            for name in order:
+                result[(name, batch)] = median_seconds(runs[name], x, repeats[batch])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ Lightning
+def quiet_lightning(*messages: str) -> None:
+    """Keep a benchmark's output to its measurements: Lightning's and our info lines off, and the warnings that
+    are expected here (in-memory data without workers, a deprecation inside Lightning) and ``messages`` (regular
+    expressions) ignored."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "lightning_prune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    for message in messages:
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+def cpu_trainer(max_epochs: int, callbacks: list[Any] | None = None, *, deterministic: bool = True) -> Any:
+    """A bare CPU ``Trainer`` for timing and accuracy runs: one device, no logger, checkpoints, progress bar,
+    model summary or validation."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks or [],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=deterministic,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )

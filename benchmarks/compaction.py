@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -49,14 +49,16 @@ from typing import Any
 
 from _common import (
     THREADS,
-    OtherLoad,
     add_contention_arguments,
+    contention_note,
     environment,
     markdown_table,
     median,
-    quartiles,
+    median_iqr,
+    quiet_blocks,
+    time_block,
     version,
-    wait_for_quiet,
+    warm_up,
 )
 
 RATIOS = (0.3, 0.5, 0.7)
@@ -141,37 +143,6 @@ def _widths(model: Any) -> str:
     return ",".join(str(m.out_channels) for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def _time(model: Any, x: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
-def _block(models: dict[str, Any], inputs: dict[int, Any], order: list[str], repeats: dict[int, int]) -> dict:
-    """Median seconds per forward of each variant at each batch size: {(variant, batch): seconds}."""
-    import torch
-
-    result = {}
-    gc.collect()
-    gc.disable()
-    try:
-        with torch.inference_mode():
-            for batch in BATCHES:
-                for name in order:
-                    result[(name, batch)] = _time(models[name], inputs[batch], repeats[batch])
-    finally:
-        gc.enable()
-    return result
-
-
-def _ratio(values: list[float]) -> str:
-    q1, q3 = quartiles(values)
-    return f"{median(values):.2f} [{q1:.2f}-{q3:.2f}]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="ResNet-20 and VGG-11 at 50%%, 3 blocks, fewer repeats")
@@ -218,9 +189,7 @@ def main() -> None:
                 "ignored_layers=[<classifier>]) -> step()",
                 "timing": f"batch 1: median of {repeats[1]} forwards, batch 64: median of {repeats[64]}, per "
                 f"variant per block; {blocks} blocks (+1 untimed), order rotating; inference_mode",
-                "contention": f"before each block, wait up to {args.quiet_timeout:.0f} s for other processes to use "
-                f"< {args.quiet_cores} cores; a block during which they used > {args.max_other_load} cores on "
-                "average is discarded and repeated",
+                "contention": contention_note(args),
             },
             threads=args.threads,
         )
@@ -264,30 +233,14 @@ def main() -> None:
                 f"[{_widths(models['TP'])}]",
                 flush=True,
             )
-            with torch.inference_mode():
-                for m in models.values():
-                    for b in BATCHES:
-                        for _ in range(3):
-                            m(inputs[b])
-            per_block: list[dict] = []
-            loads: list[float] = []
-            discarded = attempt = 0
-            while len(per_block) < blocks and attempt < (blocks + 1) * args.max_attempts:
-                order = list(present[attempt % len(present) :] + present[: attempt % len(present)])
-                if args.quiet_cores > 0:
-                    wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-                with OtherLoad() as load:
-                    result = _block(models, inputs, order, repeats)
-                attempt += 1
-                if attempt == 1:
-                    continue  # untimed
-                if load.cores > args.max_other_load:
-                    discarded += 1
-                    continue
-                per_block.append(result)
-                loads.append(load.cores)
-            if not per_block:
-                raise RuntimeError(f"{label} {ratio:.0%}: every block was discarded; the machine never went quiet")
+            warm_up(models, inputs)
+            per_block, discarded, loads = quiet_blocks(
+                functools.partial(time_block, models, inputs, repeats=repeats),
+                present,
+                blocks,
+                args,
+                who=f"{label} {ratio:.0%}",
+            )
             notes.append(
                 f"{label} {ratio:.0%}: {len(per_block)} blocks kept, {discarded} discarded, other load median "
                 f"{median(loads):.2f} cores"
@@ -334,10 +287,10 @@ def main() -> None:
                         f"{params[k]:,}",
                         f"{macs[k] / 1e6:.1f}M",
                         f"{mac_ratio:.2f}",
-                        _ratio(speed[1]),
-                        _ratio(speed[64]),
+                        median_iqr(speed[1]),
+                        median_iqr(speed[64]),
                         f"{median(realised):.2f}",
-                        "-" if k == "ours" else _ratio(vs_ours),
+                        "-" if k == "ours" else median_iqr(vs_ours),
                     ]
                 )
 

@@ -52,14 +52,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +66,20 @@ from typing import Any
 
 from _common import (
     THREADS,
-    OtherLoad,
     add_contention_arguments,
+    cpu_trainer,
     environment,
     markdown_table,
+    mean_std,
+    measure_quietly,
     median,
     quartiles,
+    quiet_blocks,
+    quiet_lightning,
+    report_discarded,
+    report_repeated,
+    rotated,
     version,
-    wait_for_quiet,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,25 +148,9 @@ DENSE = ("pruning=none",)  # plus optimizer.lr_milestones=[end_epoch]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
-    if not values:
-        return "-"
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
-
-
 def _short(name: str) -> str:
     """``model.features.1.weight`` -> ``features.1``."""
     return name.removeprefix("model.").removesuffix(".weight")
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "lightning_prune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*self\.log\(\)` but the `self\.trainer` reference.*")
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
@@ -264,7 +253,7 @@ def accuracy_tables(args: argparse.Namespace, seeds: list[int], results: dict[st
                     continue
                 diffs = [a - m["pruned_test_acc"] for a, m in zip(acc, ref_runs)]
                 better, worse = sum(d > 1e-12 for d in diffs), sum(d < -1e-12 for d in diffs)
-                deltas.append(_mean_std(diffs, signed=True) + f" vs {reference}")
+                deltas.append(mean_std(diffs, 100, signed=True) + f" vs {reference}")
                 tallies.append(f"{better} / {len(diffs) - better - worse} / {worse}")
             delta, tally = "; ".join(deltas) or "-", "; ".join(tallies) or "-"
             unit = ok[0]["sparsity_of"]
@@ -273,13 +262,13 @@ def accuracy_tables(args: argparse.Namespace, seeds: list[int], results: dict[st
                     model.upper(),
                     v.setting,
                     v.criterion,
-                    _mean_std([m["dense_test_acc"] for m in ok]),
-                    _mean_std(acc),
+                    mean_std([m["dense_test_acc"] for m in ok], 100),
+                    mean_std(acc, 100),
                     delta,
                     tally,
-                    _mean_std([m["sparsity"] for m in ok], 1.0, 4) + f" of {unit}",
-                    _mean_std([m["weight_sparsity"] for m in ok], 1.0, 4),
-                    _mean_std([m["wall_time_s"] for m in ok], 1.0, 1),
+                    mean_std([m["sparsity"] for m in ok], 1.0, 4) + f" of {unit}",
+                    mean_std([m["weight_sparsity"] for m in ok], 1.0, 4),
+                    mean_std([m["wall_time_s"] for m in ok], 1.0, 1),
                 ]
             )
         for seed in seeds:
@@ -290,7 +279,8 @@ def accuracy_tables(args: argparse.Namespace, seeds: list[int], results: dict[st
             }
             dense_same.append(f"{model.upper()} seed {seed}: {'identical' if len(values) == 1 else sorted(values)}")
         full = [dense[_key(model, s, DENSE)] for s in seeds]
-        acc, wall = _mean_std([m["pruned_test_acc"] for m in full]), _mean_std([m["wall_time_s"] for m in full], 1.0, 1)
+        acc = mean_std([m["pruned_test_acc"] for m in full], 100)
+        wall = mean_std([m["wall_time_s"] for m in full], 1.0, 1)
         rows.append([model.upper(), "dense", "pruning=none, same epochs", "-", acc, "-", "-", "-", "-", wall])
 
     note = (
@@ -356,24 +346,6 @@ def _base_module(model: str) -> Any:
     return ImageClassifier(net, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def _trainer(max_epochs: int, callbacks: list[Any]) -> Any:
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 class _StepClock:
     """Times training steps of ``epochs``: started by the first callback of the list, stopped by the last."""
 
@@ -414,7 +386,7 @@ def _fit_steps(base: Any, datamodule: Any, structure: str, criterion: str, steps
         report_latency=False,
     )
     clock = _StepClock(epochs=(1, 2))
-    _trainer(4, [clock.start, pruning, clock.stop]).fit(copy.deepcopy(base), datamodule=datamodule)
+    cpu_trainer(4, [clock.start, pruning, clock.stop]).fit(copy.deepcopy(base), datamodule=datamodule)
     return clock.times
 
 
@@ -443,7 +415,7 @@ def _interleaved(base: Any, datamodule: Any, rounds: int) -> dict[tuple[str, str
     times: dict[tuple[str, str], list[float]] = {v: [] for v in order}
     for r in range(warmup + rounds):
         batch = batches[r % len(batches)]
-        for variant in order[r % len(order) :] + order[: r % len(order)]:
+        for variant in rotated(order, r):
             module, optimizer, masks, importance = setups[variant]
             start = time.perf_counter()
             optimizer.zero_grad()
@@ -461,6 +433,16 @@ def _interleaved(base: Any, datamodule: Any, rounds: int) -> dict[tuple[str, str
     return times
 
 
+def _fit_block(
+    base: Any, datamodule: Any, steps_per_epoch: int, order: list[tuple[str, str]]
+) -> dict[tuple[str, str], float]:
+    """One overhead block: the median step of a fit per variant, in ``order``."""
+    return {
+        (structure, criterion): median(_fit_steps(base, datamodule, structure, criterion, steps_per_epoch))
+        for structure, criterion in order
+    }
+
+
 def overhead_table(
     args: argparse.Namespace, blocks: int, rounds: int, accuracy: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any]]:
@@ -476,49 +458,27 @@ def overhead_table(
     raw: dict[str, Any] = {}
     for model in args.models:
         base = _base_module(model)
-        medians: dict[tuple[str, str], list[float]] = {v: [] for v in OVERHEAD_VARIANTS}
-        loads: list[float] = []
-        discarded = attempt = 0
-        while len(loads) < blocks and attempt < (blocks + 1) * args.max_attempts:
-            block = len(loads)
-            order = (
-                OVERHEAD_VARIANTS[block % len(OVERHEAD_VARIANTS) :]
-                + OVERHEAD_VARIANTS[: block % len(OVERHEAD_VARIANTS)]
-            )
-            if args.quiet_cores > 0:
-                wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-            step: dict[tuple[str, str], float] = {}
-            with OtherLoad() as load:
-                for structure, criterion in order:
-                    step[(structure, criterion)] = median(
-                        _fit_steps(base, datamodule, structure, criterion, steps_per_epoch)
-                    )
-            attempt += 1
-            if attempt == 1:
-                continue  # untimed warm-up block
-            if load.cores > args.max_other_load:
-                discarded += 1
-                print(f"{model}: block discarded, other processes used {load.cores:.2f} cores", flush=True)
-                continue
-            loads.append(load.cores)
-            for variant in OVERHEAD_VARIANTS:
-                medians[variant].append(step[variant])
-        if not loads:
-            raise RuntimeError(f"{model}: every block was discarded; the machine never went quiet")
+        steps, discarded, loads = quiet_blocks(
+            functools.partial(_fit_block, base, datamodule, steps_per_epoch),
+            OVERHEAD_VARIANTS,
+            blocks,
+            args,
+            who=model,
+            shift_by_kept=True,
+            on_discard=functools.partial(report_discarded, model),
+        )
+        medians = {variant: [step[variant] for step in steps] for variant in OVERHEAD_VARIANTS}
         print(
             f"{model}: {len(loads)} blocks kept, {discarded} discarded; other processes used at most "
             f"{max(loads):.2f} cores during a kept block",
             flush=True,
         )
-        for attempt in range(1, args.max_attempts + 1):
-            if args.quiet_cores > 0:
-                wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-            with OtherLoad() as plain_load:
-                plain = _interleaved(base, datamodule, rounds)
-            if plain_load.cores <= args.max_other_load or attempt == args.max_attempts:
-                break
-            print(f"{model}: plain loop: other processes used {plain_load.cores:.2f} cores, repeated", flush=True)
-        print(f"{model}: plain loop: other processes used {plain_load.cores:.2f} cores", flush=True)
+        plain, plain_load = measure_quietly(
+            functools.partial(_interleaved, base, datamodule, rounds),
+            args,
+            functools.partial(report_repeated, f"{model}: plain loop"),
+        )
+        print(f"{model}: plain loop: other processes used {plain_load:.2f} cores", flush=True)
         raw[model] = {
             f"{structure} {criterion}": {
                 "fit_block_medians_ms": [t * 1e3 for t in medians[(structure, criterion)]],
@@ -598,7 +558,7 @@ def _run_wall(accuracy: dict[str, Any] | None, model: str, structure: str, crite
         for k, m in accuracy["runs"].items()
         if k.startswith(f"{model} seed ") and k.endswith(f"[{' '.join(variant.overrides)}]") and "error" not in m
     ]
-    return _mean_std(walls, 1.0, 1) if walls else "-"
+    return mean_std(walls, 1.0, 1) if walls else "-"
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -637,7 +597,7 @@ def main() -> None:
     import lightning_prune.app.train  # noqa: F401  (registers the config schemas)
 
     torch.set_num_threads(THREADS)
-    _quiet_lightning()
+    quiet_lightning(r".*self\.log\(\)` but the `self\.trainer` reference.*")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         shown = compose(config_name="config", overrides=[f"seed={seeds[0]}", *common])
     pruning = OmegaConf.to_container(shown.pruning, resolve=True)

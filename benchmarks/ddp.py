@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import environment, markdown_table
+from _common import environment, markdown_table, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,17 +78,12 @@ def main() -> None:
         )
         print(f"seed {seed}: done")
 
-    def spread(values: list[float], scale: float = 1.0) -> str:
-        mean = statistics.mean(values) * scale
-        std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-        return f"{mean:+.2f} ± {std:.2f}"
-
     rows.append(
         [
             "DDP - one, mean ± std",
-            spread(diffs["sparsity"]),
-            f"{spread(diffs['dense'], 100)} pp",
-            f"{spread(diffs['pruned'], 100)} pp",
+            mean_std(diffs["sparsity"], signed=True),
+            f"{mean_std(diffs['dense'], 100, signed=True)} pp",
+            f"{mean_std(diffs['pruned'], 100, signed=True)} pp",
             "",
             "",
         ]

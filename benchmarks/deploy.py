@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
+import functools
 import math
 import tempfile
 import time
@@ -58,14 +58,19 @@ from typing import Any
 
 from _common import (
     THREADS,
-    OtherLoad,
     add_contention_arguments,
+    contention_note,
     environment,
     markdown_table,
+    measure_quietly,
     median,
-    quartiles,
+    median_iqr,
+    median_seconds,
+    quiet_blocks,
+    time_block,
     version,
     wait_for_quiet,
+    warm_up,
 )
 
 BATCHES = (1, 64)
@@ -138,62 +143,8 @@ def _bits(tensor: Any) -> Any:
     return flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
 
 
-def _time(run: Callable[[Any], Any], x: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
-def _block(runs: dict[str, Callable[[Any], Any]], inputs: dict[int, Any], order: list[str], repeats: dict[int, int]):
-    import torch
-
-    result = {}
-    gc.collect()
-    gc.disable()
-    try:
-        with torch.inference_mode():
-            for batch in BATCHES:
-                for name in order:
-                    result[(name, batch)] = _time(runs[name], inputs[batch], repeats[batch])
-    finally:
-        gc.enable()
-    return result
-
-
-def _ratio(values: list[float]) -> str:
-    q1, q3 = quartiles(values)
-    return f"{median(values):.2f} [{q1:.2f}-{q3:.2f}]"
-
-
 def _mb(size: int) -> str:
     return f"{size / 2**20:.2f} MB" if size >= 2**20 else f"{size / 2**10:.1f} kB"
-
-
-def _blocks(runs, inputs, repeats, args) -> tuple[list[dict], int, list[float]]:
-    present = list(runs)
-    per_block: list[dict] = []
-    loads: list[float] = []
-    discarded = attempt = 0
-    while len(per_block) < args.blocks and attempt < (args.blocks + 1) * args.max_attempts:
-        order = present[attempt % len(present) :] + present[: attempt % len(present)]
-        if args.quiet_cores > 0:
-            wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-        with OtherLoad() as load:
-            result = _block(runs, inputs, order, repeats)
-        attempt += 1
-        if attempt == 1:
-            continue  # untimed
-        if load.cores > args.max_other_load:
-            discarded += 1
-            continue
-        per_block.append(result)
-        loads.append(load.cores)
-    if not per_block:
-        raise RuntimeError("every block was discarded: the machine never went quiet")
-    return per_block, discarded, loads
 
 
 def _break_even(args: argparse.Namespace, repeats: dict[int, int]) -> list[list[str]]:
@@ -236,15 +187,12 @@ def _break_even(args: argparse.Namespace, repeats: dict[int, int]) -> list[list[
                 layer.weight.mul_(torch.rand(layer.weight.shape, generator=generator) >= sparsity)
             for batch in BATCHES:
                 with torch.inference_mode():
-                    seconds = _time(layer, torch.randn(batch, *sample, generator=generator), 5)
+                    seconds = median_seconds(layer, torch.randn(batch, *sample, generator=generator), 5)
                 calls = max(2 * repeats[batch] + 1, math.ceil(args.min_variant_ms / 1e3 / max(seconds, 1e-6)))
-                for _ in range(args.max_attempts):  # repeated while other processes load the machine
-                    if args.quiet_cores > 0:
-                        wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-                    with OtherLoad() as load:
-                        times = measure_kernels(layer, sample, (batch,), repeats=calls, threads=args.threads)
-                    if load.cores <= args.max_other_load:
-                        break
+                measure = functools.partial(
+                    measure_kernels, layer, sample, (batch,), repeats=calls, threads=args.threads
+                )
+                times, _ = measure_quietly(measure, args)  # repeated while other processes load the machine
                 for kernel in SPARSE_KERNELS:
                     ratios[(kernel, batch, sparsity)] = times["dense"][batch] / times[kernel][batch]
                 if sparsity == 0.95:
@@ -308,7 +256,7 @@ def _semi_structured(args: argparse.Namespace) -> str:
                     torch.cuda.synchronize()
                     times[name] = start.elapsed_time(end) / 20
                 ratios.append(times["dense"] / times["2:4"])
-        rows.append([str(batch), f"{times['dense']:.3f}", f"{times['2:4']:.3f}", _ratio(ratios), f"{error:.1e}"])
+        rows.append([str(batch), f"{times['dense']:.3f}", f"{times['2:4']:.3f}", median_iqr(ratios), f"{error:.1e}"])
     header = ["batch", "dense ms", "2:4 ms", "dense/2:4", "relative error"]
     return f"2:4 semi-structured on {torch.cuda.get_device_name()} (fp16, Linear 4096 x3):\n" + markdown_table(
         header, rows
@@ -359,9 +307,7 @@ def main() -> None:
                 "timing": f"batch 1: median of {repeats[1]} calls, batch 64: median of {repeats[64]}, per variant "
                 f"per block, more for fast models (at least {args.min_variant_ms:g} ms of calls per variant); "
                 f"{args.blocks} blocks (+1 untimed), order rotating; inference_mode",
-                "contention": f"before each block, wait up to {args.quiet_timeout:.0f} s for other processes to use "
-                f"< {args.quiet_cores} cores; a block during which they used > {args.max_other_load} cores on "
-                "average is discarded and repeated",
+                "contention": contention_note(args),
             },
             threads=args.threads,
         )
@@ -415,18 +361,23 @@ def main() -> None:
         if converted.converted():
             runs["sparse kernels"] = converted.model
         inputs = {b: x[:1].expand(b, *sample).contiguous() for b in BATCHES}
+        warm_up(runs, inputs)
         with torch.inference_mode():
-            for run in runs.values():
-                for b in BATCHES:
-                    for _ in range(3):
-                        run(inputs[b])
             # At least --min-variant-ms of calls per variant and batch size: a block of a few milliseconds would
             # make the other processes' load (counted in 10 ms ticks) meaningless, and one stall decisive.
             case_repeats = {
-                b: max(repeats[b], math.ceil(args.min_variant_ms / 1e3 / max(_time(dense, inputs[b], 5), 1e-6)))
+                b: max(
+                    repeats[b], math.ceil(args.min_variant_ms / 1e3 / max(median_seconds(dense, inputs[b], 5), 1e-6))
+                )
                 for b in BATCHES
             }
-        per_block, discarded, loads = _blocks(runs, inputs, case_repeats, args)
+        per_block, discarded, loads = quiet_blocks(
+            functools.partial(time_block, runs, inputs, repeats=case_repeats),
+            list(runs),
+            args.blocks,
+            args,
+            who=f"{label} {sparsity:.0%}",
+        )
         notes.append(
             f"{label} {sparsity:.0%}: {len(per_block)} blocks kept, {discarded} discarded, other load median "
             f"{median(loads):.2f} cores, {case_repeats[1]} / {case_repeats[64]} calls per variant"
@@ -447,7 +398,7 @@ def main() -> None:
                 if k not in runs:
                     row.append("dense kept")
                     continue
-                row.append(_ratio([r[("dense", batch)] / r[(k, batch)] for r in per_block]))
+                row.append(median_iqr([r[("dense", batch)] / r[(k, batch)] for r in per_block]))
         latency_rows.append(row)
 
     break_even = [] if args.no_break_even else _break_even(args, repeats)

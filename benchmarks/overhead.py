@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import logging
+import functools
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,10 +50,15 @@ from _common import (
     THREADS,
     OtherLoad,
     add_contention_arguments,
+    cpu_trainer,
     environment,
+    gc_paused,
     markdown_table,
+    measure_quietly,
     median,
     quartiles,
+    quiet_lightning,
+    rotated,
     wait_for_quiet,
 )
 
@@ -85,7 +88,7 @@ def _instrument(variant: str, clock: HookClock) -> Iterator[None]:
     """Wrap the pruning hooks of ``variant`` so that their wall time adds up in ``clock``."""
     from torch.nn.utils import prune
 
-    from lightning_prune import masking
+    from lightning_prune.masks import maskset as masking
 
     targets: list[tuple[Any, str]] = []
     if variant == "PruningCallback":
@@ -178,7 +181,6 @@ def _fit(
     build: Callable[[], Any], variant: str, seed: int, epochs: int, warmup: int, instrument: bool = False
 ) -> dict[str, float]:
     """One fit: the timer's results and the sparsity of the prunable weights at the end."""
-    import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelPruning
 
@@ -208,26 +210,9 @@ def _fit(
                 verbose=0,
             )
         )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        deterministic=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-    gc.collect()
-    gc.disable()
-    try:
-        with _instrument(variant, clock) if clock is not None else contextlib.nullcontext():
-            trainer.fit(module, datamodule=datamodule)
-    finally:
-        gc.enable()
+    trainer = cpu_trainer(epochs, callbacks, deterministic=False)
+    with gc_paused(), _instrument(variant, clock) if clock is not None else contextlib.nullcontext():
+        trainer.fit(module, datamodule=datamodule)
     result = {**timer.result(), "sparsity": _sparsity(pairs, variant) if variant != "none" else 0.0}
     if clock is not None and not clock.available:
         result["hook_ms_per_step"] = float("nan")
@@ -278,24 +263,24 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
         opts[v].step()
         return time.perf_counter() - start
 
-    orders = [VARIANTS[i:] + VARIANTS[:i] for i in range(len(VARIANTS))]
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         for i in range(warmup + rounds):
-            t = {v: step(v, i) for v in orders[i % len(orders)]}
+            t = {v: step(v, i) for v in rotated(VARIANTS, i)}
             if i >= warmup:
                 for v in VARIANTS:
                     times[v].append(t[v])
-    finally:
-        gc.enable()
     masks.detach()
     sparsity = {
         "PruningCallback": masks.sparsity(),
         "ModelPruning": _sparsity(pairs, "ModelPruning"),
     }
     return {"times": times, "sparsity": sparsity}
+
+
+def _report_busy_plain_loop(label: str, cores: float, last: bool) -> None:
+    print(f"{label}: plain loop: other processes used {cores:.2f} cores", end="")
+    print(", kept (last attempt)" if last else ", repeated", flush=True)
 
 
 def _spread(values: list[float]) -> str:
@@ -325,13 +310,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     # Keep the output to the measurements: Lightning's per-Trainer info lines, our end-of-fit sparsity table
-    # and three warnings that are expected here (in-memory data without workers; fewer batches per epoch than
-    # the logging interval; a deprecation inside Lightning's own code).
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "lightning_prune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # and the warnings that are expected here, fewer batches per epoch than the logging interval among them.
+    quiet_lightning(r".*smaller than the logging interval.*")
 
     models = dict(_models()[key] for key in args.models)
     orders = [VARIANTS[i:] + VARIANTS[:i] for i in range(len(VARIANTS))]
@@ -403,19 +383,15 @@ def main() -> None:
             for v in VARIANTS[1:]:
                 hooks[v].append(_fit(build, v, args.seed + i, epochs, args.warmup, instrument=True)["hook_ms_per_step"])
         print(f"{label}: hook time per step (instrumented fits): {hooks}", flush=True)
-        for attempt in range(1, args.max_attempts + 1):
-            if args.quiet_cores > 0:
-                wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-            with OtherLoad() as plain_load:
-                plain = _interleaved(build, args.seed, rounds, warmup=50)
-            if plain_load.cores <= args.max_other_load:
-                break
-            print(f"{label}: plain loop: other processes used {plain_load.cores:.2f} cores", end="")
-            print(", repeated" if attempt < args.max_attempts else ", kept (last attempt)", flush=True)
+        plain, plain_load = measure_quietly(
+            functools.partial(_interleaved, build, args.seed, rounds, warmup=50),
+            args,
+            functools.partial(_report_busy_plain_loop, label),
+        )
         print(
             f"{label}: plain loop, {rounds} rounds step-interleaved: median step ms "
             + ", ".join(f"{v} {1e3 * median(t):.3f}" for v, t in plain["times"].items())
-            + f"; sparsity {plain['sparsity']}; other processes {plain_load.cores:.2f} cores",
+            + f"; sparsity {plain['sparsity']}; other processes {plain_load:.2f} cores",
             flush=True,
         )
         notes.append(

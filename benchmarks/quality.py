@@ -21,22 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import statistics
 import tempfile
-import warnings
 from pathlib import Path
 
-from _common import THREADS, environment, markdown_table
+from _common import THREADS, environment, markdown_table, mean_std, quiet_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["trainer.max_epochs=4", "pruning.start_epoch=1", "pruning.end_epoch=2"]
-
-
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2, signed: bool = False) -> str:
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
 
 
 def _test_size(cfg: object) -> int | None:
@@ -73,10 +64,7 @@ def main() -> None:
     from lightning_prune.app.train import train
 
     torch.set_num_threads(THREADS)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "lightning_prune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    quiet_lightning()
 
     def resolved(node: object) -> object:
         return OmegaConf.to_container(node, resolve=True)  # type: ignore[arg-type]
@@ -157,18 +145,18 @@ def main() -> None:
     drops = [d - p for d, p in zip(col["dense_test_acc"], col["pruned_test_acc"])]
     summary = [
         "mean ± std",
-        _mean_std(col["dense_test_acc"], 100),
-        _mean_std(col["pruned_test_acc"], 100),
-        _mean_std(drops, 100, signed=True),
-        _mean_std(col["sparsity"], digits=4),
-        _mean_std(col["wall_time_s"], digits=1),
+        mean_std(col["dense_test_acc"], 100),
+        mean_std(col["pruned_test_acc"], 100),
+        mean_std(drops, 100, signed=True),
+        mean_std(col["sparsity"], digits=4),
+        mean_std(col["wall_time_s"], digits=1),
     ]
     header = ["seed", "dense test acc", "pruned test acc", "drop (points)", "achieved sparsity", "wall s"]
     if baseline:
         full = [m["full_dense_test_acc"] for _, m in results]
         summary += [
-            _mean_std(full, 100),
-            _mean_std([f - p for f, p in zip(full, col["pruned_test_acc"])], 100, signed=True),
+            mean_std(full, 100),
+            mean_std([f - p for f, p in zip(full, col["pruned_test_acc"])], 100, signed=True),
         ]
         header += ["dense, pruning=none, same epochs", "drop vs it (points)"]
     rows.append(summary)

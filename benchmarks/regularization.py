@@ -37,32 +37,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-import statistics
+import functools
 import time
-import warnings
-from collections.abc import Sequence
 from typing import Any
 
 from _common import (
     THREADS,
-    OtherLoad,
     add_contention_arguments,
+    cpu_trainer,
     environment,
     markdown_table,
+    mean_std,
+    measure_quietly,
     median,
     quartiles,
-    wait_for_quiet,
+    quiet_blocks,
+    quiet_lightning,
+    report_discarded,
+    report_repeated,
+    rotated,
 )
 
 SPARSITIES = (0.8, 0.9, 0.95)
 CHANNEL_SPARSITY = 0.5
-
-
-def _mean_std(values: Sequence[float], scale: float = 100.0, signed: bool = False) -> str:
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:{'+' if signed else ''}.2f} ± {std:.2f}"
 
 
 def main() -> None:
@@ -91,11 +88,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "lightning_prune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*`self.trainer` reference is not registered.*")  # the plain loop
+    quiet_lightning(r".*`self.trainer` reference is not registered.*")  # the plain loop
 
     print("Sparsity-inducing training, fine-tuning and distillation on the digits MLP and CNN")
     print(
@@ -127,24 +120,6 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- accuracy
-def _trainer(max_epochs: int, callbacks: list[Any] | None = None) -> Any:
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks or [],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 def _module(model: str, seed: int, reg_kind: str = "l1", reg_lambda: float = 0.0, milestones: tuple = ()) -> Any:
     import torch
 
@@ -199,7 +174,7 @@ def _finetune(module: Any, datamodule: Any, structure: str, sparsity: float, epo
     ]
     if kd:
         callbacks.append(DistillationCallback(alpha=0.5, temperature=4.0))  # teacher: the dense model at epoch 0
-    _trainer(epochs, callbacks).fit(student, datamodule=datamodule)
+    cpu_trainer(epochs, callbacks).fit(student, datamodule=datamodule)
     return student
 
 
@@ -226,7 +201,7 @@ def accuracy_tables(args: argparse.Namespace, seeds: list[int], epochs: int, fin
                 trained["bn_slimming"] = _module(model, seed, "bn_slimming", args.bn_slimming, drop)
             for name, module in trained.items():
                 start = time.perf_counter()
-                _trainer(epochs).fit(module, datamodule=datamodule)
+                cpu_trainer(epochs).fit(module, datamodule=datamodule)
                 dense.setdefault((model, name), []).append(evaluate_accuracy(module, test))
                 print(
                     f"{model} seed {seed}: {name} dense {dense[(model, name)][-1]:.4f} "
@@ -271,11 +246,11 @@ def accuracy_tables(args: argparse.Namespace, seeds: list[int], epochs: int, fin
                 model.upper(),
                 name.replace("_", " "),
                 what,
-                _mean_std(cell["dense"]),
-                _mean_std(cell["at pruning"]),
-                _mean_std(drops, signed=True),
-                _mean_std(cell["fine-tuned"]),
-                _mean_std(cell["fine-tuned + KD"]),
+                mean_std(cell["dense"], 100),
+                mean_std(cell["at pruning"], 100),
+                mean_std(drops, 100, signed=True),
+                mean_std(cell["fine-tuned"], 100),
+                mean_std(cell["fine-tuned + KD"], 100),
             ]
         )
     main_table = markdown_table(header, rows)
@@ -297,7 +272,7 @@ def accuracy_tables(args: argparse.Namespace, seeds: list[int], epochs: int, fin
             plain, reg = results[(model, "plain", structure, sparsity)], results[(model, name, structure, sparsity)]
 
             def diff(a: list[float], b: list[float]) -> str:
-                return _mean_std([x - y for x, y in zip(a, b)], signed=True)
+                return mean_std([x - y for x, y in zip(a, b)], 100, signed=True)
 
             what = f"{sparsity:.0%} weights" if structure == "unstructured" else f"{sparsity:.0%} channels"
             paired.append(
@@ -359,7 +334,7 @@ def _interleaved(model: str, datamodule: Any, variants: list[str], lambdas: dict
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(warmup + rounds):
         batch = batches[r % len(batches)]
-        for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
+        for variant in rotated(variants, r):
             module, optimizer = modules[variant]
             start = time.perf_counter()
             loss = module.training_step(batch, r)
@@ -383,10 +358,25 @@ def _penalty_alone(model: str, kind: str, lam: float) -> float:
     return median(times)
 
 
+def _fit_block(model: str, datamodule: Any, lambdas: dict[str, float], order: list[str]) -> dict[str, float]:
+    """One overhead block: the median step of a 3-epoch fit per variant, in ``order``."""
+    from lightning_prune import DistillationCallback
+
+    step: dict[str, float] = {}
+    for variant in order:
+        module = _module(model, 0, variant if variant in lambdas else "l1", lambdas.get(variant, 0.0))
+        timer = _StepTimer()
+        callbacks = [timer.callback]
+        if variant == "kd":
+            callbacks.append(DistillationCallback(teacher=_module(model, 1), start_epoch=0))
+        cpu_trainer(3, callbacks).fit(module, datamodule=datamodule)
+        step[variant] = median(timer.times)
+    return step
+
+
 def overhead_table(args: argparse.Namespace, blocks: int, rounds: int) -> str:
     import torch
 
-    from lightning_prune import DistillationCallback
     from lightning_prune.data import DigitsDataModule
 
     datamodule = DigitsDataModule(batch_size=64, seed=0)
@@ -395,53 +385,28 @@ def overhead_table(args: argparse.Namespace, blocks: int, rounds: int) -> str:
     rows = []
     for model in args.models:
         variants = ["none", "l1", "group_lasso"] + (["bn_slimming"] if model == "cnn" else []) + ["kd"]
-        medians: dict[str, list[float]] = {v: [] for v in variants}
-        extra: dict[str, list[float]] = {v: [] for v in variants if v != "none"}
-        loads: list[float] = []
-        discarded = attempt = 0
-        while len(loads) < blocks and attempt < (blocks + 1) * args.max_attempts:
-            block = len(loads)
-            order = variants[block % len(variants) :] + variants[: block % len(variants)]
-            if args.quiet_cores > 0:
-                wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-            step: dict[str, float] = {}
-            with OtherLoad() as load:
-                for variant in order:
-                    module = _module(model, 0, variant if variant in lambdas else "l1", lambdas.get(variant, 0.0))
-                    timer = _StepTimer()
-                    callbacks = [timer.callback]
-                    if variant == "kd":
-                        callbacks.append(DistillationCallback(teacher=_module(model, 1), start_epoch=0))
-                    _trainer(3, callbacks).fit(module, datamodule=datamodule)
-                    step[variant] = median(timer.times)
-            attempt += 1
-            if attempt == 1:
-                continue  # untimed warm-up block
-            if load.cores > args.max_other_load:
-                discarded += 1
-                print(f"{model}: block discarded, other processes used {load.cores:.2f} cores", flush=True)
-                continue
-            loads.append(load.cores)
-            for variant in variants:
-                medians[variant].append(step[variant])
-            for variant in extra:
-                extra[variant].append(step[variant] - step["none"])
-        if not loads:
-            raise RuntimeError(f"{model}: every block was discarded; the machine never went quiet")
+        steps, discarded, loads = quiet_blocks(
+            functools.partial(_fit_block, model, datamodule, lambdas),
+            variants,
+            blocks,
+            args,
+            who=model,
+            shift_by_kept=True,
+            on_discard=functools.partial(report_discarded, model),
+        )
+        medians = {variant: [step[variant] for step in steps] for variant in variants}
+        extra = {variant: [step[variant] - step["none"] for step in steps] for variant in variants if variant != "none"}
         print(
             f"{model}: {len(loads)} blocks kept, {discarded} discarded; other processes used at most "
             f"{max(loads):.2f} cores during a kept block",
             flush=True,
         )
-        for attempt in range(1, args.max_attempts + 1):
-            if args.quiet_cores > 0:
-                wait_for_quiet(args.quiet_cores, args.quiet_timeout)
-            with OtherLoad() as plain_load:
-                plain = _interleaved(model, datamodule, variants, lambdas, rounds)
-            if plain_load.cores <= args.max_other_load or attempt == args.max_attempts:
-                break
-            print(f"{model}: plain loop: other processes used {plain_load.cores:.2f} cores, repeated", flush=True)
-        print(f"{model}: plain loop: other processes used {plain_load.cores:.2f} cores", flush=True)
+        plain, plain_load = measure_quietly(
+            functools.partial(_interleaved, model, datamodule, variants, lambdas, rounds),
+            args,
+            functools.partial(report_repeated, f"{model}: plain loop"),
+        )
+        print(f"{model}: plain loop: other processes used {plain_load:.2f} cores", flush=True)
         own = {v: _penalty_alone(model, v, lambdas[v]) for v in variants if v in lambdas}
         base = median(medians["none"])
         for variant in variants:

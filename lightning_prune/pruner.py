@@ -37,11 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune._helpers import check_sparsity, is_number
+from lightning_prune._helpers import check_sparsity
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_, is_rank_zero
 from lightning_prune.masks.maskset import MaskSet, non_finite_parameters
+from lightning_prune.masks.params import pattern_list
 from lightning_prune.rewinding import rewind_, snapshot
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.base import SCOPES, Scope, Structure, resolve_layer_targets
@@ -120,7 +121,7 @@ class Pruner:
                 f"contradicts `scope`={scope!r}. Leave `scope` unset (or 'layer')."
             )
         self.scope: Scope = scope
-        self.ignore: tuple[str, ...] = _check_ignore(ignore)
+        self.ignore: tuple[str, ...] = pattern_list(ignore)
         #: The masks, once bound (:meth:`bind`).
         self.masks: MaskSet | None = None
         #: The module the masks belong to, once bound.
@@ -374,21 +375,8 @@ def _check_layer_targets(targets: object) -> dict[str, float]:
     for pattern, value in targets.items():
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"Per-layer target patterns must be non-empty strings, got {pattern!r}.")
-        if not is_number(value) or not 0.0 <= value < 1.0:
-            raise ValueError(f"The per-layer target of {pattern!r} must be a sparsity in [0, 1), got {value!r}.")
-        checked[pattern] = float(value)
+        checked[pattern] = check_sparsity(value, f"sparsity[{pattern!r}]")
     return checked
-
-
-def _check_ignore(ignore: object) -> tuple[str, ...]:
-    if isinstance(ignore, str):
-        ignore = [ignore]
-    if not isinstance(ignore, Iterable) or not all(isinstance(p, str) and p for p in ignore):
-        raise ValueError(
-            f"`ignore` must be a list of module-name patterns (e.g. ['head'], or [] to prune every layer), got "
-            f"{ignore!r}."
-        )
-    return tuple(ignore)
 
 
 def _same_parameters(masks: MaskSet, module: nn.Module) -> bool:

@@ -24,14 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_prune._helpers import check_sparsity
+from lightning_prune._helpers import check_int, check_sparsity, is_int
 
 ScheduleName = Literal["one_shot", "linear", "cubic", "exponential", "iterative"]
-
-
-def _check_epoch(name: str, value: object, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -56,10 +51,10 @@ class SparsitySchedule(ABC):
     def __post_init__(self) -> None:
         check_sparsity(self.final_sparsity, "final_sparsity")
         check_sparsity(self.initial_sparsity, "initial_sparsity")
-        _check_epoch("start_epoch", self.start_epoch)
-        _check_epoch("every_n_epochs", self.every_n_epochs, minimum=1)
+        check_int("start_epoch", self.start_epoch, 0)
+        check_int("every_n_epochs", self.every_n_epochs, 1)
         if self.end_epoch is not None:
-            _check_epoch("end_epoch", self.end_epoch)
+            check_int("end_epoch", self.end_epoch, 0)
             if self.end_epoch < self.start_epoch:
                 raise ValueError(
                     f"`end_epoch` ({self.end_epoch}) must not be before `start_epoch` ({self.start_epoch}): "
@@ -110,7 +105,7 @@ class SparsitySchedule(ABC):
 
     def sparsity_at(self, epoch: int) -> float:
         """Target sparsity (absolute fraction of zeros) in force during ``epoch``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
+        if not is_int(epoch):
             raise TypeError(f"`epoch` must be an int, got {epoch!r}.")
         if self.last_pruning_epoch(epoch) is None:
             return 0.0
@@ -227,8 +222,8 @@ class IterativeSchedule(SparsitySchedule):
                 f"`sparsities` must be non-decreasing (pruned weights are never revived), got {sparsities}."
             )
         if self.epochs is None:
-            _check_epoch("start_epoch", self.start_epoch)
-            _check_epoch("every_n_epochs", self.every_n_epochs, minimum=1)
+            check_int("start_epoch", self.start_epoch, 0)
+            check_int("every_n_epochs", self.every_n_epochs, 1)
             epochs = tuple(self.start_epoch + i * self.every_n_epochs for i in range(len(sparsities)))
         else:
             epochs = tuple(self.epochs)
@@ -238,7 +233,7 @@ class IterativeSchedule(SparsitySchedule):
                     "the same length."
                 )
             for i, e in enumerate(epochs):
-                _check_epoch(f"epochs[{i}]", e)
+                check_int(f"epochs[{i}]", e, 0)
             if any(b <= a for a, b in itertools.pairwise(epochs)):
                 raise ValueError(f"`epochs` must be strictly increasing, got {epochs}.")
         if self.end_epoch is not None and self.end_epoch != epochs[-1]:
@@ -261,7 +256,7 @@ class IterativeSchedule(SparsitySchedule):
         return past[-1] if past else None
 
     def sparsity_at(self, epoch: int) -> float:
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
+        if not is_int(epoch):
             raise TypeError(f"`epoch` must be an int, got {epoch!r}.")
         epochs = tuple(self.epochs or ())
         index = sum(1 for e in epochs if e <= epoch) - 1
@@ -304,8 +299,8 @@ def build_schedule(
         )
     check_sparsity(sparsity, "sparsity")
     if name == "iterative":
-        _check_epoch("start_epoch", start_epoch)
-        _check_epoch("every_n_epochs", every_n_epochs, minimum=1)
+        check_int("start_epoch", start_epoch, 0)
+        check_int("every_n_epochs", every_n_epochs, 1)
         if end_epoch is None:
             raise ValueError("the 'iterative' schedule by name needs `end_epoch`; or pass an IterativeSchedule.")
         shape = ExponentialSchedule(sparsity, start_epoch, end_epoch, every_n_epochs)

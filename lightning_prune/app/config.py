@@ -8,10 +8,10 @@ Two layers, both before training starts:
   ``regularization``, ``distillation`` and ``export`` groups a closed set of typed keys. Hydra rejects a misspelt key
   (``trainer.max_epoch=3``) or a wrong type (``pruning.sparsity=abc``, ``trainer.max_epochs=1.5``) while
   composing, naming the key and the value.
-* :func:`~lightning_prune.app.validation.validate` checks ranges and the relations between keys (``pruning.sparsity=1.5``, ``end_epoch``
-  before ``start_epoch``, ``seed=-1``, ``pruning.round_to=0``, channel-only keys such as
-  ``pruning.compact=true`` with ``structure=unstructured``, ``regularization.strength=-1``,
-  ``distillation.alpha=2``) and raises one :class:`ConfigError` listing every problem as
+* :func:`~lightning_prune.app.validation.validate` checks ranges and the relations between keys
+  (``pruning.sparsity=1.5``, ``end_epoch`` before ``start_epoch``, ``seed=-1``, ``pruning.round_to=0``,
+  channel-only keys such as ``pruning.compact=true`` with ``structure=unstructured``,
+  ``regularization.strength=-1``, ``distillation.alpha=2``) and raises one :class:`ConfigError` listing every problem as
   ``key=value: what is allowed``. :func:`~lightning_prune.app.train.train` calls it before
   instantiating anything.
 
@@ -35,7 +35,8 @@ SCHEMA_GROUP = "lightning_prune/schema"
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
-_SHARDED = ("fsdp", "deepspeed")
+#: Strategies that shard parameters across ranks, which pruning cannot work with (validation refuses them).
+SHARDED_STRATEGIES: tuple[str, ...] = ("fsdp", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -75,7 +76,8 @@ class PruningConfig:
 
 @dataclass
 class AllocationConfig:
-    """The arguments of :class:`~lightning_prune.callbacks.sensitivity.SensitivityCallback` (``allocation=sensitivity``)."""
+    """The arguments of :class:`~lightning_prune.callbacks.sensitivity.SensitivityCallback`
+    (``allocation=sensitivity``)."""
 
     _target_: str = "lightning_prune.SensitivityCallback"
     target_sparsity: float | None = None
@@ -170,8 +172,8 @@ class OptimizerConfig:
 
 @dataclass
 class RegularizationConfig:
-    """The penalty of :class:`~lightning_prune.training.regularization.L1RegularizationMixin`; ``train()`` passes it to the
-    module as ``reg_kind``, ``reg_lambda`` (``strength``), ``reg_ignore``, ``reg_warmup_epochs`` and
+    """The penalty of :class:`~lightning_prune.training.regularization.L1RegularizationMixin`; ``train()`` passes
+    it to the module as ``reg_kind``, ``reg_lambda`` (``strength``), ``reg_ignore``, ``reg_warmup_epochs`` and
     ``reg_stop_epoch``."""
 
     kind: str = "l1"

@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_prune._helpers import is_int
 from lightning_prune.app.config import ConfigError
 from lightning_prune.app.train import instantiate_logger, instantiate_module, instantiate_pruning, resolve_output_dir
 from lightning_prune.app.validation import validate
@@ -100,7 +101,7 @@ def sensitivity_options(cfg: DictConfig) -> SensitivityOptions:
     except ValueError as err:
         raise ConfigError(f"Invalid config:\n  sensitivity: {err}") from err
     epochs = values.get("epochs")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0):
+    if epochs is not None and (not is_int(epochs) or epochs < 0):
         raise ConfigError(f"Invalid config:\n  sensitivity.epochs={epochs!r}: must be null or an integer >= 0")
     checkpoint = values.get("checkpoint")
     if checkpoint is not None and not Path(str(checkpoint)).is_file():

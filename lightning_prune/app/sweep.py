@@ -29,6 +29,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from typing_extensions import override
 
+from lightning_prune._helpers import is_number, markdown_table
+
 log = logging.getLogger(__name__)
 
 
@@ -75,17 +77,8 @@ RESULT_COLUMNS = (
 )
 
 
-_METRIC_COLUMNS = (
-    "dense_test_acc",
-    "pruned_test_acc",
-    "target_sparsity",
-    "sparsity",
-    "nonzero_params",
-    "total_params",
-    "macs",
-    "dense_macs",
-    "wall_time_s",
-)
+# The columns read from a run's metrics.json as they are; the others describe the run or are computed.
+_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("job", "overrides", "status", "accuracy_drop", "error"))
 
 
 class SweepResultsError(FileNotFoundError):
@@ -181,7 +174,7 @@ def search_objective(metrics: Mapping[str, Any], max_drop: float | None) -> floa
         >>> round(search_objective({"dense_test_acc": 0.98, "pruned_test_acc": 0.95, "sparsity": 0.95}, 0.01), 4)
         -0.02
     """
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0.0 <= max_drop <= 1.0:
+    if not is_number(max_drop) or not 0.0 <= max_drop <= 1.0:
         raise ValueError(
             f"`max_drop` must be a number in [0, 1], got {max_drop!r}. Set `max_accuracy_drop` in the config "
             "(e.g. `max_accuracy_drop: 0.01` for one percentage point)."
@@ -189,7 +182,7 @@ def search_objective(metrics: Mapping[str, Any], max_drop: float | None) -> floa
     values = {}
     for key in ("dense_test_acc", "pruned_test_acc", "sparsity"):
         value = metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if not is_number(value) or math.isnan(value):
             raise ValueError(f"`metrics[{key!r}]` must be a number, got {value!r}.")
         values[key] = float(value)
     excess = values["dense_test_acc"] - values["pruned_test_acc"] - float(max_drop)
@@ -303,22 +296,6 @@ def _format(value: Any, key: str) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table with padded columns; ``|`` inside a cell is escaped.
-
-    Example:
-        >>> print(markdown_table(["a", "b"], [["1", "x|y"]]))
-        | a | b    |
-        |---|------|
-        | 1 | x\\|y |
-    """
-    cells = [list(header), *[[c.replace("|", "\\|") for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 _MD_COLUMNS = (
@@ -504,11 +481,7 @@ class SweepSummaryCallback(Callback):
     def __init__(self, plot: bool = True, max_accuracy_drop: float | None = None) -> None:
         if not isinstance(plot, bool):
             raise TypeError(f"`plot` must be a bool, got {plot!r}.")
-        if max_accuracy_drop is not None and (
-            isinstance(max_accuracy_drop, bool)
-            or not isinstance(max_accuracy_drop, (int, float))
-            or not 0.0 <= max_accuracy_drop <= 1.0
-        ):
+        if max_accuracy_drop is not None and (not is_number(max_accuracy_drop) or not 0.0 <= max_accuracy_drop <= 1.0):
             raise ValueError(f"`max_accuracy_drop` must be None or a number in [0, 1], got {max_accuracy_drop!r}.")
         self.plot = plot
         self.max_accuracy_drop = max_accuracy_drop
@@ -545,7 +518,7 @@ class SweepSummaryCallback(Callback):
         if self.max_accuracy_drop is not None:
             return self.max_accuracy_drop
         value = config.get("max_accuracy_drop")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return float(value) if is_number(value) else None
 
     def _summarize_at_exit(self) -> None:
         sweep_dir, self._pending = self._pending, None

@@ -28,7 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from typing_extensions import override
 
-from lightning_prune._helpers import is_int
+from lightning_prune._helpers import check_int, eval_mode
 from lightning_prune.app.config import ConfigError, register_configs
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
@@ -84,18 +84,13 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, tor
         >>> evaluate_accuracy(net, [(torch.eye(2), net(torch.eye(2)).argmax(1))])
         1.0
     """
-    was_training = model.training
     device = next(model.parameters()).device
     correct = total = 0
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in loader:
-                predictions = model(x.to(device)).argmax(dim=1)
-                correct += int((predictions == y.to(device)).sum())
-                total += y.numel()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for x, y in loader:
+            predictions = model(x.to(device)).argmax(dim=1)
+            correct += int((predictions == y.to(device)).sum())
+            total += y.numel()
     if total == 0:
         raise ValueError("`loader` yielded no samples.")
     return correct / total
@@ -136,9 +131,7 @@ class AccuracyAtEpochStart(L.Callback):
     """
 
     def __init__(self, epoch: int, pruning: PruningCallback | None = None) -> None:
-        if not is_int(epoch) or epoch < 0:
-            raise ValueError(f"`epoch` must be an integer >= 0, got {epoch!r}.")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, 0)
         self.pruning = pruning
         self.accuracy: float | None = None
 

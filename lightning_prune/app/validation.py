@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune._helpers import is_int, is_number
-from lightning_prune.app.config import _SHARDED, OPTIMIZERS, ConfigError
+from lightning_prune.app.config import OPTIMIZERS, SHARDED_STRATEGIES, ConfigError
 from lightning_prune.criteria import IMPORTANCES
 from lightning_prune.schedules import SCHEDULES
 from lightning_prune.structures import STRUCTURES
@@ -43,7 +43,7 @@ class _Checker:
     def integer(self, key: str, value: object, minimum: int, *, optional: bool = False) -> bool:
         if value is None and optional:
             return True
-        if not is_int(value) or value < minimum:  # type: ignore[operator]
+        if not is_int(value) or value < minimum:
             self.fail(key, value, f"must be an integer >= {minimum}" + (" or null" if optional else ""))
             return False
         return True
@@ -166,10 +166,7 @@ def _validate_trainer(check: _Checker, trainer: DictConfig) -> int | None:
         check.fail("trainer.gradient_clip_val", clip, "must be a number >= 0 (0 or null: no clipping)")
     interval = trainer.get("val_check_interval")
     if interval is not None and (
-        isinstance(interval, bool)
-        or not is_number(interval)
-        or interval <= 0
-        or (isinstance(interval, float) and interval > 1)
+        not is_number(interval) or interval <= 0 or (isinstance(interval, float) and interval > 1)
     ):
         check.fail(
             "trainer.val_check_interval",
@@ -262,7 +259,7 @@ def _validate_pruning(check: _Checker, pruning: DictConfig, max_epochs: int | No
             "must be a number > 0 (the learning rates' factor once pruning ends; 0.1 as in Han et al., 2015)",
         )
     strategy = str(trainer.get("strategy", "")) if isinstance(trainer, DictConfig) else ""
-    if any(name in strategy.lower() for name in _SHARDED):
+    if any(name in strategy.lower() for name in SHARDED_STRATEGIES):
         check.fail("trainer.strategy", strategy, "pruning needs whole parameters on every rank: use 'ddp' or 'auto'")
 
 

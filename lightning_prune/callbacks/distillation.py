@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_prune._helpers import eval_mode, is_int
 from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
 from lightning_prune.training.distillation import DistillationMixin, check_alpha, check_logits, check_temperature
 
@@ -73,8 +74,7 @@ class DistillationCallback(Callback):
             self.temperature = check_temperature(temperature)
         except ValueError as err:
             raise MisconfigurationException(f"DistillationCallback: {err}") from err
-        bad_start = isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0
-        if start_epoch is not None and bad_start:
+        if start_epoch is not None and (not is_int(start_epoch) or start_epoch < 0):
             raise MisconfigurationException(
                 f"DistillationCallback: `start_epoch` must be an integer >= 0 or None (when pruning starts), "
                 f"got {start_epoch!r}."
@@ -223,14 +223,10 @@ class DistillationCallback(Callback):
         from lightning.pytorch.utilities import move_data_to_device
 
         example = move_data_to_device(example, pl_module.device)
-        was_training = pl_module.training
         teacher.eval().to(pl_module.device)
-        pl_module.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(pl_module), torch.no_grad():
                 args = example if isinstance(example, tuple) else (example,)
                 check_logits(pl_module(*args), teacher(*args))
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"DistillationCallback: {err}") from err
-        finally:
-            pl_module.train(was_training)

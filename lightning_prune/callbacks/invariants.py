@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_prune._helpers import is_int
 from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
 from lightning_prune.masks.distributed import ranks_agree, world_size
 from lightning_prune.structures.unstructured import Unstructured
@@ -52,7 +53,7 @@ class MaskInvariantChecker(Callback):
     """
 
     def __init__(self, check_ranks_every_n_steps: int = 1, *, pruning: PruningCallback | None = None) -> None:
-        if isinstance(check_ranks_every_n_steps, bool) or not isinstance(check_ranks_every_n_steps, int):
+        if not is_int(check_ranks_every_n_steps):
             raise TypeError(f"`check_ranks_every_n_steps` must be an integer, got {check_ranks_every_n_steps!r}.")
         if check_ranks_every_n_steps < 0:
             raise ValueError(f"`check_ranks_every_n_steps` must be >= 0, got {check_ranks_every_n_steps}.")

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_prune._helpers import is_number
+from lightning_prune._helpers import is_int, is_number
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.deploy.compact import compact, save_compact
@@ -176,10 +176,6 @@ class PruningCallback(Callback):
         )
         if sparsity is None and isinstance(schedule, SparsitySchedule):
             sparsity = schedule.final_sparsity
-        if ignore is None:
-            raise MisconfigurationException(
-                "`ignore` must be a list of module-name patterns, e.g. ['head'], or [] (not None)."
-            )
         #: The engine: masks, structure, importance, targets, rewinding.
         self.pruner: Pruner = _misconfig(
             Pruner, sparsity, built, _resolve_importance(importance, importance_batches), scope, ignore
@@ -674,7 +670,7 @@ def _check_rewind_epoch(rewind_epoch: object, first: int) -> int | None:
     """``first``: the schedule's first pruning epoch (``start_epoch`` for every schedule)."""
     if rewind_epoch is None:
         return None
-    if isinstance(rewind_epoch, bool) or not isinstance(rewind_epoch, int) or rewind_epoch < 0:
+    if not is_int(rewind_epoch) or rewind_epoch < 0:
         raise MisconfigurationException(f"`rewind_epoch` must be an integer >= 0 or None, got {rewind_epoch!r}.")
     if rewind_epoch > first:
         raise MisconfigurationException(

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
 
+from lightning_prune._helpers import is_int
+
 if TYPE_CHECKING:
     from lightning_prune.masks.channels import ChannelGroup, ChannelMaskSet
     from lightning_prune.masks.maskset import MaskSet
@@ -177,12 +179,12 @@ class StatisticsImportance(Importance):
     criterion: str = ""
 
     def __init__(self, batches: int = 16) -> None:
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        if not is_int(batches) or batches < 1:
             raise ValueError(
                 f"`batches` must be an integer >= 1 (the optimizer steps to collect statistics over), got "
                 f"{batches!r}. Hint: 16 steps are usually enough; more average out noisier batches."
             )
-        self._batches = batches
+        self._batches = int(batches)
         self._steps = 0
         self._collecting = False
 
@@ -214,7 +216,7 @@ class StatisticsImportance(Importance):
                 f"reads {STATE_VERSION}."
             )
         steps = state.get("steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if not is_int(steps) or steps < 0:
             raise ValueError(f"Saved {self.criterion} statistics have an invalid step count {steps!r}.")
         return steps
 

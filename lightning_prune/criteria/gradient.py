@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._helpers import is_int
 from lightning_prune.criteria.base import STATE_VERSION, AllReduce, StatisticsImportance
 from lightning_prune.masks.maskset import MaskSet
 
@@ -162,7 +163,7 @@ class GradientImportance(StatisticsImportance):
         if not isinstance(seen, (list, tuple)) or not set(seen) <= set(stats):
             raise ValueError(f"Saved {self.criterion} statistics name unknown parameters in `seen`: {seen!r}.")
         skipped = state.get("skipped", 0)
-        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        if not is_int(skipped) or skipped < 0:
             raise ValueError(f"Saved {self.criterion} statistics have an invalid `skipped` count {skipped!r}.")
         self._stats = {k: v.detach().clone() for k, v in stats.items()}
         self._bound = None

@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_prune._helpers import check_int, is_int, is_number
 from lightning_prune.data.samplers import EpochShuffleSampler
 
 __all__ = ["ClassificationDataModule"]
@@ -16,16 +17,9 @@ __all__ = ["ClassificationDataModule"]
 DatasetT = TypeVar("DatasetT", bound=Dataset)
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` if it is an integer ``>= minimum`` (not a bool), else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
 def check_fraction(name: str, value: Any) -> float:
     """``value`` if it is a number in the open interval (0, 1), else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+    if not is_number(value) or not 0.0 < value < 1.0:
         raise ValueError(f"`{name}` must be in the open interval (0, 1), got {value!r}.")
     return float(value)
 
@@ -33,7 +27,7 @@ def check_fraction(name: str, value: Any) -> float:
 def check_shape(name: str, value: Any) -> tuple[int, ...]:
     """``value`` as a tuple of integers ``>= 1`` (any sequence, e.g. an OmegaConf list), else a ``ValueError``."""
     shape = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
-    if not shape or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+    if not shape or any(not is_int(v) or v < 1 for v in shape):
         raise ValueError(f"`{name}` must be a non-empty sequence of integers >= 1, e.g. [1, 28, 28], got {value!r}.")
     return shape
 
@@ -83,7 +77,7 @@ class ClassificationDataModule(L.LightningDataModule, Generic[DatasetT]):
     def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.seed = seed
         self.num_workers = check_int("num_workers", num_workers, 0)

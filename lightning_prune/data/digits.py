@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
-from lightning_prune.data.base import ClassificationDataModule, check_declared, check_fraction, check_int
+from lightning_prune._helpers import check_int
+from lightning_prune.data.base import ClassificationDataModule, check_declared, check_fraction
 
 __all__ = ["DigitsDataModule"]
 

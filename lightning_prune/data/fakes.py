@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_prune.data.base import check_int
+from lightning_prune._helpers import check_int
 from lightning_prune.data.cifar import CIFAR10_FILES
 from lightning_prune.data.mnist import IDX_FILES
 

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import TensorDataset
 from typing_extensions import override
 
-from lightning_prune.data.base import ClassificationDataModule, check_fraction, check_int, check_shape
+from lightning_prune._helpers import check_int, is_number
+from lightning_prune.data.base import ClassificationDataModule, check_fraction, check_shape
 from lightning_prune.data.splits import stratified_split
 
 __all__ = ["SyntheticDataModule"]
@@ -59,7 +60,7 @@ class SyntheticDataModule(ClassificationDataModule[TensorDataset]):
         self.num_samples = check_int("num_samples", num_samples, 2)
         self.num_test_samples = check_int("num_test_samples", num_test_samples, 1)
         self.input_shape = check_shape("input_shape", input_shape)
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
+        if not is_number(noise) or noise < 0:
             raise ValueError(f"`noise` must be a number >= 0, got {noise!r}.")
         self.noise = float(noise)
         self.val_fraction = check_fraction("val_fraction", val_fraction)

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._helpers import check_flag
+
 SPARSE_FORMAT = "lightning_prune.sparse_state_dict"
 
 
@@ -257,8 +259,7 @@ def sparse_archive(
         >>> entry["encoding"], entry["shape"], entry["dtype"], entry["data"]
         ('dense', [4], 'float32', {'offset': 0, 'count': 4, 'dtype': 'float32'})
     """
-    if not isinstance(signed_zeros, bool):
-        raise TypeError(f"`signed_zeros` must be True or False, got {signed_zeros!r}.")
+    check_flag("signed_zeros", signed_zeros)
     if isinstance(model, nn.Module):
         check_masks_applied(model, masks)
         state: Mapping[str, Any] = model.state_dict()

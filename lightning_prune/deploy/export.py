@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from lightning_prune._helpers import eval_mode
+from lightning_prune._helpers import batched, check_flag, eval_mode, is_int, is_number, positional_tensors
 from lightning_prune.deploy.archive import check_masks_applied
 from lightning_prune.deploy.fold import deployable, relative_error
 
@@ -58,43 +58,10 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _as_tuple(example_inputs: object) -> tuple[Tensor, ...]:
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise TypeError(
-            "`example_inputs` must be a tensor or a non-empty tuple of tensors (the positional inputs of one "
-            f"forward, batch first), got {type(example_inputs).__name__}."
-        )
-    if inputs[0].dim() == 0 or inputs[0].shape[0] < 1:
-        raise ValueError(
-            f"`example_inputs` must be batched (first dimension the batch, at least 1), got shape "
-            f"{tuple(inputs[0].shape)}."
-        )
-    return inputs
-
-
 def _check_rtol(rtol: object) -> float:
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < math.inf:
+    if not is_number(rtol) or not 0 <= rtol < math.inf:
         raise ValueError(f"`rtol` must be a number >= 0 (e.g. 1e-5), got {rtol!r}.")
     return float(rtol)
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-
-
-def _batched(inputs: tuple[Tensor, ...], size: int, *, reverse: bool = False) -> tuple[Tensor, ...]:
-    """The inputs with every tensor that shares the first input's batch size resized to ``size`` (repeating
-    samples as needed; in reverse order with ``reverse``, so that outputs baked in as constants show)."""
-    batch = inputs[0].shape[0]
-    out = []
-    for x in inputs:
-        if x.dim() >= 1 and x.shape[0] == batch:
-            index = torch.arange(size, device=x.device) % batch
-            x = x.index_select(0, batch - 1 - index if reverse else index).contiguous()
-        out.append(x)
-    return tuple(out)
 
 
 def _dynamic_shapes(inputs: tuple[Tensor, ...]) -> tuple[dict[int, Any] | None, ...]:
@@ -104,9 +71,10 @@ def _dynamic_shapes(inputs: tuple[Tensor, ...]) -> tuple[dict[int, Any] | None, 
 
 
 def _other_batch(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """A batch of another size than the example's, to check a dynamic batch dimension with."""
+    """A batch of another size than the example's, to check a dynamic batch dimension with (its samples in
+    reverse order, so that outputs baked in as constants show)."""
     batch = inputs[0].shape[0]
-    return _batched(inputs, batch + 1 if batch < 3 else batch - 1, reverse=True)
+    return batched(inputs, batch + 1 if batch < 3 else batch - 1, reverse=True)
 
 
 def _reference_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
@@ -163,11 +131,11 @@ def inference_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    inputs = _as_tuple(example_inputs)
+    inputs = positional_tensors(example_inputs, batch_first=True)
     if compact not in (True, False, "auto"):
         raise ValueError(f"`compact` must be True, False or 'auto', got {compact!r}.")
-    _check_flag("fold_bn", fold_bn)
-    _check_flag("channels_last", channels_last)
+    check_flag("fold_bn", fold_bn)
+    check_flag("channels_last", channels_last)
     check_masks_applied(model, masks)
     small = model
     if compact is not False:
@@ -289,6 +257,33 @@ def _check_outputs(
     return worst
 
 
+def _export_setup(
+    model: nn.Module,
+    example_inputs: Inputs,
+    masks: Any,
+    compact: CompactMode,
+    fold_bn: bool,
+    dynamic_batch: bool,
+    check: bool,
+    rtol: float,
+    prepared: nn.Module | None,
+) -> tuple[tuple[Tensor, ...], nn.Module, tuple[Tensor, ...], tuple[dict[int, Any] | None, ...] | None, float]:
+    """What both exporters start from, their arguments checked: the inputs, the inference copy (``prepared`` or
+    :func:`inference_model`'s), the batch to trace (of two samples at least when the batch is dynamic, since
+    PyTorch specialises a size of 1), its dynamic shapes (None for a fixed batch) and ``rtol``."""
+    inputs = positional_tensors(example_inputs, batch_first=True)
+    check_flag("dynamic_batch", dynamic_batch)
+    check_flag("check", check)
+    rtol = _check_rtol(rtol)
+    if prepared is None:
+        prepared = inference_model(model, inputs, masks=masks, compact=compact, fold_bn=fold_bn)
+    else:
+        check_masks_applied(model, masks)
+    trace = batched(inputs, max(2, inputs[0].shape[0])) if dynamic_batch else inputs
+    shapes = _dynamic_shapes(trace) if dynamic_batch else None
+    return inputs, prepared, trace, shapes, rtol
+
+
 # ---------------------------------------------------------------------------------------------- torch.export
 def export_program(
     model: nn.Module,
@@ -338,16 +333,9 @@ def export_program(
         >>> program.module()(torch.randn(5, 4)).shape
         torch.Size([5, 2])
     """
-    inputs = _as_tuple(example_inputs)
-    _check_flag("dynamic_batch", dynamic_batch)
-    _check_flag("check", check)
-    rtol = _check_rtol(rtol)
-    if prepared is None:
-        prepared = inference_model(model, inputs, masks=masks, compact=compact, fold_bn=fold_bn)
-    else:
-        check_masks_applied(model, masks)
-    trace = _batched(inputs, max(2, inputs[0].shape[0])) if dynamic_batch else inputs
-    shapes = _dynamic_shapes(trace) if dynamic_batch else None
+    inputs, prepared, trace, shapes, rtol = _export_setup(
+        model, example_inputs, masks, compact, fold_bn, dynamic_batch, check, rtol, prepared
+    )
 
     def attempt(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
         return torch.export.export(module, args, kwargs, strict=False)
@@ -407,7 +395,7 @@ def onnx_runner(path: str | Path, *, threads: int | None = None) -> Callable[...
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"No ONNX file at {str(path)!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise ValueError(f"`threads` must be None or an integer >= 1, got {threads!r}.")
     options = ort.SessionOptions()
     if threads is not None:
@@ -477,18 +465,11 @@ def export_onnx(
         ['net.onnx']
     """
     onnx, _ = _require_onnx()
-    inputs = _as_tuple(example_inputs)
-    _check_flag("dynamic_batch", dynamic_batch)
-    _check_flag("check", check)
-    rtol = _check_rtol(rtol)
-    if opset_version is not None and (isinstance(opset_version, bool) or not isinstance(opset_version, int)):
+    if opset_version is not None and not is_int(opset_version):
         raise TypeError(f"`opset_version` must be None or an integer, got {opset_version!r}.")
-    if prepared is None:
-        prepared = inference_model(model, inputs, masks=masks, compact=compact, fold_bn=fold_bn)
-    else:
-        check_masks_applied(model, masks)
-    trace = _batched(inputs, max(2, inputs[0].shape[0])) if dynamic_batch else inputs
-    shapes = _dynamic_shapes(trace) if dynamic_batch else None
+    inputs, prepared, trace, shapes, rtol = _export_setup(
+        model, example_inputs, masks, compact, fold_bn, dynamic_batch, check, rtol, prepared
+    )
 
     def export(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None, dynamic: Any) -> Any:
         with warnings.catch_warnings():  # the exporter's notes on its own fallbacks are not the user's concern

@@ -30,6 +30,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.utils import _pytree as pytree
 
+from lightning_prune._helpers import check_flag, positional_tensors
+
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -109,10 +111,9 @@ def deployable(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    inputs = _as_tuple(example_inputs)
-    for name, flag in (("fold_bn", fold_bn), ("channels_last", channels_last)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
+    inputs = positional_tensors(example_inputs)
+    check_flag("fold_bn", fold_bn)
+    check_flag("channels_last", channels_last)
 
     deployed = copy.deepcopy(model).eval()
     with torch.inference_mode():
@@ -135,16 +136,6 @@ def deployable(
         if channels_last and _has_4d_weights(deployed):
             deployed = deployed.to(memory_format=torch.channels_last)
     return deployed
-
-
-def _as_tuple(example_inputs: object) -> tuple[torch.Tensor, ...]:
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError(
-            "`example_inputs` must be a tensor or a non-empty tuple of tensors (the positional inputs of one "
-            f"forward), got {type(example_inputs).__name__}."
-        )
-    return inputs
 
 
 def _has_4d_weights(model: nn.Module) -> bool:

@@ -31,22 +31,31 @@ Example:
 from __future__ import annotations
 
 import copy
-import fnmatch
 import functools
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
-from lightning_prune._helpers import forward
+from lightning_prune._helpers import (
+    batched,
+    check_batch_sizes,
+    check_int,
+    eval_mode,
+    forward,
+    is_number,
+    num_threads,
+    rotated,
+    text_table,
+    time_call,
+)
 from lightning_prune.deploy.fold import relative_error
 from lightning_prune.deploy.sparse_layers import SPARSE_KERNELS, to_sparse_layer, unsupported_reason
+from lightning_prune.masks.params import matches_own_name, name_matches
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -61,28 +70,10 @@ def _timed_interleaved(
             calls[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+        for name in rotated(names, r):
+            times[name].append(time_call(calls[name]))
     pick = min if statistic == "min" else statistics.median
     return {name: pick(values) for name, values in times.items()}
-
-
-def _check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
-    sizes = tuple(batch_sizes) if not isinstance(batch_sizes, (str, bytes)) else ()
-    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
-        raise ValueError(
-            f"`batch_sizes` must be a non-empty sequence of integers >= 1, e.g. (1, 64), got {batch_sizes!r}."
-        )
-    return sizes
-
-
-def _check_count(name: str, value: object, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}.")
-    return value
 
 
 def _check_kernels(kernels: Sequence[str], name: str = "candidates") -> tuple[str, ...]:
@@ -133,35 +124,26 @@ def measure_kernels(
         >>> sorted(times), sorted(times["scipy_csr"])
         (['dense', 'scipy_csr', 'torch_csr'], [1, 4])
     """
-    sizes = _check_batch_sizes(batch_sizes)
+    sizes = check_batch_sizes(batch_sizes)
     chosen = _check_kernels(kernels, "kernels")
-    _check_count("repeats", repeats, 1)
-    _check_count("warmup", warmup, 0)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
     if threads is not None:
-        _check_count("threads", threads, 1)
+        check_int("threads", threads, 1)
     if statistic not in ("median", "min"):
         raise ValueError(f"`statistic` must be 'median' or 'min', got {statistic!r}.")
     sparse = {k: to_sparse_layer(layer, k) for k in chosen}
     weight = cast(Tensor, layer.weight)  # a Linear's or Conv2d's: checked by to_sparse_layer
     result: dict[str, dict[int, float]] = {name: {} for name in ("dense", *chosen)}
-    previous = torch.get_num_threads()
-    was_training = layer.training
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        layer.eval()
-        with torch.inference_mode():
-            for size in sizes:
-                x = torch.randn(size, *sample_shape, generator=generator, dtype=weight.dtype)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                calls: dict[str, Callable[[], object]] = {"dense": functools.partial(layer, x)}
-                calls.update({k: functools.partial(m, x) for k, m in sparse.items()})
-                for name, seconds in _timed_interleaved(calls, repeats, warmup, statistic).items():
-                    result[name][size] = 1e3 * seconds
-    finally:
-        torch.set_num_threads(previous)
-        layer.train(was_training)
+    with num_threads(threads), eval_mode(layer), torch.inference_mode():
+        for size in sizes:
+            x = torch.randn(size, *sample_shape, generator=generator, dtype=weight.dtype)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            calls: dict[str, Callable[[], object]] = {"dense": functools.partial(layer, x)}
+            calls.update({k: functools.partial(m, x) for k, m in sparse.items()})
+            for name, seconds in _timed_interleaved(calls, repeats, warmup, statistic).items():
+                result[name][size] = 1e3 * seconds
     return result
 
 
@@ -256,23 +238,7 @@ class SparseInference(NamedTuple):
                     c.reason,
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-            for r in rows
-        ]
-        return "\n".join(line.rstrip() for line in lines)
-
-
-def _own_match(name: str, pattern: str) -> bool:
-    """``pattern`` matches ``name`` itself or one of its dotted suffixes (not only a parent's name)."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
-
-
-def _under(name: str, pattern: str) -> bool:
-    parts = name.split(".")
-    return any(_own_match(".".join(parts[: i + 1]), pattern) for i in range(len(parts)))
+        return text_table(rows, align="lllrlll", rule=False, strip=True)
 
 
 def _record_inputs(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[str, Tensor]:
@@ -379,16 +345,16 @@ def sparse_inference(
     if kernel != "auto" and kernel not in SPARSE_KERNELS:
         raise ValueError(f"`kernel` must be 'auto' or one of {list(SPARSE_KERNELS)}, got {kernel!r}.")
     chosen_candidates = _check_kernels(candidates)
-    sizes = _check_batch_sizes(batch_sizes)
-    _check_count("repeats", repeats, 1)
+    sizes = check_batch_sizes(batch_sizes)
+    check_int("repeats", repeats, 1)
     if threads is not None:
-        _check_count("threads", threads, 1)
+        check_int("threads", threads, 1)
     for name, value, low, high in (("min_sparsity", min_sparsity, 0.0, 1.0), ("rtol", rtol, 0.0, math.inf)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        if not is_number(value) or not low <= value <= high:
             raise ValueError(f"`{name}` must be a number in [{low}, {high}], got {value!r}.")
     if not isinstance(check_speed, bool):
         raise TypeError(f"`check_speed` must be True or False, got {check_speed!r}.")
-    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not min_speedup > 0:
+    if not is_number(min_speedup) or not min_speedup > 0:
         raise ValueError(f"`min_speedup` must be a number > 0 (e.g. 1.1: at least 10% faster), got {min_speedup!r}.")
     patterns = _check_patterns(layers)
 
@@ -459,45 +425,20 @@ def sparse_inference(
     return SparseInference(converted, choices)
 
 
-def _resized(inputs: Any, size: int) -> Any:
-    """``inputs`` with every tensor that has the first tensor's batch size resized to ``size`` samples."""
-    leaves = [x for x in pytree.tree_leaves(inputs) if isinstance(x, Tensor) and x.dim() > 0]
-    if not leaves:
-        return inputs
-    batch = leaves[0].shape[0]
-
-    def resize(x: Any) -> Any:
-        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch:
-            return x
-        return x.index_select(0, torch.arange(size, device=x.device) % batch).contiguous()
-
-    return pytree.tree_map(resize, inputs)
-
-
 def _end_to_end(
     converted: nn.Module, model: nn.Module, inputs: Any, sizes: Sequence[int], repeats: int, threads: int | None
 ) -> float:
     """Geometric mean over batch sizes of ``model``'s time over ``converted``'s (above 1: converted is faster)."""
-    modes = [(m, m.training) for m in model.modules()]
-    previous = torch.get_num_threads()
     logs = []
-    try:
-        model.eval()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with torch.inference_mode():
-            for size in sizes:
-                batch = _resized(inputs, size)
-                calls: dict[str, Callable[[], object]] = {
-                    "model": functools.partial(forward, model, batch),
-                    "converted": functools.partial(forward, converted, batch),
-                }
-                times = _timed_interleaved(calls, repeats, 2, "min")
-                logs.append(math.log(times["model"] / times["converted"]))
-    finally:
-        torch.set_num_threads(previous)
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), num_threads(threads), torch.inference_mode():
+        for size in sizes:
+            batch = batched(inputs, size)
+            calls: dict[str, Callable[[], object]] = {
+                "model": functools.partial(forward, model, batch),
+                "converted": functools.partial(forward, converted, batch),
+            }
+            times = _timed_interleaved(calls, repeats, 2, "min")
+            logs.append(math.log(times["model"] / times["converted"]))
     return math.exp(sum(logs) / len(logs))
 
 
@@ -515,13 +456,13 @@ def _select(model: nn.Module, named: list[tuple[str, nn.Module]], patterns: list
     all_names = [n for n, _ in model.named_modules() if n]
     selected: dict[str, nn.Module] = {}
     for pattern in patterns:
-        if not any(_under(n, pattern) for n in all_names):
+        if not any(name_matches(n, pattern) for n in all_names):
             raise ValueError(
                 f"`layers` pattern {pattern!r} matches no module of {type(model).__name__}; its Linear and Conv2d "
                 f"layers are {[n for n, _ in named][:10]}."
             )
         for name, module in model.named_modules():
-            if not name or not _own_match(name, pattern) or not hasattr(module, "weight"):
+            if not name or not matches_own_name(name, pattern) or not hasattr(module, "weight"):
                 continue
             reason = unsupported_reason(module)
             if reason:
@@ -530,7 +471,7 @@ def _select(model: nn.Module, named: list[tuple[str, nn.Module]], patterns: list
                     "inference supports nn.Linear and 1x1 nn.Conv2d (groups=1, zero padding) with float32 or "
                     "float64 weights."
                 )
-        hits = [(n, m) for n, m in named if _under(n, pattern) and not unsupported_reason(m)]
+        hits = [(n, m) for n, m in named if name_matches(n, pattern) and not unsupported_reason(m)]
         if not hits:
             raise ValueError(
                 f"`layers` pattern {pattern!r} selects no layer with a sparse kernel (nn.Linear or 1x1 nn.Conv2d)."
@@ -540,14 +481,8 @@ def _select(model: nn.Module, named: list[tuple[str, nn.Module]], patterns: list
 
 
 def _verify(converted: nn.Module, reference: nn.Module, inputs: Any, rtol: float, names: list[str]) -> None:
-    modes = [(m, m.training) for m in reference.modules()]
-    try:
-        reference.eval()
-        with torch.inference_mode():
-            expected = forward(reference, inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(reference), torch.inference_mode():
+        expected = forward(reference, inputs)
     try:
         with torch.inference_mode():
             got = forward(converted, inputs)

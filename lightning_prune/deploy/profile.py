@@ -20,9 +20,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_prune._helpers import eval_mode
+from lightning_prune._helpers import check_int, eval_mode, is_int, num_threads, text_table, time_call
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -79,13 +79,10 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> MacCount:
         totals[1] += dense * uses
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, *_CONVS))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return MacCount(macs=totals[0], dense_macs=totals[1])
@@ -167,25 +164,15 @@ def measure_latency(
         True
     """
     example = _check_batch(example)
-    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise ValueError(f"`threads` must be None (keep torch's setting) or an integer >= 1, got {threads!r}.")
-    previous_threads = torch.get_num_threads()
-    times: list[float] = []
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with eval_mode(model), torch.inference_mode():
-            for _ in range(warmup):
-                model(example)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(example)
-                times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous_threads)
+    run = functools.partial(model, example)
+    with num_threads(threads), eval_mode(model), torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        times = [time_call(run) for _ in range(repeats)]
     return statistics.median(times)
 
 
@@ -243,7 +230,7 @@ def profile_model(
     """
     sample = _check_batch(example)[:1]
     sizes = tuple(batch_sizes)
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+    if not all(is_int(b) and b >= 1 for b in sizes):
         raise ValueError(f"`batch_sizes` must be integers >= 1, e.g. (1, 64), got {batch_sizes!r}.")
     latency = {}
     for size in sizes:
@@ -302,12 +289,7 @@ def compare_profiles(
         a, b = before.latency_ms[size], after.latency_ms[size]
         rows.append((f"latency b{size}", f"{a:.2f} ms", f"{b:.2f} ms", ratio(a, b)))
     header = ("", labels[0], labels[1], f"{labels[0]}/{labels[1]}")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    lines = [
-        "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
-        for cells in [header, *rows]
-    ]
-    return "\n".join(([title] if title else []) + [line.rstrip() for line in lines])
+    return text_table([header, *rows], title, rule=False, strip=True)
 
 
 def compaction_report(

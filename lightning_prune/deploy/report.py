@@ -34,9 +34,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,13 +45,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._helpers import eval_mode
+from lightning_prune._helpers import (
+    batched,
+    check_batch_sizes,
+    check_flag,
+    check_int,
+    eval_mode,
+    is_int,
+    num_threads,
+    positional_tensors,
+    rotated,
+    text_table,
+    time_call,
+)
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse_state_dict, save_sparse
 from lightning_prune.deploy.export import (
     CompactMode,
     Inputs,
-    _as_tuple,
-    _batched,
     export_onnx,
     export_program,
     inference_model,
@@ -141,7 +151,7 @@ class ExportReport:
             for form, size in self.sizes.items():
                 ratio = f"{size / dense:.3f}" if dense else "-"
                 rows.append((form, Path(self.files.get(form, "")).name, _bytes(size), ratio))
-            lines += _aligned(rows, right=(2, 3))
+            lines.append(text_table(rows, align="llrr", rule=False, strip=True, indent="  "))
         if self.latency_ms:
             sizes = list(next(iter(self.latency_ms.values())))
             header = ["latency (ms)"] + [f"b{b}" for b in sizes] + [f"x dense b{b}" for b in sizes]
@@ -155,7 +165,7 @@ class ExportReport:
                         *(f"{ups[b]:.2f}x" if b in ups else "-" for b in sizes),
                     )
                 )
-            lines += _aligned(rows, right=tuple(range(1, len(header))))
+            lines.append(text_table(rows, rule=False, strip=True, indent="  "))
             s = self.settings
             lines.append(
                 f"  (median of {s.get('repeats')} calls per block, {s.get('blocks')} blocks alternating, "
@@ -179,14 +189,6 @@ def _bytes(size: int) -> str:
     return f"{size} B"
 
 
-def _aligned(rows: Sequence[tuple[str, ...]], right: tuple[int, ...]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  " + "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-        for r in rows
-    ]
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def _check_options(
     forms: Sequence[str], batch_sizes: Sequence[int], blocks: int, repeats: int, threads: int | None
@@ -195,15 +197,10 @@ def _check_options(
     unknown = [f for f in chosen if f not in FORMS]
     if unknown:
         raise ValueError(f"`forms` must be a list of {list(FORMS)}, got unknown {unknown} in {forms!r}.")
-    sizes = tuple(batch_sizes) if not isinstance(batch_sizes, (str, bytes)) else ()
-    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
-        raise ValueError(
-            f"`batch_sizes` must be a non-empty sequence of integers >= 1, e.g. (1, 64), got {batch_sizes!r}."
-        )
-    for name, value in (("blocks", blocks), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    sizes = check_batch_sizes(batch_sizes)
+    check_int("blocks", blocks, 1)
+    check_int("repeats", repeats, 1)
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise ValueError(f"`threads` must be None (torch's current setting) or an integer >= 1, got {threads!r}.")
     return chosen, sizes
 
@@ -266,17 +263,12 @@ def _timed_blocks(
     results = []
     with torch.inference_mode():
         for block in range(blocks + 1):  # the first block warms up and is not kept
-            order = names[block % len(names) :] + names[: block % len(names)]
+            order = rotated(names, block)
             result = {}
             for size, batch in inputs.items():
                 for name in order:
-                    run = variants[name]
-                    times = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        run(batch)
-                        times.append(time.perf_counter() - start)
-                    result[(name, size)] = statistics.median(times)
+                    run = functools.partial(variants[name], batch)
+                    result[(name, size)] = statistics.median([time_call(run) for _ in range(repeats)])
             if block:
                 results.append(result)
     return results
@@ -349,10 +341,9 @@ def export_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     chosen, sizes = _check_options(forms, batch_sizes, blocks, repeats, threads)
-    for name, flag in (("sparse_kernels", sparse_kernels), ("latency", latency)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"`{name}` must be True or False, got {flag!r}.")
-    inputs = tuple(x.detach().cpu() for x in _as_tuple(example_inputs))
+    check_flag("sparse_kernels", sparse_kernels)
+    check_flag("latency", latency)
+    inputs = tuple(x.detach().cpu() for x in positional_tensors(example_inputs, batch_first=True))
     check_masks_applied(model, masks)  # on the model itself: the masks refer to its parameters
     on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     cpu_model = model if on_cpu else copy.deepcopy(model).cpu()
@@ -416,14 +407,9 @@ def export_model(
             variants["onnx"] = _caller(onnx_runner(report.files["onnx"], threads=threads_used))
         if sparse_model is not None:
             variants["sparse_kernels"] = _caller(sparse_model)
-        batches = {size: _batched(tuple(x[:1] for x in inputs), size) for size in sizes}
-        previous = torch.get_num_threads()
-        try:
-            torch.set_num_threads(threads_used)
-            with eval_mode(dense), eval_mode(cpu_model):
-                per_block = _timed_blocks(variants, batches, blocks, repeats)
-        finally:
-            torch.set_num_threads(previous)
+        batches = {size: batched(tuple(x[:1] for x in inputs), size) for size in sizes}
+        with num_threads(threads_used), eval_mode(dense), eval_mode(cpu_model):
+            per_block = _timed_blocks(variants, batches, blocks, repeats)
         for name in variants:
             report.latency_ms[name] = {b: 1e3 * statistics.median(r[(name, b)] for r in per_block) for b in sizes}
             report.speedup[name] = {

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune._helpers import text_table
+
 _APPLY_CHUNK = 1 << 20
 
 
@@ -196,24 +198,26 @@ def non_finite_parameters(masks: MaskSet) -> list[str]:
     return [n for n, p in zip(masks.names, masks.params) if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
-def sparsity_table(masks: MaskSet) -> str:
-    """A plain-text per-layer table: parameter, shape, pruned / total, sparsity."""
-    rows = [("parameter", "shape", "pruned / total", "sparsity")]
+def sparsity_rows(masks: MaskSet) -> list[tuple[str, str, str, str]]:
+    """Per masked tensor, then ``total``: the name, the shape, pruned / total entries and the fraction pruned
+    (the rows of :func:`sparsity_table`)."""
+    rows = []
     for name, mask in zip(masks.names, masks.masks):
         pruned = mask.numel() - int(torch.count_nonzero(mask))
         rows.append(
-            (
-                name,
-                "x".join(map(str, mask.shape)),
-                f"{pruned} / {mask.numel()}",
-                f"{pruned / mask.numel():.2%}",
-            )
+            (name, "x".join(map(str, mask.shape)), f"{pruned} / {mask.numel()}", f"{pruned / mask.numel():.2%}")
         )
     rows.append(("total", "", f"{masks.num_pruned()} / {masks.numel()}", f"{masks.sparsity():.2%}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "Pruning summary\n" + "\n".join(lines)
+    return rows
+
+
+#: The header of :func:`sparsity_rows`.
+SPARSITY_HEADER = ("parameter", "shape", "pruned / total", "sparsity")
+
+
+def sparsity_table(masks: MaskSet) -> str:
+    """A plain-text per-layer table: parameter, shape, pruned / total, sparsity."""
+    return text_table([SPARSITY_HEADER, *sparsity_rows(masks)], "Pruning summary")
 
 
 def _mul_(tensors: Sequence[Tensor], factors: Sequence[Tensor]) -> None:

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
@@ -21,17 +21,23 @@ from torch import nn
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
+def matches_own_name(name: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch syntax) matches the module name itself or a dotted suffix of it, not only the name
+    of a module above it.
+
+    Example:
+        >>> matches_own_name("model.head", "head"), matches_own_name("model.head.0", "head")
+        (True, False)
+    """
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
 def name_matches(name: str, pattern: str) -> bool:
     """``pattern`` (fnmatch syntax) matches the module name or a dotted suffix of it: ``head`` matches
     ``model.head``; a match also covers the module's children."""
     parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    for prefix in prefixes:
-        pieces = prefix.split(".")
-        suffixes = [".".join(pieces[j:]) for j in range(len(pieces))]
-        if any(fnmatch.fnmatchcase(s, pattern) for s in suffixes):
-            return True
-    return False
+    return any(matches_own_name(".".join(parts[: i + 1]), pattern) for i in range(len(parts)))
 
 
 def prunable_parameters(
@@ -77,6 +83,23 @@ def prunable_parameters(
             f"layer{' outside `ignore`=' + repr(list(ignore)) if ignore else ''}."
         )
     return params
+
+
+def pattern_list(patterns: object, name: str = "ignore") -> tuple[str, ...]:
+    """``patterns`` as a tuple of module-name patterns (one string is one pattern); a ``ValueError`` naming ``name``
+    for anything else (``None``, a number, an empty string).
+
+    Example:
+        >>> pattern_list("head"), pattern_list(["features.*", "head"])
+        (('head',), ('features.*', 'head'))
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, Iterable) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(
+            f"`{name}` must be a list of module-name patterns (e.g. ['head'], or [] for none), got {patterns!r}."
+        )
+    return tuple(patterns)
 
 
 def check_patterns(

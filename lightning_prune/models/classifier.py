@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_prune._helpers import check_int, is_int
 from lightning_prune.training.distillation import DistillationMixin
 from lightning_prune.training.regularization import L1RegularizationMixin, RegularizationKind
 
@@ -32,8 +33,8 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
     ``lr_milestones`` multiplies the learning rate by ``lr_gamma`` at each listed epoch
     (``torch.optim.lr_scheduler.MultiStepLR``), e.g. to fine-tune at a lower rate once pruning ends.
 
-    It includes :class:`~lightning_prune.training.regularization.L1RegularizationMixin` (off until ``reg_lambda`` > 0) and
-    :class:`~lightning_prune.training.distillation.DistillationMixin` (active while a
+    It includes :class:`~lightning_prune.training.regularization.L1RegularizationMixin` (off until
+    ``reg_lambda`` > 0) and :class:`~lightning_prune.training.distillation.DistillationMixin` (active while a
     :class:`~lightning_prune.callbacks.distillation.DistillationCallback` has set a teacher). ``train/loss`` logs the
     cross-entropy alone; the training loss adds ``reg/<kind>`` and blends in ``distill/kd``.
 
@@ -48,8 +49,8 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
             constant rate.
         lr_gamma: Factor applied at each milestone.
         reg_kind: The penalty: ``"l1"``, ``"group_lasso"`` or ``"bn_slimming"`` (see
-            :class:`~lightning_prune.training.regularization.L1RegularizationMixin`); ``None`` (the default) is ``"l1"``,
-            or the kind of a sibling mixin a subclass adds (``class Net(GroupLassoMixin, ImageClassifier)``).
+            :class:`~lightning_prune.training.regularization.L1RegularizationMixin`); ``None`` (the default) is
+            ``"l1"``, or the kind of a sibling mixin a subclass adds (``class Net(GroupLassoMixin, ImageClassifier)``).
         reg_lambda: Its weight λ; 0 (the default) trains without a penalty.
         reg_ignore: Module-name patterns left unpenalised, e.g. ``["head"]``.
         reg_warmup_epochs: Ramp λ linearly over this many epochs.
@@ -87,8 +88,7 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
         )
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+        check_int("num_classes", num_classes, 2)
         if not lr > 0:
             raise ValueError(f"`lr` must be > 0, got {lr!r}.")
         if optimizer not in _OPTIMIZERS:
@@ -98,7 +98,7 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
         if not weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
         milestones = tuple(lr_milestones)
-        if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones):
+        if any(not is_int(m) or m < 0 for m in milestones):
             raise ValueError(
                 f"`lr_milestones` must be a sequence of integer epochs >= 0, got {lr_milestones!r}. "
                 "Hint: set it explicitly when it is derived from a pruning `end_epoch` of None."

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_prune.models.mlp import _check_positive_ints
+from lightning_prune._helpers import check_positive_ints
 
 __all__ = ["SmallCNN"]
 
@@ -42,11 +42,11 @@ class SmallCNN(nn.Module):
         pool_size: int = 2,
     ) -> None:
         super().__init__()
-        (in_channels,) = _check_positive_ints("in_channels", (in_channels,))
-        (num_classes,) = _check_positive_ints("num_classes", (num_classes,))
-        widths = _check_positive_ints("channels", channels)
-        (hidden,) = _check_positive_ints("hidden", (hidden,))
-        (pool_size,) = _check_positive_ints("pool_size", (pool_size,))
+        (in_channels,) = check_positive_ints("in_channels", (in_channels,))
+        (num_classes,) = check_positive_ints("num_classes", (num_classes,))
+        widths = check_positive_ints("channels", channels)
+        (hidden,) = check_positive_ints("hidden", (hidden,))
+        (pool_size,) = check_positive_ints("pool_size", (pool_size,))
         blocks: list[nn.Module] = []
         for width in widths:
             blocks += [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_prune.models.mlp import _check_positive_ints
+from lightning_prune._helpers import check_positive_ints
 
 __all__ = ["LeNet5"]
 
@@ -32,8 +32,8 @@ class LeNet5(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
-        (in_channels,) = _check_positive_ints("in_channels", (in_channels,))
-        (num_classes,) = _check_positive_ints("num_classes", (num_classes,))
+        (in_channels,) = check_positive_ints("in_channels", (in_channels,))
+        (num_classes,) = check_positive_ints("num_classes", (num_classes,))
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
             nn.ReLU(inplace=True),

@@ -8,15 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_prune._helpers import check_positive_ints
+
 __all__ = ["MLP"]
-
-
-def _check_positive_ints(name: str, values: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
-    out = tuple(values)
-    if (not out and not allow_empty) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out):
-        what = "a sequence of integers >= 1" + (" (possibly empty)" if allow_empty else "")
-        raise ValueError(f"`{name}` must be {what}, got {values!r}.")
-    return out
 
 
 class MLP(nn.Module):
@@ -45,9 +39,9 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (300, 100),
     ) -> None:
         super().__init__()
-        self.input_shape = _check_positive_ints("input_shape", input_shape)
-        (num_classes,) = _check_positive_ints("num_classes", (num_classes,))
-        widths = _check_positive_ints("hidden", hidden, allow_empty=True)
+        self.input_shape = check_positive_ints("input_shape", input_shape)
+        (num_classes,) = check_positive_ints("num_classes", (num_classes,))
+        widths = check_positive_ints("hidden", hidden, allow_empty=True)
         layers: list[nn.Module] = [nn.Flatten()]
         in_features = math.prod(self.input_shape)
         for width in widths:

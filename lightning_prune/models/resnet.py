@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_prune.models.mlp import _check_positive_ints
+from lightning_prune._helpers import check_positive_ints, is_int
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet56"]
 
@@ -71,13 +71,13 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+        if not is_int(depth) or depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(
                 f"`depth` must be 6 n + 2 for an integer n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth!r}."
             )
-        (num_classes,) = _check_positive_ints("num_classes", (num_classes,))
-        (in_channels,) = _check_positive_ints("in_channels", (in_channels,))
-        (width,) = _check_positive_ints("width", (width,))
+        (num_classes,) = check_positive_ints("num_classes", (num_classes,))
+        (in_channels,) = check_positive_ints("in_channels", (in_channels,))
+        (width,) = check_positive_ints("width", (width,))
         blocks_per_stage = (depth - 2) // 6
         self.depth = depth
         self.stem = nn.Sequential(

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_prune.models.mlp import _check_positive_ints
+from lightning_prune._helpers import check_positive_ints, is_int
 
 __all__ = ["VGG", "VGG_PRESETS", "vgg11", "vgg16"]
 
@@ -32,8 +32,8 @@ def _layer_plan(cfg: str | Sequence[int | str]) -> tuple[int | str, ...]:
             )
         return VGG_PRESETS[cfg]
     plan = tuple(cfg)
-    valid = all(v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) for v in plan)
-    if not valid or not any(isinstance(v, int) for v in plan):
+    valid = all(v == "M" or (is_int(v) and v >= 1) for v in plan)
+    if not valid or not any(is_int(v) for v in plan):
         raise ValueError(
             "`cfg` must be a preset name or a sequence of integers >= 1 (conv channels) and 'M' (max pool) with "
             f"at least one conv, e.g. [64, 'M', 128, 'M'], got {cfg!r}."
@@ -67,8 +67,8 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         plan = _layer_plan(cfg)
-        (in_channels,) = _check_positive_ints("in_channels", (in_channels,))
-        (num_classes,) = _check_positive_ints("num_classes", (num_classes,))
+        (in_channels,) = check_positive_ints("in_channels", (in_channels,))
+        (num_classes,) = check_positive_ints("num_classes", (num_classes,))
         layers: list[nn.Module] = []
         for item in plan:
             if item == "M":

@@ -7,7 +7,7 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from lightning_prune.models.mlp import _check_positive_ints
+from lightning_prune._helpers import check_positive_ints
 
 __all__ = ["TORCHVISION_MODELS", "torchvision_model"]
 
@@ -56,8 +56,8 @@ def torchvision_model(
     """
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"`name` must be one of {TORCHVISION_MODELS}, got {name!r}.")
-    (num_classes,) = _check_positive_ints("num_classes", (num_classes,))
-    (in_channels,) = _check_positive_ints("in_channels", (in_channels,))
+    (num_classes,) = check_positive_ints("num_classes", (num_classes,))
+    (in_channels,) = check_positive_ints("in_channels", (in_channels,))
     if not isinstance(small_inputs, bool):
         raise ValueError(f"`small_inputs` must be a bool, got {small_inputs!r}.")
     try:

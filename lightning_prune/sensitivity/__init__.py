@@ -9,9 +9,9 @@ Networks"), Li et al. (2017, "Pruning Filters for Efficient ConvNets") and Disti
 (Zmora et al., 2019). The mapping's keys are the exact layer names, so it plugs into
 ``PruningCallback(sparsity=...)`` and ``Structure.prune_(..., sparsity=..., scope="layer")``.
 :meth:`SensitivityTable.predict` says what any mapping is predicted to give; :func:`write_report` writes
-the table as CSV and markdown, a plot, and the allocation as YAML; :class:`~lightning_prune.callbacks.SensitivityCallback` runs it all
-inside a ``Trainer`` when pruning starts. ``scripts/sensitivity.py`` is the Hydra job
-(:func:`lightning_prune.app.sensitivity.run_sensitivity`).
+the table as CSV and markdown, a plot, and the allocation as YAML;
+:class:`~lightning_prune.callbacks.SensitivityCallback` runs it all inside a ``Trainer`` when pruning starts.
+``scripts/sensitivity.py`` is the Hydra job (:func:`lightning_prune.app.sensitivity.run_sensitivity`).
 
 Modules: ``table`` (the result types), ``analysis``, ``allocation``, ``report`` (files).
 

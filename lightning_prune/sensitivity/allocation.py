@@ -12,18 +12,14 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
+from lightning_prune._helpers import is_number
 from lightning_prune.sensitivity.table import SensitivityTable, ratio_within
 
 __all__ = ["allocate", "check_constraints"]
 
 _TOL = 1e-12
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def check_constraints(
@@ -50,17 +46,17 @@ def check_constraints(
             f"`macs_budget` (the fraction of the dense MACs to keep), got target_sparsity={target_sparsity!r} and "
             f"macs_budget={macs_budget!r}."
         )
-    if target_sparsity is not None and not (_number(target_sparsity) and 0.0 <= target_sparsity < 1.0):
+    if target_sparsity is not None and not (is_number(target_sparsity, finite=True) and 0.0 <= target_sparsity < 1.0):
         raise ValueError(
             "`target_sparsity` must be a number in [0, 1) (the fraction of all prunable weights or channels to "
             f"prune, e.g. 0.9), got {target_sparsity!r}."
         )
-    if macs_budget is not None and not (_number(macs_budget) and 0.0 < macs_budget <= 1.0):
+    if macs_budget is not None and not (is_number(macs_budget, finite=True) and 0.0 < macs_budget <= 1.0):
         raise ValueError(
             "`macs_budget` must be a number in (0, 1] (the fraction of the dense MACs per sample to keep, e.g. "
             f"0.25), got {macs_budget!r}."
         )
-    if max_drop is not None and not (_number(max_drop) and max_drop >= 0.0):
+    if max_drop is not None and not (is_number(max_drop, finite=True) and max_drop >= 0.0):
         raise ValueError(
             "`max_drop` must be None or a number >= 0 (the largest drop of the metric allowed in a layer, e.g. "
             f"0.01 for one point of accuracy), got {max_drop!r}."

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune._helpers import eval_mode, forward, is_number, output_tensors
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.channels import ChannelMaskSet
@@ -55,7 +54,7 @@ def check_ratios(ratios: object) -> tuple[float, ...]:
     bad = values is None or not values
     if values is not None:
         for r in values:
-            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= float(r) < 1.0:
+            if not is_number(r) or not 0.0 <= float(r) < 1.0:
                 bad = True
     if bad:
         raise ValueError(
@@ -229,7 +228,7 @@ def _evaluate(run: Evaluate, model: nn.Module, what: str) -> float:
         value = run(model)
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         raise TypeError(f"The metric must be a number (higher is better), got {value!r} for {what}.")
     if not math.isfinite(value):
         raise ValueError(f"The metric is {value} for {what}; it must be a finite number.")

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from lightning_prune.app.sweep import markdown_table
+from lightning_prune._helpers import markdown_table
 from lightning_prune.sensitivity.table import SensitivityTable
 
 __all__ = [

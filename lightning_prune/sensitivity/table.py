@@ -12,9 +12,10 @@ Example:
 from __future__ import annotations
 
 import bisect
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from lightning_prune._helpers import is_number
 
 __all__ = ["LayerSensitivity", "MacTerm", "Prediction", "SensitivityPoint", "SensitivityTable"]
 
@@ -243,8 +244,7 @@ class SensitivityTable:
         values = {layer.name: 0.0 for layer in self.layers}
         for name, value in sparsities.items():
             layer = self.layer(name)
-            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if not number or not 0.0 <= float(value) <= layer.max_sparsity + _TOL:
+            if not is_number(value) or not 0.0 <= float(value) <= layer.max_sparsity + _TOL:
                 raise ValueError(
                     f"`sparsities[{name!r}]` must be a number in [0, {layer.max_sparsity:g}] (the largest sparsity "
                     f"measured for that layer), got {value!r}. Add larger `ratios` to the analysis to go further."

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_prune._helpers import is_int
 from lightning_prune.structures.base import (
     SCOPES,
     Scope,
@@ -102,7 +103,7 @@ def build_structure(structure: str | Structure, **options: Any) -> Structure:
         return _with_options(NMStructure.from_string(structure), structure, given)
     else:
         hint = ""
-        if isinstance(structure, int) and not isinstance(structure, bool) and structure >= 60:
+        if is_int(structure) and structure >= 60:
             n, m = divmod(structure, 60)  # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124
             hint = (
                 f" An unquoted {n}:{m} in a YAML file is read as the base-60 integer {structure}: quote it, '{n}:{m}'."

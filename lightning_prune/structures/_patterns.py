@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
 from lightning_prune._helpers import is_number
@@ -64,14 +62,6 @@ def check_matrix(structure: Structure, name: str, param: Tensor) -> None:
         )
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
-    rows = [tuple(header), *[tuple(r) for r in rows]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return title + "\n" + "\n".join(lines)
-
-
 def groups_of(masks: MaskSet, per_layer: list[float] | None, scope: Scope) -> list[list[int]]:
     """Indices of the tensors ranked together: all of them for one global target, else one by one."""
     indices = list(range(len(masks.params)))
@@ -79,4 +69,4 @@ def groups_of(masks: MaskSet, per_layer: list[float] | None, scope: Scope) -> li
 
 
 def single_target(sparsity: Target) -> float:
-    return float(sparsity) if is_number(sparsity) else 0.0  # type: ignore[arg-type]
+    return float(sparsity) if is_number(sparsity) else 0.0

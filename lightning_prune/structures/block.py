@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.masks.selection import prune_lowest_
@@ -32,7 +33,6 @@ from lightning_prune.structures._patterns import (
     groups_of,
     layer_name,
     single_target,
-    table,
 )
 from lightning_prune.structures.base import Scope, Structure, Target, layer_targets
 
@@ -90,7 +90,7 @@ class BlockStructure(Structure):
             not isinstance(block_shape, (bool, str))
             and isinstance(shape, Sequence)
             and len(shape) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in shape)
+            and all(is_int(b) and b >= 1 for b in shape)
         )
         if not valid:
             raise ValueError(
@@ -162,7 +162,7 @@ class BlockStructure(Structure):
         pruned = total - sum(int(k.sum()) for k in blocks)
         rows.append(("total", "", f"{pruned} / {total}", f"{pruned / total:.2%}", f"{masks.sparsity():.2%}"))
         header = ("parameter", "GEMM view", "pruned blocks", "block sparsity", "weight sparsity")
-        return table(header, rows, f"Block pruning summary ({bh}x{bw} blocks)")
+        return text_table([header, *rows], f"Block pruning summary ({bh}x{bw} blocks)")
 
     @torch.no_grad()
     def prune_(self, masks: MaskSet, importance: Importance, sparsity: Target, scope: Scope = "global") -> None:

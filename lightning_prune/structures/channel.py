@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.criteria.magnitude import LpNormImportance
 from lightning_prune.masks.channels import ChannelGroup, ChannelMaskSet
 from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.structures._patterns import single_target
 from lightning_prune.structures.base import Scope, Structure, Target, check_sparsity, layer_targets
 from lightning_prune.structures.tracing import ExampleInputs, channel_groups
 
@@ -71,10 +73,10 @@ class ChannelStructure(Structure):
     needs_example_inputs = True
 
     def __init__(self, round_to: int = 1, max_layer_sparsity: float = 0.9) -> None:
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        if not is_int(round_to) or round_to < 1:
             raise ValueError(f"`round_to` must be a positive integer, got {round_to!r}.")
         check_sparsity(max_layer_sparsity, "max_layer_sparsity")
-        self.round_to = round_to
+        self.round_to = int(round_to)
         self.max_layer_sparsity = float(max_layer_sparsity)
 
     def __repr__(self) -> str:
@@ -113,7 +115,7 @@ class ChannelStructure(Structure):
                     f"{self.max_layer_sparsity}: {over}. Lower their targets or raise `max_layer_sparsity`."
                 )
             return
-        single = float(sparsity)  # type: ignore[arg-type]
+        single = single_target(sparsity)  # one number: layer_targets checked it
         if scope == "layer":
             if single > self.max_layer_sparsity:
                 raise ValueError(
@@ -215,10 +217,7 @@ def channel_table(masks: ChannelMaskSet) -> str:
         rows.append((g.name, f"{kept} / {g.channels}", f"{1 - kept / g.channels:.2%}"))
     total, pruned = masks.num_channels(), masks.num_pruned_channels()
     rows.append(("total", f"{total - pruned} / {total}", f"{pruned / total:.2%}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "Channel pruning summary\n" + "\n".join(lines)
+    return text_table(rows, "Channel pruning summary")
 
 
 def _channel_masks(masks: MaskSet) -> ChannelMaskSet:

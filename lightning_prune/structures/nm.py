@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria.base import Importance
-from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.maskset import SPARSITY_HEADER, MaskSet, sparsity_rows
 from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.structures._patterns import (
     check_entry_importance,
@@ -31,7 +32,6 @@ from lightning_prune.structures._patterns import (
     groups_of,
     layer_name,
     single_target,
-    table,
 )
 from lightning_prune.structures.base import Scope, Structure, Target, layer_targets
 
@@ -82,7 +82,7 @@ class NMStructure(Structure):
 
     def __init__(self, n: int = 2, m: int = 4) -> None:
         for arg, value in (("n", n), ("m", m)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(f"`{arg}` must be an integer, got {value!r}.")
         if m < 2:
             raise ValueError(f"`m` must be at least 2 (a group of m weights), got m={m}.")
@@ -91,8 +91,8 @@ class NMStructure(Structure):
                 f"`n` must satisfy 1 <= n < m (n zeros in every group of m weights), got {n}:{m}"
                 + (": n == m would empty every layer." if n == m else ".")
             )
-        self.n = n
-        self.m = m
+        self.n = int(n)
+        self.m = int(m)
 
     @classmethod
     def from_string(cls, spec: str) -> NMStructure:
@@ -167,21 +167,10 @@ class NMStructure(Structure):
 
     def summary(self, masks: MaskSet) -> str:
         complete = self.complete_groups(masks)
-        rows = []
-        for name, mask in zip(masks.names, masks.masks):
-            zeros = mask.numel() - int(torch.count_nonzero(mask))
-            rows.append(
-                (
-                    name,
-                    "x".join(map(str, mask.shape)),
-                    f"{zeros} / {mask.numel()}",
-                    f"{zeros / mask.numel():.2%}",
-                    f"{complete[name]:.2%}",
-                )
-            )
-        rows.append(("total", "", f"{masks.num_pruned()} / {masks.numel()}", f"{masks.sparsity():.2%}", ""))
-        header = ("parameter", "shape", "pruned / total", "sparsity", f"groups at {self.n}:{self.m}")
-        return table(header, rows, f"{self.n}:{self.m} pruning summary")
+        *layers, total = sparsity_rows(masks)
+        rows = [(*row, f"{complete[name]:.2%}") for row, name in zip(layers, masks.names)]
+        header = (*SPARSITY_HEADER, f"groups at {self.n}:{self.m}")
+        return text_table([header, *rows, (*total, "")], f"{self.n}:{self.m} pruning summary")
 
     @torch.no_grad()
     def prune_(self, masks: MaskSet, importance: Importance, sparsity: Target, scope: Scope = "global") -> None:

@@ -34,19 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune._helpers import is_number
 from lightning_prune.training.loss import ForwardCapture, TrainingLossMixin
 
 
 def check_temperature(temperature: object) -> float:
     """``temperature`` as a float, or a ``ValueError`` unless it is a number > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    if not is_number(temperature) or not temperature > 0:
         raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}.")
     return float(temperature)
 
 
 def check_alpha(alpha: object) -> float:
     """``alpha`` as a float, or a ``ValueError`` unless it is a number in [0, 1]."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if not is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(
             f"`alpha` must be a number in [0, 1] (the weight of the distillation term; the task loss gets "
             f"1 - alpha), got {alpha!r}."

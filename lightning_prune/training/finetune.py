@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lightning_prune._helpers import is_number
+
 #: Per-group keys holding a learning rate that schedulers read back: torch schedulers' ``initial_lr`` (their
 #: ``base_lrs`` on construction), and ``OneCycleLR``'s ``max_lr`` and ``min_lr``.
 _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -37,7 +39,7 @@ def scale_learning_rates(optimizers: Sequence[torch.optim.Optimizer], schedulers
 
     def scaled(value: Any) -> Any:
         # Out of place: a scheduler's `_last_lr` may hold the very tensor that is a group's `lr`.
-        return value * scale if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) else value
+        return value * scale if is_number(value) or isinstance(value, torch.Tensor) else value
 
     for optimizer in optimizers:
         for group in optimizer.param_groups:

@@ -1,8 +1,9 @@
 """The base of the mixins that change the loss a LightningModule's ``training_step`` returns.
 
 A Lightning callback cannot change that loss (``on_before_backward`` sees it, read-only, after the step), so
-penalties (:mod:`lightning_prune.training.regularization`) and distillation (:mod:`lightning_prune.training.distillation`)
-reach it from inside the module, as mixins placed before ``LightningModule`` in the bases::
+penalties (:mod:`lightning_prune.training.regularization`) and distillation
+(:mod:`lightning_prune.training.distillation`) reach it from inside the module, as mixins placed before
+``LightningModule`` in the bases::
 
     class Net(L1RegularizationMixin, LightningModule): ...
 

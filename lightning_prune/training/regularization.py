@@ -3,9 +3,10 @@
 Pruning removes what training has already made small. Training with a penalty pushes unimportant weights
 towards zero beforehand, so that less accuracy is lost at the moment of pruning:
 
-* **L1** (``"l1"``): ``Σ|w|`` over the prunable weights (those of :func:`~lightning_prune.masks.params.prunable_parameters`),
-  the partner of unstructured magnitude pruning (Han et al., 2015, "Learning both Weights and Connections for
-  Efficient Neural Networks", compare L1 and L2 regularisation before pruning).
+* **L1** (``"l1"``): ``Σ|w|`` over the prunable weights (those of
+  :func:`~lightning_prune.masks.params.prunable_parameters`), the partner of unstructured magnitude pruning
+  (Han et al., 2015, "Learning both Weights and Connections for Efficient Neural Networks", compare L1 and L2
+  regularisation before pruning).
 * **Group lasso** (``"group_lasso"``): ``Σ_c ‖w_c‖₂`` over the output channels of every prunable weight (its rows
   along dim 0: a convolution's filters, a linear layer's output features), which drives whole channels to zero,
   the partner of channel pruning (Yuan & Lin, 2006; Wen et al., 2016, "Learning Structured Sparsity in Deep
@@ -34,8 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lightning_prune._helpers import is_int
-from lightning_prune.masks.params import PRUNABLE_TYPES, check_patterns, name_matches, prunable_parameters
+from lightning_prune._helpers import is_int, is_number
+from lightning_prune.masks.params import PRUNABLE_TYPES, check_patterns, name_matches, pattern_list, prunable_parameters
 from lightning_prune.training.loss import TrainingLossMixin
 
 RegularizationKind = Literal["l1", "group_lasso", "bn_slimming"]
@@ -287,12 +288,9 @@ class L1RegularizationMixin(TrainingLossMixin):
             )
         kind = self._default_reg_kind if reg_kind is None else reg_kind
         _check_kind("reg_kind", kind)
-        if isinstance(reg_lambda, bool) or not isinstance(reg_lambda, (int, float)) or not reg_lambda >= 0:
+        if not is_number(reg_lambda) or not reg_lambda >= 0:
             raise ValueError(f"`reg_lambda` (λ) must be a number >= 0, got {reg_lambda!r}.")
-        if isinstance(reg_ignore, str):
-            reg_ignore = [reg_ignore]
-        if not all(isinstance(p, str) and p for p in reg_ignore):
-            raise ValueError(f"`reg_ignore` must be a list of module-name patterns, got {reg_ignore!r}.")
+        reg_ignore = pattern_list(reg_ignore, "reg_ignore")
         if not is_int(reg_warmup_epochs) or reg_warmup_epochs < 0:
             raise ValueError(f"`reg_warmup_epochs` must be an integer >= 0, got {reg_warmup_epochs!r}.")
         if reg_stop_epoch is not None and (not is_int(reg_stop_epoch) or reg_stop_epoch < 0):
