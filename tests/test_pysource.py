@@ -314,3 +314,21 @@ def test_the_default_corpus_is_this_interpreters_standard_library():
     assert (root / "os.py").is_file()
     assert re.fullmatch(r"python3\.\d+", root.name) or os.name == "nt" or root.name == "Lib"
 
+
+def test_the_data_config_composes_and_instantiates(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["data=pysource", "seed=5"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, PySourceDataModule) and dm.root == stdlib_root() and dm.seed == 5
+    assert dm.input_shape == (cfg.data.seq_len,) and dm.vocab_size == cfg.data.vocab_size == 256
+    write_corpus(tmp_path)
+    cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction = str(tmp_path), 0.2, 0.2
+    dm = instantiate(cfg.data)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (cfg.data.batch_size, cfg.data.seq_len)
+    assert len(dm.train_dataloader().sampler) == cfg.data.samples_per_epoch
