@@ -227,7 +227,7 @@ class PySourceDataModule(L.LightningDataModule):
         root: str | Path | None = None,
         pattern: str = "*.py",
         seq_len: int = 256,
-        batch_size: int = 32,
+        batch_size: int = 16,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         samples_per_epoch: int | None = None,
