@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import lightning_prune.app.train as train_module
@@ -57,6 +57,18 @@ def _groups() -> dict[str, list[str]]:
 GROUPS = _groups()
 IN_DEFAULTS = set(_compose([], hydra=True).hydra.runtime.choices)
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
+#: Language-model options go together (an image model cannot read bytes, a GPT cannot read images).
+LANGUAGE_OPTIONS = {("data", "pysource"), ("model", "gpt_tiny")}
+LANGUAGE = ["data=pysource", "model=gpt_tiny"]
+
+
+def as_language_model(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with LanguageModel as its module: the root config's is ImageClassifier (with ``num_classes``), which
+    train() is built around for now. Done here because an override cannot delete a key whose interpolation fails."""
+    with open_dict(cfg):
+        del cfg.module["num_classes"]
+        cfg.module._target_ = "lightning_prune.models.LanguageModel"
+    return cfg
 
 
 def _override(group: str, option: str) -> str:
@@ -78,14 +90,20 @@ def test_groups_are_discovered():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_validates_and_instantiates(group, option, tmp_path):
-    cfg = _compose([_override(group, option)], hydra=group.startswith("hydra/"))
+    language = (group, option) in LANGUAGE_OPTIONS
+    cfg = _compose([_override(group, option), *(LANGUAGE if language else [])], hydra=group.startswith("hydra/"))
+    if language:
+        cfg = as_language_model(cfg)
     validate(cfg)
     # Building objects: cheap ones always; datamodules only constructed (no files read before setup()).
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
     net = instantiate(cfg.model, _convert_="all")
     assert isinstance(net, nn.Module)
-    if group in ("data", "model", "experiment") and sum(p.numel() for p in net.parameters()) < 2_000_000:
+    if language:
+        tokens = torch.zeros(2, cfg.data.seq_len, dtype=torch.long)
+        assert net.eval()(tokens).shape == (2, cfg.data.seq_len, cfg.data.vocab_size)
+    elif group in ("data", "model", "experiment") and sum(p.numel() for p in net.parameters()) < 2_000_000:
         shape = tuple(cfg.data.get("input_shape") or datamodule.input_shape)
         assert net.eval()(torch.zeros(2, *shape)).shape == (2, cfg.model.num_classes)
     module = instantiate_module(cfg)

@@ -412,6 +412,7 @@ def test_loaders_need_setup():
 # --- Hydra configs ---------------------------------------------------------------------------------------------
 
 DATA_OPTIONS = ["digits", "synthetic", "mnist", "fashion_mnist", "cifar10"]
+TEXT_DATA_OPTIONS = ["pysource"]  # tested in test_pysource.py
 
 
 def _fake_root(root: Path) -> Path:
@@ -428,7 +429,7 @@ def fake_root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("option", DATA_OPTIONS)
 def test_data_configs_compose_and_instantiate(option, fake_root):
-    assert sorted(p.stem for p in (CONF / "data").glob("*.yaml")) == sorted(DATA_OPTIONS)
+    assert sorted(p.stem for p in (CONF / "data").glob("*.yaml")) == sorted(DATA_OPTIONS + TEXT_DATA_OPTIONS)
     file_backed = option not in ("digits", "synthetic")
     overrides = [f"data={option}"] + ([f"data.root={fake_root}", "data.num_workers=0"] if file_backed else [])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
