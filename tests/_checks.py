@@ -1,9 +1,16 @@
-"""Checks shared by the Trainer tests."""
+"""Checks and constants shared by the tests."""
+
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_prune import PruningCallback
+
+#: The repository's root (``tests/`` holds one folder per subpackage, so no test finds it relative to itself).
+ROOT = Path(__file__).resolve().parents[1]
+#: The Hydra configs.
+CONF = ROOT / "conf"
 
 
 class ZeroChecker(Callback):

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import CONF
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -304,7 +305,6 @@ def test_a_checkpoint_of_the_previous_state_layout_still_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the Hydra main job
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # The main job, small: 4 epochs, pruning over epochs 1-2, with channels trimmed for speed.
 MAIN_JOB = [
     "trainer.max_epochs=4",

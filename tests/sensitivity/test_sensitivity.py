@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -31,9 +32,6 @@ from lightning_prune.sensitivity import (
     write_report,
 )
 from lightning_prune.structures.channel import ChannelStructure
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
