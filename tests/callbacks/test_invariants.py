@@ -5,7 +5,7 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
-from _checks import CONF
+from _checks import CONF, tiny_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,16 +37,7 @@ def fit(callbacks, max_epochs: int = 4, **kwargs) -> pl.Trainer:
     data = DataLoader(
         TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=8
     )
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = tiny_trainer(None, callbacks, max_epochs, **kwargs)
     trainer.fit(Net(), data)
     return trainer
 

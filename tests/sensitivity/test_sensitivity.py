@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from _checks import CONF, ROOT
+from _checks import CONF, ROOT, tiny_trainer
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -493,19 +493,7 @@ class RecordingPruning(PruningCallback):
 
 
 def fit(tmp_path, callbacks, max_epochs=2, **kwargs):
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    trainer = tiny_trainer(tmp_path, callbacks, max_epochs, **kwargs)
     trainer.fit(Task(), task_data(), task_data(64))
     return trainer
 
