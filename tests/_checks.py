@@ -1,9 +1,81 @@
-"""Checks shared by the Trainer tests."""
+"""Helpers shared by the tests: the repository's paths, a Trainer for tiny runs, tiny data, optimizers, seeded
+weights and the zero checker. Fixtures are in ``conftest.py``."""
 
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruningCallback
+from lightning_prune.data import EpochShuffleSampler
+
+#: The repository's root (``tests/`` holds one folder per subpackage, so no test finds it relative to itself).
+ROOT = Path(__file__).resolve().parents[1]
+#: The Hydra configs.
+CONF = ROOT / "conf"
+
+
+def tiny_trainer(root: Path | None, callbacks: Sequence[Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
+    """A ``Trainer`` for tiny, reproducible runs on one CPU: deterministic, quiet, no sanity validation; without a
+    logger or checkpoints unless ``kwargs`` ask for them (any other ``Trainer`` argument goes through too)."""
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("devices", 1)
+    kwargs.setdefault("deterministic", True)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return pl.Trainer(
+        default_root_dir=root,
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def images(
+    n: int = 96,
+    shape: tuple[int, ...] = (1, 8, 8),
+    classes: int = 4,
+    batch_size: int = 16,
+    sampler: Literal["epoch", "global"] | None = None,
+    sampler_seed: int = 3,
+) -> DataLoader:
+    """``n`` random images and labels, the same on every call (seed 0), in order, reshuffled each epoch by an
+    :class:`~lightning_prune.data.EpochShuffleSampler` (``"epoch"``) or shuffled by the global random state
+    (``"global"``)."""
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g))
+    if sampler == "epoch":
+        return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(dataset, seed=sampler_seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler == "global")
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizers the exactness tests train with: SGD with momentum and weight decay, Adam, AdamW with strong
+    decoupled weight decay."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=3e-3, weight_decay=1e-4)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
+    raise ValueError(name)
+
+
+@torch.no_grad()
+def seeded(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Fixed weights from an explicit generator (the global random state is left alone)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.copy_(0.6 * torch.randn(p.shape, generator=g))
+    return net
 
 
 class ZeroChecker(Callback):

@@ -17,6 +17,7 @@ import re
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import tiny_trainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -188,17 +189,8 @@ class InvariantChecker(pl.Callback):
 def run_trainer(net, schedule, optimizer, accumulate, scope, structure="unstructured", seed=0, extra=(), check=True):
     pruning = PruningCallback(schedule=schedule, scope=scope, structure=structure, compact=False)
     checker = InvariantChecker(pruning, structure, scope)
-    trainer = pl.Trainer(
-        max_epochs=(schedule.end_epoch or 0) + 2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accumulate_grad_batches=accumulate,
-        callbacks=[pruning, *([checker] if check else []), *extra],
-    )
+    callbacks = [pruning, *([checker] if check else []), *extra]
+    trainer = tiny_trainer(None, callbacks, (schedule.end_epoch or 0) + 2, accumulate_grad_batches=accumulate)
     trainer.fit(Module(net, optimizer), data(seed))
     return pruning, checker
 

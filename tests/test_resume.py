@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import CONF, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -159,18 +160,8 @@ def data() -> DataLoader:
 
 
 def fit(root: Path, callbacks, max_epochs: int, model: Net, ckpt_path=None, **kwargs) -> pl.Trainer:
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    kwargs.setdefault("enable_checkpointing", True)  # the runs here write and resume checkpoints
+    trainer = tiny_trainer(root, callbacks, max_epochs, **kwargs)
     trainer.fit(model, data(), ckpt_path=ckpt_path)
     return trainer
 
@@ -304,7 +295,6 @@ def test_a_checkpoint_of_the_previous_state_layout_still_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the Hydra main job
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # The main job, small: 4 epochs, pruning over epochs 1-2, with channels trimmed for speed.
 MAIN_JOB = [
     "trainer.max_epochs=4",

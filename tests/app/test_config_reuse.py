@@ -10,13 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _checks import ROOT
 from hydra import compose, initialize_config_module
 from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
 
 import lightning_prune.app.train  # noqa: F401  (registers the schemas the configs extend)
 from hydra_plugins.lightning_prune_searchpath import LightningPruneSearchPathPlugin, config_source
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "lightning_prune", "conf", "hydra_plugins")
 
 APP = """

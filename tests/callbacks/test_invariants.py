@@ -1,11 +1,11 @@
 """``MaskInvariantChecker`` passes on correct runs and catches each kind of broken promise."""
 
 import csv
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import CONF, tiny_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,16 +37,7 @@ def fit(callbacks, max_epochs: int = 4, **kwargs) -> pl.Trainer:
     data = DataLoader(
         TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)), batch_size=8
     )
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = tiny_trainer(None, callbacks, max_epochs, **kwargs)
     trainer.fit(Net(), data)
     return trainer
 
@@ -133,10 +124,9 @@ def test_the_main_job_with_the_invariants_callbacks_group(tmp_path):
 
     from lightning_prune.app.train import train
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
     overrides = ["callbacks=invariants", "trainer.max_epochs=3", "pruning.start_epoch=0", "pruning.end_epoch=1"]
     overrides += ["model.channels=[8,16]", "model.hidden=32", "trainer.enable_progress_bar=false"]
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         train(compose(config_name="config", overrides=[*overrides, f"output_dir={tmp_path}"]))
     with open(next(tmp_path.glob("csv/version_0/metrics.csv"))) as f:
         checks = [float(r["invariants/checks"]) for r in csv.DictReader(f) if r.get("invariants/checks")]

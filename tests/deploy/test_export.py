@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
@@ -30,9 +31,6 @@ from lightning_prune.deploy.report import FILE_NAMES, ExportReport, export_model
 from lightning_prune.models import MLP, ImageClassifier, SmallCNN, resnet20
 from lightning_prune.structures.channel import prune_channels_
 from lightning_prune.structures.unstructured import Unstructured
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

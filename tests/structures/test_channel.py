@@ -18,17 +18,10 @@ from lightning_prune.models import MLP, VGG, SmallCNN, resnet20, resnet56, torch
 from lightning_prune.structures.channel import ChannelStructure, prune_channels_
 from lightning_prune.structures.tracing import channel_groups
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (intra-op threads only add synchronisation on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     """``factory()`` with a seeded initialisation, leaving the global random state as it was."""
     with torch.random.fork_rng(devices=[]):

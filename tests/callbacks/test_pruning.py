@@ -4,15 +4,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _checks import ZeroChecker
+from _checks import ZeroChecker, images, make_optimizer, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import CubicSchedule, LinearSchedule, PruningCallback
-from lightning_prune.data import EpochShuffleSampler
 
 
 class Net(pl.LightningModule):
@@ -38,40 +36,7 @@ class Net(pl.LightningModule):
         self.log("val/loss", nn.functional.cross_entropy(self(x), y))
 
     def configure_optimizers(self):
-        name = self.hparams.optimizer
-        if name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        if name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=3e-3, weight_decay=1e-4)
-        if name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.1)
-        raise ValueError(name)
-
-
-def loader(n: int = 96, batch_size: int = 16, shuffle: bool = False) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    dataset = TensorDataset(x, y)
-    sampler = EpochShuffleSampler(dataset, seed=3) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-
-
-def trainer(tmp_path: Path, callbacks, max_epochs: int, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+        return make_optimizer(self.hparams.optimizer, self.parameters())
 
 
 @pytest.mark.parametrize(
@@ -90,7 +55,7 @@ def test_pruned_weights_stay_zero_through_training(tmp_path, optimizer, extra):
     checker = ZeroChecker(pruning)
     model = Net(optimizer)
     # 6 batches/epoch x 10 epochs: over 50 optimizer steps at full sparsity without accumulation.
-    trainer(tmp_path, [pruning, checker], max_epochs=10, **extra).fit(model, loader())
+    tiny_trainer(tmp_path, [pruning, checker], max_epochs=10, **extra).fit(model, images())
     assert checker.checked >= 40
     assert pruning.achieved_sparsity == pytest.approx(0.8, abs=1e-3)
     weights = [model.features[0].weight, model.body[0].weight, model.head.weight]
@@ -101,8 +66,8 @@ def test_pruned_weights_stay_zero_through_training(tmp_path, optimizer, extra):
 def test_logs_sparsity_to_every_logger(tmp_path):
     pruning = PruningCallback(sparsity=0.5, schedule="cubic", start_epoch=0, end_epoch=2, ignore=["head"])
     logger = CSVLogger(tmp_path, name="run")
-    t = trainer(tmp_path, [pruning], max_epochs=3, logger=logger)
-    t.fit(Net(), loader(), loader(32))
+    t = tiny_trainer(tmp_path, [pruning], max_epochs=3, logger=logger)
+    t.fit(Net(), images(), images(32))
     assert float(t.callback_metrics["prune/sparsity"]) == pytest.approx(0.5, abs=1e-3)
     assert "prune/sparsity" in t.progress_bar_metrics
     assert set(pruning.layer_sparsity()) == {"features.0.weight", "body.0.weight"}
@@ -122,7 +87,7 @@ def test_sparsity_follows_the_schedule_each_epoch(tmp_path):
         def on_train_epoch_end(self, trainer, pl_module):
             seen.append(pruning.achieved_sparsity)
 
-    trainer(tmp_path, [pruning, Record()], max_epochs=6).fit(Net(), loader())
+    tiny_trainer(tmp_path, [pruning, Record()], max_epochs=6).fit(Net(), images())
     n = pruning.masks.numel()
     assert seen == [round(schedule.sparsity_at(e) * n) / n for e in range(6)]
 
@@ -137,12 +102,12 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
 
     full = Net("adam")
     full_cb = callback()
-    trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, loader(shuffle=True))
+    tiny_trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, images(sampler="epoch"))
 
     first = Net("adam")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
-        first, loader(shuffle=True)
+    tiny_trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
+        first, images(sampler="epoch")
     )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert any(k.startswith("PruningCallback") for k in saved["callbacks"])
@@ -156,8 +121,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
             if not seen:
                 seen.append(resumed_cb.achieved_sparsity)
 
-    t = trainer(tmp_path / "c", [resumed_cb, FirstBatch()], max_epochs=6)
-    t.fit(resumed, loader(shuffle=True), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    t = tiny_trainer(tmp_path / "c", [resumed_cb, FirstBatch()], max_epochs=6)
+    t.fit(resumed, images(sampler="epoch"), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert seen[0] > 0.5, "masks were dropped on resume"
     assert resumed_cb.achieved_sparsity == full_cb.achieved_sparsity == pytest.approx(0.9, abs=1e-3)
     for a, b in zip(full_cb.masks.masks, resumed_cb.masks.masks):
@@ -172,7 +137,7 @@ def test_saved_weights_load_strictly_into_a_fresh_model(tmp_path):
     model = Net()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="final")
     pruning = PruningCallback(sparsity=0.7, schedule="one_shot", start_epoch=1)
-    trainer(tmp_path, [pruning, ckpt], max_epochs=2, enable_checkpointing=True).fit(model, loader())
+    tiny_trainer(tmp_path, [pruning, ckpt], max_epochs=2, enable_checkpointing=True).fit(model, images())
     fresh = Net(seed=1)
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert set(model.state_dict()) == set(Net().state_dict())
@@ -185,24 +150,24 @@ def test_saved_weights_load_strictly_into_a_fresh_model(tmp_path):
 def test_resume_with_another_structure_or_scope_is_refused(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = PruningCallback(sparsity=0.5, schedule="one_shot")
-    trainer(tmp_path, [first, ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(), loader())
+    tiny_trainer(tmp_path, [first, ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(), images())
     other = PruningCallback(sparsity=0.5, schedule="one_shot", scope="layer")
     with pytest.raises(MisconfigurationException, match="Resume with the same `structure` and `scope`"):
-        trainer(tmp_path, [other], max_epochs=2).fit(Net(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        tiny_trainer(tmp_path, [other], max_epochs=2).fit(Net(), images(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
 def test_resume_into_a_model_with_other_prunable_layers_is_refused(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = PruningCallback(sparsity=0.5, schedule="one_shot")
-    trainer(tmp_path, [first, ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(), loader())
+    tiny_trainer(tmp_path, [first, ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(), images())
     other = PruningCallback(sparsity=0.5, schedule="one_shot", ignore=["head"])
     with pytest.raises(MisconfigurationException, match=r"cannot resume.*unexpected \['head.weight'\]"):
-        trainer(tmp_path, [other], max_epochs=2).fit(Net(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        tiny_trainer(tmp_path, [other], max_epochs=2).fit(Net(), images(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
 def test_layer_scope_reaches_the_target_in_every_layer(tmp_path):
     pruning = PruningCallback(sparsity=0.6, schedule="exponential", start_epoch=0, end_epoch=2, scope="layer")
-    trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), loader())
+    tiny_trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), images())
     for name, mask in zip(pruning.masks.names, pruning.masks.masks):
         assert int((~mask).sum()) == round(0.6 * mask.numel()), name
 
@@ -233,7 +198,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 
 def test_bad_model_dependent_arguments_fail_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="`ignore` pattern 'classifier' matches no module of Net"):
-        trainer(tmp_path, [PruningCallback(ignore=["classifier"])], max_epochs=1).fit(Net(), loader())
+        tiny_trainer(tmp_path, [PruningCallback(ignore=["classifier"])], max_epochs=1).fit(Net(), images())
 
     class Dense(Net):
         def __init__(self):
@@ -246,20 +211,20 @@ def test_bad_model_dependent_arguments_fail_at_setup(tmp_path):
             return self.head(self.body(self.features(x)))[:, :4]
 
     with pytest.raises(MisconfigurationException, match="Dense has nothing left to prune"):
-        trainer(tmp_path, [PruningCallback()], max_epochs=1).fit(Dense(), loader())
+        tiny_trainer(tmp_path, [PruningCallback()], max_epochs=1).fit(Dense(), images())
     with pytest.raises(MisconfigurationException, match="`max_epochs` is -1"):
-        trainer(tmp_path, [PruningCallback()], max_epochs=-1, max_steps=3).fit(Net(), loader())
+        tiny_trainer(tmp_path, [PruningCallback()], max_epochs=-1, max_steps=3).fit(Net(), images())
 
 
 def test_warns_when_the_schedule_outlasts_training(tmp_path):
     pruning = PruningCallback(sparsity=0.5, schedule="linear", start_epoch=0, end_epoch=9)
     with pytest.warns(UserWarning, match="will not be reached"):
-        trainer(tmp_path, [pruning], max_epochs=2).fit(Net(), loader())
+        tiny_trainer(tmp_path, [pruning], max_epochs=2).fit(Net(), images())
 
 
 def test_open_end_uses_the_last_epoch_and_state_keys_differ(tmp_path):
     pruning = PruningCallback(sparsity=0.5, schedule="linear")
-    trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), loader())
+    tiny_trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), images())
     assert pruning.schedule.end_epoch == 2
     assert pruning.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
     assert PruningCallback(scope="layer").state_key != PruningCallback().state_key

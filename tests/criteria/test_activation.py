@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _checks import seeded
 from torch import Tensor, nn
 
 from lightning_prune.criteria.activation import ActivationImportance, ActivationStatistics, APoZImportance
@@ -21,21 +22,7 @@ from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.masks.params import prunable_parameters
 from lightning_prune.structures.channel import ChannelStructure
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def seeded(net: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        p.copy_(0.6 * torch.randn(p.shape, generator=g))
-    return net
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(step: int, *shape: int) -> Tensor:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from _checks import CONF, ROOT, tiny_trainer
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -31,9 +32,6 @@ from lightning_prune.sensitivity import (
     write_report,
 )
 from lightning_prune.structures.channel import ChannelStructure
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -495,19 +493,7 @@ class RecordingPruning(PruningCallback):
 
 
 def fit(tmp_path, callbacks, max_epochs=2, **kwargs):
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    trainer = tiny_trainer(tmp_path, callbacks, max_epochs, **kwargs)
     trainer.fit(Task(), task_data(), task_data(64))
     return trainer
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from _checks import seeded
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -24,27 +25,12 @@ from lightning_prune.masks.params import prunable_parameters
 from lightning_prune.structures.channel import ChannelStructure
 from lightning_prune.structures.unstructured import Unstructured
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 Contribution = Callable[[Tensor, Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def seeded(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Fixed weights from an explicit generator (the global random state is left alone)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in net.parameters():
-        p.copy_(0.6 * torch.randn(p.shape, generator=g))
-    return net
-
-
 def batch(step: int, *shape: int, classes: int = 2) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(8, *shape, generator=g), torch.randint(0, classes, (8,), generator=g)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from _checks import CONF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -28,8 +29,6 @@ from lightning_prune.app.config import (
     RegularizationConfig,
     TrainerConfig,
 )
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 #: The schema of each group, and the overrides that select an option using it.
 SCHEMAS = {

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from _checks import CONF
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -28,7 +29,6 @@ from lightning_prune.data.fakes import write_fake_cifar10, write_fake_mnist, wri
 from lightning_prune.data.mnist import IDX_FILES
 from lightning_prune.models import MLP, VGG, ImageClassifier, LeNet5
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 IDX_MODULES = [(MNISTDataModule, "MNIST"), (FashionMNISTDataModule, "FashionMNIST")]
 D = TypeVar("D", bound=Any)
 

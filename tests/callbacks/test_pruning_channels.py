@@ -6,29 +6,21 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _checks import ZeroChecker
+from _checks import ZeroChecker, images, make_optimizer, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import CubicSchedule, PruningCallback
 from lightning_prune.criteria.base import Importance
-from lightning_prune.data import DigitsDataModule, EpochShuffleSampler
+from lightning_prune.data import DigitsDataModule
 from lightning_prune.deploy.compact import load_compact
 from lightning_prune.masks.channels import ChannelMaskSet
 from lightning_prune.models import ImageClassifier, SmallCNN
 from lightning_prune.structures.channel import ChannelStructure
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (intra-op threads only add synchronisation on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConvNet(pl.LightningModule):
@@ -62,43 +54,11 @@ class ConvNet(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        name = self.hparams.optimizer
-        if name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        if name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=3e-3, weight_decay=1e-4)
-        if name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.1)
-        raise ValueError(name)
+        return make_optimizer(self.hparams.optimizer, self.parameters())
 
 
 GROUPS = {"features.0": 8, "features.3": 12, "body.0": 16}
 CHANNELS = sum(GROUPS.values())
-
-
-def data(n: int = 96, classes: int = 4, batch_size: int = 16, sampler: str | None = None) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g))
-    if sampler == "epoch":
-        return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(dataset, seed=3))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler == "global")
-
-
-def trainer(tmp_path: Path, callbacks, max_epochs: int, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
 
 
 def channels(sparsity: float = 0.5, **kwargs) -> PruningCallback:
@@ -158,7 +118,7 @@ def test_pruned_channels_stay_zero_through_training(tmp_path, optimizer, extra):
     pruning = channels(0.5, start_epoch=0, end_epoch=2)
     checker = ChannelZeroChecker(pruning)
     model = ConvNet(optimizer)
-    trainer(tmp_path, [pruning, checker], max_epochs=4, **extra).fit(model, data())
+    tiny_trainer(tmp_path, [pruning, checker], max_epochs=4, **extra).fit(model, images())
     pruned_epochs = [e for e in range(4) if pruning.schedule.sparsity_at(e) > 0]
     assert pruned_epochs == [1, 2, 3]
     assert checker.checked == 6 * len(pruned_epochs)  # every batch from the first pruning on
@@ -182,7 +142,9 @@ def test_channel_sparsity_follows_the_schedule_and_is_logged(tmp_path):
 
     logger = CSVLogger(tmp_path, name="run")
     module = ImageClassifier(SmallCNN(channels=(8, 16), hidden=32), lr=0.05)
-    t = trainer(tmp_path, [pruning, Record()], max_epochs=5, logger=logger, limit_train_batches=3, limit_val_batches=1)
+    t = tiny_trainer(
+        tmp_path, [pruning, Record()], max_epochs=5, logger=logger, limit_train_batches=3, limit_val_batches=1
+    )
     t.fit(module, DigitsDataModule(batch_size=32, num_classes=10))
 
     n = pruning.masks.num_channels()
@@ -216,11 +178,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
         )
 
     full, full_cb = ConvNet("adam"), callback()
-    trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, data(sampler="epoch"))
+    tiny_trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, images(sampler="epoch"))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
-        ConvNet("adam"), data(sampler="epoch")
+    tiny_trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
+        ConvNet("adam"), images(sampler="epoch")
     )
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("PruningCallback")]
@@ -234,8 +196,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
             if not at_start:
                 at_start.append(resumed_cb.achieved_sparsity)
 
-    t = trainer(tmp_path / "c", [resumed_cb, FirstBatch()], max_epochs=6)
-    t.fit(resumed, data(sampler="epoch"), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    t = tiny_trainer(tmp_path / "c", [resumed_cb, FirstBatch()], max_epochs=6)
+    t.fit(resumed, images(sampler="epoch"), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
     assert at_start[0] > 0.3, "masks were dropped on resume"
     assert resumed_cb.achieved_sparsity == full_cb.achieved_sparsity == round(0.6 * CHANNELS) / CHANNELS
@@ -267,7 +229,7 @@ class Recording(ConvNet):
 def test_example_input_array_is_used_to_trace(tmp_path):
     model = Recording()
     model.example_input_array = torch.zeros(3, 1, 8, 8)
-    trainer(tmp_path, [channels(0.5, schedule="one_shot")], max_epochs=1).fit(model, data())
+    tiny_trainer(tmp_path, [channels(0.5, schedule="one_shot")], max_epochs=1).fit(model, images())
     assert model.traced and {x.shape[0] for x in model.traced} == {3}
 
 
@@ -275,16 +237,16 @@ def test_explicit_example_inputs_take_precedence(tmp_path):
     model = Recording()
     model.example_input_array = torch.zeros(3, 1, 8, 8)
     pruning = channels(0.5, schedule="one_shot", example_inputs=torch.ones(5, 1, 8, 8))
-    trainer(tmp_path, [pruning], max_epochs=1).fit(model, data())
+    tiny_trainer(tmp_path, [pruning], max_epochs=1).fit(model, images())
     assert model.traced and all(torch.equal(x, torch.ones(5, 1, 8, 8)) for x in model.traced)
     assert pruning.achieved_sparsity == 0.5
 
 
 def test_without_example_inputs_two_samples_of_the_first_batch_are_traced(tmp_path):
     model = Recording()
-    loader = data()
+    loader = images()
     first = next(iter(loader))[0]
-    trainer(tmp_path, [channels(0.5, schedule="one_shot")], max_epochs=1).fit(model, loader)
+    tiny_trainer(tmp_path, [channels(0.5, schedule="one_shot")], max_epochs=1).fit(model, loader)
     assert model.traced and all(torch.equal(x, first[:2]) for x in model.traced)
 
 
@@ -296,7 +258,7 @@ def test_drawing_the_first_batch_leaves_the_random_stream_alone(tmp_path):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             pruning = channels(0.5, start_epoch=0, end_epoch=1, **kwargs)
-            trainer(tmp_path / name, [pruning], max_epochs=2).fit(model, data(sampler="global"))
+            tiny_trainer(tmp_path / name, [pruning], max_epochs=2).fit(model, images(sampler="global"))
         return _state(model)
 
     drawn = run("drawn")
@@ -321,8 +283,8 @@ def test_compact_model_at_the_end_of_fitting(tmp_path):
     assert pruning.compact  # on by default for channels
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="final")
     logger = CSVLogger(tmp_path, name="run")
-    t = trainer(tmp_path, [pruning, ckpt], max_epochs=3, logger=logger, enable_checkpointing=True)
-    t.fit(module, data(classes=10))
+    t = tiny_trainer(tmp_path, [pruning, ckpt], max_epochs=3, logger=logger, enable_checkpointing=True)
+    t.fit(module, images(classes=10))
 
     small = pruning.compact_model
     assert small is not None and small is not module
@@ -357,7 +319,7 @@ def test_compact_model_at_the_end_of_fitting(tmp_path):
 def test_compact_model_is_saved_in_the_log_dir_by_default(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     pruning = PruningCallback(sparsity=0.5, schedule="one_shot", structure="channel", report_latency=False)
-    trainer(tmp_path, [pruning], max_epochs=1, logger=logger).fit(ConvNet(), data())
+    tiny_trainer(tmp_path, [pruning], max_epochs=1, logger=logger).fit(ConvNet(), images())
     path = Path(logger.log_dir) / "compact.pt"
     assert path.is_file()
     reloaded = load_compact(ConvNet(seed=1), path)
@@ -374,11 +336,11 @@ class HalfScore(Importance):
 def test_round_to_larger_than_a_layer_fails_at_train_start(tmp_path):
     pruning = PruningCallback(sparsity=0.5, structure="channel", round_to=64)
     assert pruning.structure.round_to == 64
-    t = trainer(tmp_path, [pruning], max_epochs=2)
+    t = tiny_trainer(tmp_path, [pruning], max_epochs=2)
     with pytest.raises(
         MisconfigurationException, match=r"`round_to`=64 would empty layer 'model.features.0', which has 32 channels"
     ):
-        t.fit(ImageClassifier(SmallCNN()), data(classes=10))
+        t.fit(ImageClassifier(SmallCNN()), images(classes=10))
     assert t.global_step == 0
 
 
@@ -386,19 +348,19 @@ def test_round_to_larger_than_a_layer_fails_at_train_start(tmp_path):
 def test_a_final_sparsity_beyond_the_layer_cap_fails_before_training(tmp_path, scope):
     # Every group keeps at least ceil(10%) of its channels, so 95% of all channels can never be pruned.
     pruning = channels(0.95, start_epoch=0, end_epoch=3, scope=scope, max_layer_sparsity=0.9)
-    t = trainer(tmp_path, [pruning], max_epochs=4)
+    t = tiny_trainer(tmp_path, [pruning], max_epochs=4)
     with pytest.raises(MisconfigurationException, match="95%"):
-        t.fit(ConvNet(), data())
+        t.fit(ConvNet(), images())
     assert t.global_step == 0, "the unreachable target should be refused before training, not epochs into it"
 
 
 def test_example_inputs_of_the_wrong_shape_fail_at_train_start(tmp_path):
     pruning = channels(0.5, example_inputs=torch.zeros(2, 3, 8, 8))
-    t = trainer(tmp_path, [pruning], max_epochs=1)
+    t = tiny_trainer(tmp_path, [pruning], max_epochs=1)
     with pytest.raises(
         MisconfigurationException, match=r"ConvNet cannot run on the `example_inputs` \(tensor of shape"
     ):
-        t.fit(ConvNet(), data())
+        t.fit(ConvNet(), images())
     assert t.global_step == 0
 
 

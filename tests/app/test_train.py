@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -25,8 +26,6 @@ from lightning_prune.data import DigitsDataModule
 from lightning_prune.deploy.compact import load_compact
 from lightning_prune.models import ImageClassifier, SmallCNN
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 METRIC_KEYS = {
     "status",
     "dense_test_acc",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -28,8 +29,6 @@ from lightning_prune.app.sweep import (
     summarize_sweep,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A tiny version of the main job: about a second of training per run.
 TINY = [

@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _checks import tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -71,18 +72,7 @@ def loader() -> DataLoader:
 
 
 def fit(tmp_path: Path, module, callbacks, max_epochs: int, ckpt_path=None, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = tiny_trainer(tmp_path, callbacks, max_epochs, **kwargs)
     trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return trainer
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _checks import images, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import (
     FisherImportance,
@@ -18,7 +18,6 @@ from lightning_prune import (
     SensitivityCallback,
     TaylorImportance,
 )
-from lightning_prune.data import EpochShuffleSampler
 from lightning_prune.structures.block import BlockStructure
 from lightning_prune.structures.nm import NMStructure
 
@@ -55,29 +54,11 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def data(n: int = 96, batch_size: int = 16) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(dataset, seed=1))
-
-
 def fit(tmp_path: Path, callbacks, max_epochs: int, model: Net | None = None, ckpt_path=None, val=False, **kwargs):
-    kwargs.setdefault("enable_checkpointing", False)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
     model = model or Net()
-    trainer.fit(model, data(), data(32) if val else None, ckpt_path=ckpt_path)
+    val_data = images(32, sampler="epoch", sampler_seed=1) if val else None
+    trainer = tiny_trainer(tmp_path, callbacks, max_epochs, **kwargs)
+    trainer.fit(model, images(sampler="epoch", sampler_seed=1), val_data, ckpt_path=ckpt_path)
     return model
 
 

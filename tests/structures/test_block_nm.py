@@ -7,25 +7,26 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _checks import ZeroChecker
+from _checks import ZeroChecker, images, make_optimizer, tiny_trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_prune import PruningCallback
 from lightning_prune.criteria import IMPORTANCES
 from lightning_prune.criteria.base import Importance
 from lightning_prune.criteria.magnitude import LpNormImportance, MagnitudeImportance
-from lightning_prune.data import EpochShuffleSampler
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.block import BlockStructure
 from lightning_prune.structures.nm import NMStructure
 from lightning_prune.structures.unstructured import Unstructured
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAG = MagnitudeImportance()
 
@@ -398,7 +399,7 @@ def test_block_bad_layers(tmp_path):
         BlockStructure((8, 8)).bind(nn.Sequential(nn.Conv2d(2, 4, 3)))
     with pytest.raises(MisconfigurationException, match=r"PruningCallback: Block shape 4x4 is larger"):
         pruning = PruningCallback(structure=BlockStructure(4), sparsity=0.5, schedule="one_shot")
-        make_trainer(tmp_path, [pruning], 1).fit(PatternNet(head=2), data())
+        tiny_trainer(tmp_path, [pruning], 1).fit(PatternNet(head=2), data())
 
 
 def test_bad_scores_are_clear_errors():
@@ -495,40 +496,11 @@ class PatternNet(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-        return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.1)
+        return make_optimizer(self.hparams.optimizer, self.parameters())
 
 
 def data(n: int = 64, shuffle: bool = False) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(n, 4, 6, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
-    return DataLoader(dataset, batch_size=16, sampler=EpochShuffleSampler(dataset, seed=3) if shuffle else None)
-
-
-def make_trainer(root: Path, callbacks, max_epochs: int, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        default_root_dir=root,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return images(n, shape=(4, 6, 6), sampler="epoch" if shuffle else None)
 
 
 class PatternChecker(ZeroChecker):
@@ -563,7 +535,7 @@ class EpochRecord(Callback):
 def test_patterns_hold_exactly_through_training(tmp_path, structure, optimizer, extra):
     pruning = PruningCallback(structure=structure, sparsity=0.5, schedule="linear", start_epoch=0, end_epoch=2)
     checker, record = PatternChecker(pruning), EpochRecord(pruning)
-    make_trainer(tmp_path, [pruning, checker, record], max_epochs=4, **extra).fit(PatternNet(optimizer), data())
+    tiny_trainer(tmp_path, [pruning, checker, record], max_epochs=4, **extra).fit(PatternNet(optimizer), data())
     assert checker.checked >= 6
     masks = pruning.masks
     if isinstance(structure, NMStructure):
@@ -580,14 +552,14 @@ def test_resume_mid_schedule_ends_with_the_masks_of_an_uninterrupted_run(tmp_pat
         return PruningCallback(structure=structure, sparsity=0.5, schedule="cubic", start_epoch=1, end_epoch=4)
 
     full, full_cb = PatternNet("adamw"), callback()
-    make_trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, data(shuffle=True))
+    tiny_trainer(tmp_path / "a", [full_cb], max_epochs=6).fit(full, data(shuffle=True))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make_trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
+    tiny_trainer(tmp_path / "b", [callback(), ckpt], max_epochs=3, enable_checkpointing=True).fit(
         PatternNet("adamw"), data(shuffle=True)
     )
     resumed, resumed_cb = PatternNet("adamw"), callback()
-    make_trainer(tmp_path / "c", [resumed_cb], max_epochs=6).fit(
+    tiny_trainer(tmp_path / "c", [resumed_cb], max_epochs=6).fit(
         resumed, data(shuffle=True), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     assert resumed_cb.achieved_sparsity == full_cb.achieved_sparsity == pytest.approx(0.5, abs=0.02)

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
@@ -35,9 +36,6 @@ from lightning_prune.criteria.base import Importance
 from lightning_prune.criteria.magnitude import LpNormImportance
 from lightning_prune.schedules import SCHEDULES, IterativeSchedule
 from lightning_prune.structures.channel import ChannelStructure
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 
 
 def _compose(overrides: list[str], *, hydra: bool = False) -> DictConfig:

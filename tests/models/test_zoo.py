@@ -4,6 +4,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _checks import CONF
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -28,7 +29,6 @@ from lightning_prune.models import (
     vgg16,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 FACTORIES = {
     "lenet5": lambda c, k: LeNet5(in_channels=c, num_classes=k),

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from _checks import tiny_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -124,18 +125,7 @@ def data(n: int = 8, seed: int = 0) -> TensorDataset:
 
 
 def fit(tmp_path: Path, module: pl.LightningModule, batch_size: int = 8, n: int = 8, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("max_epochs", 1)
-    kwargs.setdefault("devices", 1)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    trainer = tiny_trainer(tmp_path, kwargs.pop("callbacks", []), kwargs.pop("max_epochs", 1), **kwargs)
     trainer.fit(module, DataLoader(data(n), batch_size=batch_size), DataLoader(data(4, seed=1), batch_size=4))
     return trainer
 
