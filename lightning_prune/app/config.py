@@ -32,9 +32,6 @@ from hydra.core.config_store import ConfigStore
 SCHEMA_GROUP = "lightning_prune/schema"
 
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-
-
 #: Strategies that shard parameters across ranks, which pruning cannot work with (validation refuses them).
 SHARDED_STRATEGIES: tuple[str, ...] = ("fsdp", "deepspeed")
 

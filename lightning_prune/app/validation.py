@@ -21,8 +21,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune._helpers import is_int, is_number
-from lightning_prune.app.config import OPTIMIZERS, SHARDED_STRATEGIES, ConfigError
+from lightning_prune.app.config import SHARDED_STRATEGIES, ConfigError
 from lightning_prune.criteria import IMPORTANCES
+from lightning_prune.models.optim import OPTIMIZERS
 from lightning_prune.schedules import SCHEDULES
 from lightning_prune.structures import STRUCTURES
 from lightning_prune.structures.base import SCOPES

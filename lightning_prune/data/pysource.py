@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
+from lightning_prune._helpers import is_int
 from lightning_prune.data.base import check_declared, check_fraction, check_int
 
 __all__ = ["SPLITS", "ByteWindows", "PySourceDataModule", "RandomOffsetSampler", "assign_splits", "stdlib_root"]
@@ -261,9 +262,9 @@ class PySourceDataModule(L.LightningDataModule):
             None if samples_per_epoch is None else check_int("samples_per_epoch", samples_per_epoch, 1)
         )
         self.max_eval_windows = None if max_eval_windows is None else check_int("max_eval_windows", max_eval_windows, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        self.seed = seed
+        self.seed = int(seed)
         self.num_workers = check_int("num_workers", num_workers, 0)
         check_declared("PySourceDataModule", "vocab_size", vocab_size, VOCAB_SIZE)
         self.input_shape: tuple[int, ...] = (self.seq_len,)

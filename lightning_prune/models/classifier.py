@@ -12,14 +12,14 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_prune._helpers import check_int, is_int
+from lightning_prune._helpers import check_int
+from lightning_prune.models.optim import check_training_arguments
 from lightning_prune.training.distillation import DistillationMixin
 from lightning_prune.training.regularization import L1RegularizationMixin, RegularizationKind
 
 __all__ = ["ImageClassifier"]
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
-_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
 class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModule):
@@ -86,27 +86,10 @@ class ImageClassifier(L1RegularizationMixin, DistillationMixin, L.LightningModul
             reg_warmup_epochs=reg_warmup_epochs,
             reg_stop_epoch=reg_stop_epoch,
         )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        milestones = check_training_arguments(model, lr, optimizer, momentum, weight_decay, lr_milestones, lr_gamma)
         check_int("num_classes", num_classes, 2)
-        if not lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}.")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {_OPTIMIZERS}, got {optimizer!r}.")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
-        if not weight_decay >= 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
-        milestones = tuple(lr_milestones)
-        if any(not is_int(m) or m < 0 for m in milestones):
-            raise ValueError(
-                f"`lr_milestones` must be a sequence of integer epochs >= 0, got {lr_milestones!r}. "
-                "Hint: set it explicitly when it is derived from a pruning `end_epoch` of None."
-            )
-        if not lr_gamma > 0:
-            raise ValueError(f"`lr_gamma` must be > 0, got {lr_gamma!r}.")
         # Plain lists in the hyperparameters (not e.g. Hydra's ListConfig), so checkpoints load with weights_only=True.
-        lr_milestones, reg_ignore = [int(m) for m in milestones], [str(p) for p in reg_ignore]
+        lr_milestones, reg_ignore = milestones, [str(p) for p in reg_ignore]
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.lr_milestones = sorted(milestones)

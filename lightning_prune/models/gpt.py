@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_prune._helpers import check_int, is_number
+
 __all__ = ["GPT", "Attention", "DecoderLayer", "GPTConfig", "RotaryEmbedding", "SwiGLU", "apply_rotary"]
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    return value
+    return check_int(name, value, 1)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class GPTConfig:
             raise ValueError(f"`head_dim` must be even (rotary embeddings rotate pairs), got {self.head_dim}.")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ValueError(f"`{name}` must be a number > 0, got {value!r}.")
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):

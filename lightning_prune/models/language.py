@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.distillation import DistillationMixin
-from lightning_prune.regularization import L1RegularizationMixin, RegularizationKind
+from lightning_prune._helpers import check_int, is_int
+from lightning_prune.models.optim import check_training_arguments
+from lightning_prune.training.distillation import DistillationMixin
+from lightning_prune.training.regularization import L1RegularizationMixin, RegularizationKind
 
 __all__ = ["LanguageModel", "WarmupCosine", "evaluate_perplexity", "next_token_loss"]
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 LRSchedule = Literal["cosine", "constant"]
-_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 _SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
@@ -139,9 +140,9 @@ class LanguageModel(L1RegularizationMixin, DistillationMixin, L.LightningModule)
     in :class:`~lightning_prune.models.ImageClassifier`, multiplied by ``lr_gamma`` at each epoch in
     ``lr_milestones``. A pruning callback's ``finetune_lr_scale`` scales the whole schedule.
 
-    It includes :class:`~lightning_prune.regularization.L1RegularizationMixin` (off until ``reg_lambda`` > 0) and
-    :class:`~lightning_prune.distillation.DistillationMixin` (active while a
-    :class:`~lightning_prune.distillation.DistillationCallback` has set a teacher; the distillation term is the
+    It includes :class:`~lightning_prune.training.L1RegularizationMixin` (off until ``reg_lambda`` > 0) and
+    :class:`~lightning_prune.training.DistillationMixin` (active while a
+    :class:`~lightning_prune.callbacks.DistillationCallback` has set a teacher; the distillation term is the
     KL divergence per token, averaged over tokens). ``train/loss`` logs the cross-entropy alone.
 
     Args:
@@ -157,7 +158,7 @@ class LanguageModel(L1RegularizationMixin, DistillationMixin, L.LightningModule)
         decay_steps: The step at which the cosine reaches its end; ``None``: the run's last step.
         lr_milestones: Epochs at which the rate is multiplied by ``lr_gamma``.
         lr_gamma: Factor applied at each milestone.
-        reg_kind: The penalty's kind (see :class:`~lightning_prune.regularization.L1RegularizationMixin`).
+        reg_kind: The penalty's kind (see :class:`~lightning_prune.training.regularization.L1RegularizationMixin`).
         reg_lambda: Its weight λ; 0 (the default) trains without a penalty.
         reg_ignore: Module-name patterns left unpenalised, e.g. ``["lm_head"]``.
         reg_warmup_epochs: Ramp λ linearly over this many epochs.
@@ -198,43 +199,23 @@ class LanguageModel(L1RegularizationMixin, DistillationMixin, L.LightningModule)
             reg_warmup_epochs=reg_warmup_epochs,
             reg_stop_epoch=reg_stop_epoch,
         )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"`lr` must be a number > 0, got {lr!r}.")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {_OPTIMIZERS}, got {optimizer!r}.")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
-        if not weight_decay >= 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+        milestones = check_training_arguments(model, lr, optimizer, momentum, weight_decay, lr_milestones, lr_gamma)
         beta_pair = tuple(float(b) for b in betas)
         if len(beta_pair) != 2 or not all(0 <= b < 1 for b in beta_pair):
             raise ValueError(f"`betas` must be two numbers in [0, 1), e.g. (0.9, 0.95), got {betas!r}.")
         if lr_schedule not in _SCHEDULES:
             raise ValueError(f"`lr_schedule` must be one of {_SCHEDULES}, got {lr_schedule!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        check_int("warmup_steps", warmup_steps, 0)
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"`min_lr_ratio` must be in [0, 1] (a fraction of `lr`), got {min_lr_ratio!r}.")
-        if decay_steps is not None and (
-            isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 1
-        ):
+        if decay_steps is not None and (not is_int(decay_steps) or decay_steps < 1):
             raise ValueError(
                 f"`decay_steps` must be an integer >= 1 or None (the run's last step), got {decay_steps!r}."
             )
-        milestones = tuple(lr_milestones)
-        if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones):
-            raise ValueError(
-                f"`lr_milestones` must be a sequence of integer epochs >= 0, got {lr_milestones!r}. "
-                "Hint: set it explicitly when it is derived from a pruning `end_epoch` of None."
-            )
-        if not lr_gamma > 0:
-            raise ValueError(f"`lr_gamma` must be > 0, got {lr_gamma!r}.")
         # Plain lists in the hyperparameters (not e.g. Hydra's ListConfig), so checkpoints load with weights_only=True.
         betas, lr_milestones, reg_ignore = (
             list(beta_pair),
-            sorted(int(m) for m in milestones),
+            milestones,
             [str(p) for p in reg_ignore],
         )
         self.save_hyperparameters(ignore=["model"])

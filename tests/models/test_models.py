@@ -52,7 +52,7 @@ def test_model_bad_arguments(factory, match):
     ("kwargs", "match"),
     [
         ({"optimizer": "rmsprop"}, r"`optimizer` must be one of \('sgd', 'adam', 'adamw'\), got 'rmsprop'"),
-        ({"lr": 0.0}, r"`lr` must be > 0, got 0.0"),
+        ({"lr": 0.0}, r"`lr` must be a number > 0, got 0.0"),
         ({"num_classes": 1}, r"`num_classes` must be an integer >= 2, got 1"),
         ({"momentum": 1.0}, r"`momentum` must be in \[0, 1\), got 1.0"),
         ({"weight_decay": -1.0}, r"`weight_decay` must be >= 0, got -1.0"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checks import CONF
 
 from lightning_prune.data import PySourceDataModule
 from lightning_prune.data.pysource import (
@@ -319,7 +320,7 @@ def test_the_data_config_composes_and_instantiates(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = CONF
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["data=pysource", "seed=5"])
     dm = instantiate(cfg.data)

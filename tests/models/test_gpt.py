@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune.data import PySourceDataModule
-from lightning_prune.distillation import kd_loss
 from lightning_prune.models import GPT, GPTConfig, LanguageModel, evaluate_perplexity
 from lightning_prune.models.gpt import Attention, RotaryEmbedding, apply_rotary
 from lightning_prune.models.language import WarmupCosine, next_token_loss
+from lightning_prune.training.distillation import kd_loss
 
 SMALL = {
     "hidden_size": 32,
