@@ -394,7 +394,7 @@ def prune_one_shot(
             for layer in layers:
                 tick = time.perf_counter()
                 weight = layer.adapter.matrix(layer.module)
-                dense = weight.float() if measure_error else None
+                dense = weight.to(torch.float32, copy=True) if measure_error else None  # a copy even for float32
                 stat = None if collector is None else collector.statistic(layer)
                 keep = pruner.prune_(layer.name, weight, stat, shape, layer.target)
                 if dense is not None:
