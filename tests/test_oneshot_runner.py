@@ -63,7 +63,7 @@ def test_runner_equals_pruning_each_block_with_its_true_upstream_activations(met
     model, ref = TinyTransformer(), TinyTransformer()
     made = (lambda: SparseGPT(blocksize=16)) if method == "sparsegpt" else (lambda: build_method(method))
     masks, report = prune_one_shot(
-        model, batches, method=made(), structure=structure, sparsity=sparsity, measure_error=False
+        model, batches, method=made(), structure=structure, sparsity=sparsity, error_batches=0
     )
     target = 0.5 if sparsity is None else sparsity
     keeps = reference_prune(ref.eval(), ref.blocks, batches, made(), structure, target)
@@ -102,7 +102,7 @@ def test_tensor_tuple_and_dict_batches_give_the_same_masks():
     ids = [b["input_ids"] for b in token_batches()]
     results = []
     for batches in (ids, [(x, x) for x in ids], [{"input_ids": x, "labels": x} for x in ids]):
-        masks, _ = prune_one_shot(TinyTransformer(), batches, method="wanda", measure_error=False)
+        masks, _ = prune_one_shot(TinyTransformer(), batches, method="wanda", error_batches=0)
         results.append(masks.state_dict())
     for other in results[1:]:
         assert all(torch.equal(results[0][k], other[k]) for k in results[0])
@@ -148,8 +148,8 @@ def test_owl_keeps_the_total_and_prunes_blocks_with_more_outliers_less():
 
 def test_offloading_activations_gives_the_same_result():
     a, b = TinyTransformer(), TinyTransformer()
-    ma, _ = prune_one_shot(a, token_batches(), method="sparsegpt", measure_error=False)
-    mb, _ = prune_one_shot(b, token_batches(), method="sparsegpt", measure_error=False, offload="blocks", device="cpu")
+    ma, _ = prune_one_shot(a, token_batches(), method="sparsegpt", error_batches=0)
+    mb, _ = prune_one_shot(b, token_batches(), method="sparsegpt", error_batches=0, offload="blocks", device="cpu")
     assert all(torch.equal(x, y) for x, y in zip(ma.masks, mb.masks))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -166,12 +166,20 @@ def test_progress_is_reported_per_block_and_logged(caplog):
 def test_the_reported_error_is_the_relative_error_on_the_calibration_inputs():
     model, dense = TinyTransformer(), TinyTransformer()
     batches = token_batches()
-    _, report = prune_one_shot(model, batches, method="wanda", sparsity=0.5)
+    _, report = prune_one_shot(model, batches, method="wanda", sparsity=0.5, error_batches=None)
     x = torch.cat([dense.blocks[0].norm1(dense.embed(b["input_ids"])).reshape(-1, 32) for b in batches])
     w, w_pruned, bias = dense.blocks[0].q.weight, model.blocks[0].q.weight, dense.blocks[0].q.bias
     expected = torch.linalg.matrix_norm(x @ (w - w_pruned).t()) / torch.linalg.matrix_norm(x @ w.t() + bias)
     assert report.layers[0].name == "blocks.0.q.weight"
     assert report.layers[0].error == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_error_on_the_first_batch_only_costs_no_pass_over_the_others():
+    calls = []
+    model = TinyTransformer()
+    model.blocks[2].register_forward_pre_hook(lambda m, a: calls.append(1))
+    _, report = prune_one_shot(model, token_batches(), method="magnitude")  # error_batches=1: 1 of 4 batches
+    assert len(calls) == 1 and all(r.error is not None and r.error > 0 for r in report.layers)
 
 
 def test_the_model_is_left_in_its_training_mode():
@@ -198,7 +206,7 @@ def test_a_model_without_repeated_blocks_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"Found no repeated blocks in Sequential.*blocks='model.layers'"):
         prune_one_shot(model, [torch.randn(2, 4)], method="wanda")
-    masks, _ = prune_one_shot(model, [torch.randn(8, 4)], method="wanda", blocks=["0", "2"], measure_error=False)
+    masks, _ = prune_one_shot(model, [torch.randn(8, 4)], method="wanda", blocks=["0", "2"], error_batches=0)
     assert masks.names == ["0.weight", "2.weight"]
 
 
@@ -218,6 +226,7 @@ def test_nm_on_a_layer_whose_width_is_not_a_multiple_of_m_names_it():
         ({"sparsity": 1.0}, r"`sparsity` must be a number in \[0, 1\), got 1\.0"),
         ({"num_samples": 0}, r"`num_samples` must be a positive integer"),
         ({"offload": "disk"}, r"`offload` must be"),
+        ({"error_batches": -1}, r"`error_batches` must be an integer >= 0"),
         ({"blocks": "trunk"}, r"`blocks`='trunk' names no module"),
         ({"ignore": ["nothing"]}, r"`ignore` pattern 'nothing' matches no module"),
     ],
@@ -274,7 +283,7 @@ def test_a_hugging_face_llama_is_pruned_block_by_block(method):
     batches = token_batches(vocab=128)
     for b in batches:  # right padding in one row
         b["attention_mask"][1, -2:] = 0
-    masks, report = prune_one_shot(model, batches, method=method, sparsity=0.5, measure_error=False)
+    masks, report = prune_one_shot(model, batches, method=method, sparsity=0.5, error_batches=0)
     assert report.blocks == 3 and len(masks.names) == 21 and masks.names[0] == "model.layers.0.self_attn.q_proj.weight"
     keeps = reference_prune(ref, ref.model.layers, batches, build_method(method), "unstructured", 0.5)
     by_name = dict(ref.named_modules())

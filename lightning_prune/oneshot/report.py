@@ -18,7 +18,8 @@ class LayerReport:
         target: the sparsity asked of it (after allocation).
         sparsity: the fraction of its weights pruned (read from its mask).
         error: ``||W X - W' X||_F / ||W X + b||_F`` over the calibration inputs that reached the layer in the pruned
-            network (``W`` dense, ``W'`` pruned), or None when not measured (``measure_error=False``).
+            network (``W`` dense, ``W'`` pruned) on the first ``error_batches`` batches, or None when not measured
+            (``error_batches=0``).
         seconds: time spent pruning it (selection and weight update, not the forward passes).
     """
 

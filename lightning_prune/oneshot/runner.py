@@ -135,12 +135,15 @@ class _ErrorMeter:
 
     def __init__(self, layers: Sequence[_Layer], deltas: dict[str, Tensor]) -> None:
         self.deltas = deltas
+        self.active = True
         self.sums = torch.zeros(len(layers), 2, dtype=torch.float64)
         self._handles = [
             layer.module.register_forward_hook(partial(self._hook, i, layer)) for i, layer in enumerate(layers)
         ]
 
     def _hook(self, i: int, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self.active:
+            return
         delta = self.deltas[layer.name]
         error = layer.adapter.rows(args).to(delta.dtype) @ delta.t()
         dense = output.reshape(error.shape).to(delta.dtype) + error
@@ -189,7 +192,7 @@ def prune_one_shot(
     forward_fn: ForwardFn | None = None,
     device: torch.device | str | None = None,
     offload: Offload = "none",
-    measure_error: bool = True,
+    error_batches: int | None = 1,
     layer_types: Mapping[type[nn.Module], LinearMap] | None = None,
     progress: Callable[[BlockProgress], None] | None = None,
 ) -> tuple[MaskSet, OneShotReport]:
@@ -226,8 +229,9 @@ def prune_one_shot(
         device: the compute device; default: that of block 0's first parameter.
         offload: ``"activations"`` keeps the captured activations on the CPU between blocks; ``"blocks"`` also
             keeps the model on the CPU and moves one block at a time to ``device``.
-        measure_error: measure each layer's relative reconstruction error on the calibration inputs (one more
-            matmul per layer in the block's second pass, and the last block's second pass).
+        error_batches: on how many calibration batches (per process) each layer's relative reconstruction error
+            is measured: 0 for none, None for all. It costs one more matmul per layer on those batches (and a
+            second pass of the last block over them), so the default measures on the first batch only.
         layer_types: the layer types pruned and their adapters (default
             :data:`~lightning_prune.oneshot.LAYER_TYPES`: ``nn.Linear``).
         progress: called with a :class:`~lightning_prune.oneshot.report.BlockProgress` after each block (progress
@@ -264,6 +268,11 @@ def prune_one_shot(
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
     ):
         raise ValueError(f"`num_samples` must be a positive integer or None (the whole loader), got {num_samples!r}.")
+    bad_errors = isinstance(error_batches, bool) or not isinstance(error_batches, int) or error_batches < 0
+    if error_batches is not None and bad_errors:
+        raise ValueError(
+            f"`error_batches` must be an integer >= 0 (0: no error measured) or None (all), got {error_batches!r}."
+        )
     if offload not in ("none", "activations", "blocks"):
         raise ValueError(f"`offload` must be 'none', 'activations' or 'blocks', got {offload!r}.")
     if allocator is not None and isinstance(shape, NMStructure):
@@ -332,9 +341,17 @@ def prune_one_shot(
         report.capture_seconds += time.perf_counter() - began
         return captured
 
-    def run(index: int, acts: list[CapturedInputs], keep: bool, collector: _Collector | None = None) -> None:
+    def run(
+        index: int,
+        acts: list[CapturedInputs],
+        keep: bool,
+        collector: _Collector | None = None,
+        meter: _ErrorMeter | None = None,
+    ) -> None:
         name, block = found[index]
-        for cap in acts:
+        for j, cap in enumerate(acts):
+            if meter is not None:
+                meter.active = error_batches is None or j < error_batches
             hidden = cap.hidden.to(target_device)
             try:
                 out = cap.call(block, hidden, target_device, name)
@@ -345,6 +362,7 @@ def prune_one_shot(
             if keep and out is not None:
                 cap.hidden = out.to(store)
 
+    measure_error = error_batches != 0
     needs_data = pruner.needs_calibration or measure_error or allocator is not None
     try:
         acts = capture() if needs_data else []
@@ -407,8 +425,8 @@ def prune_one_shot(
             last = index == len(found) - 1
             if needs_data and (not last or measure_error):
                 meter = _ErrorMeter(layers, deltas) if measure_error else None
-                try:
-                    run(index, acts, keep=not last)
+                try:  # the last block's outputs are not needed: run it on the measured batches only
+                    run(index, acts[:error_batches] if last else acts, keep=not last, meter=meter)
                 finally:
                     if meter is not None:
                         for layer, error in zip(layers, meter.remove()):
