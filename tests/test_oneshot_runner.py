@@ -12,7 +12,7 @@ from _oneshot_models import TinyTransformer, token_batches
 from torch import nn
 
 from lightning_prune.oneshot import OWL, SparseGPT, build_method, prune_one_shot
-from lightning_prune.oneshot.runner import _structure
+from lightning_prune.oneshot.base import build_oneshot_structure
 
 
 def model_inputs(batch):
@@ -24,7 +24,7 @@ def reference_prune(model, blocks, batches, method, structure, sparsity, call=No
     """Prune block after block, each from statistics gathered by running the whole model (earlier blocks already
     pruned) on every batch, with a separate statistic per layer: no capture, no propagation, no sharing."""
     call = call or (lambda m, b: m(**model_inputs(b)))
-    structure = _structure(structure)
+    structure = build_oneshot_structure(structure)
     keeps = {}
     for block in blocks:
         linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]

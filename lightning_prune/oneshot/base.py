@@ -21,12 +21,27 @@ from torch import Tensor
 
 from lightning_prune.oneshot.statistics import Statistic
 from lightning_prune.patterns import NMStructure
-from lightning_prune.structures import Unstructured
+from lightning_prune.structures import Unstructured, build_structure
 
-__all__ = ["OneShotMethod", "OneShotStructure", "check_layer_target"]
+__all__ = ["Allocation", "OneShotMethod", "OneShotStructure", "build_oneshot_structure", "check_layer_target"]
 
 #: The structures one-shot pruning supports.
 OneShotStructure = Unstructured | NMStructure
+
+
+def build_oneshot_structure(structure: str | OneShotStructure) -> OneShotStructure:
+    """Resolve ``"unstructured"``, an ``"N:M"`` pattern or a structure object; refuse other structures.
+
+    Example:
+        >>> build_oneshot_structure("4:8")
+        NMStructure(n=4, m=8)
+    """
+    built = build_structure(structure)
+    if not isinstance(built, (NMStructure, Unstructured)):
+        raise ValueError(
+            f"One-shot pruning supports structure='unstructured' or an 'N:M' pattern such as '2:4', got {structure!r}."
+        )
+    return built
 
 
 def check_layer_target(layer: str, shape: tuple[int, int], structure: OneShotStructure, sparsity: float) -> None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.distributed import all_reduce_sum_
 from lightning_prune.masking import MaskSet, prunable_parameters
-from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure
+from lightning_prune.oneshot._hooks import Collector, ErrorMeter, Layer, StopBlock, move_outside
+from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure, build_oneshot_structure
 from lightning_prune.oneshot.blocks import (
     CapturedInputs,
     ForwardFn,
@@ -28,154 +27,13 @@ from lightning_prune.oneshot.report import BlockProgress, LayerReport, OneShotRe
 from lightning_prune.oneshot.statistics import ColumnSquares, Statistic
 from lightning_prune.oneshot.wanda import input_norms
 from lightning_prune.patterns import NMStructure
-from lightning_prune.structures import Unstructured, build_structure, check_sparsity, resolve_layer_targets
+from lightning_prune.structures import check_sparsity, resolve_layer_targets
 
 __all__ = ["Offload", "prune_one_shot"]
 
 logger = logging.getLogger(__name__)
 
 Offload = Literal["none", "activations", "blocks"]
-
-
-class _StopBlock(Exception):
-    """Raised by a statistics hook once the last layer of a block has seen its input."""
-
-
-class _Layer:
-    """One pruned layer: its names, module, adapter, target and results."""
-
-    def __init__(self, block: int, module_name: str, module: nn.Module, adapter: LinearMap) -> None:
-        self.block = block
-        self.module_name = module_name
-        self.name = f"{module_name}.{adapter.parameter_name()}"
-        self.module = module
-        self.adapter = adapter
-        self.target = 0.0
-        self.error: float | None = None
-        self.seconds = 0.0
-        self.sparsity = 0.0
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        rows, cols = self.adapter.matrix(self.module).shape
-        return int(rows), int(cols)
-
-
-class _Collector:
-    """Forward pre-hooks that accumulate a statistic of each layer's inputs.
-
-    Layers called with the very same input tensor (the q, k and v projections of an attention block) share one
-    statistic, decided on the first pass. After the first pass, when the last layer to be called is called once
-    per pass, the pass stops right after it has seen its input (``early_stop``): what follows it does not change
-    the statistics.
-    """
-
-    def __init__(
-        self, layers: Sequence[_Layer], make: Callable[[int, torch.device], Statistic], early_stop: bool
-    ) -> None:
-        self.stats: dict[str, Statistic] = {}
-        self.owner: dict[str, str] = {}
-        self._make = make
-        self._seen: list[tuple[Tensor, str]] = []
-        self._order: list[str] = []
-        self._recording = True
-        self._early_stop = early_stop
-        self.stop_at: str | None = None
-        self._handles: list[RemovableHandle] = [
-            layer.module.register_forward_pre_hook(partial(self._hook, layer)) for layer in layers
-        ]
-
-    def _hook(self, layer: _Layer, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        owner = self.owner.get(layer.name)
-        if owner is None:
-            owner = next((o for t, o in self._seen if t is x), layer.name)
-            self.owner[layer.name] = owner
-            if owner == layer.name:
-                self.stats[layer.name] = self._make(layer.shape[1], x.device)
-        if owner == layer.name:
-            self.stats[owner].add_(layer.adapter.rows(args))
-            self._seen.append((x, owner))
-        elif not any(t is x and o == owner for t, o in self._seen):
-            raise RuntimeError(
-                f"{layer.name!r} shared the input tensor of {owner!r} on the first calibration batch but not on a "
-                "later one, so their statistics cannot be shared."
-            )
-        if self._recording:
-            self._order.append(layer.name)
-        elif layer.name == self.stop_at:
-            raise _StopBlock
-
-    def end_pass(self) -> None:
-        self._seen.clear()
-        if self._recording:
-            self._recording = False
-            if self._early_stop and self._order and self._order.count(self._order[-1]) == 1:
-                self.stop_at = self._order[-1]
-
-    def statistic(self, layer: _Layer) -> Statistic | None:
-        owner = self.owner.get(layer.name)
-        return None if owner is None else self.stats[owner]
-
-    def reduce_(self, layers: Sequence[_Layer]) -> None:
-        """All-reduce every statistic, in the (rank-independent) order of the layers."""
-        for layer in layers:
-            stat = self.stats.get(layer.name)
-            if stat is not None:
-                stat.reduce_()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-class _ErrorMeter:
-    """Forward hooks that measure ``||(W - W') x||^2`` and ``||W x + b||^2`` on each call of a pruned layer."""
-
-    def __init__(self, layers: Sequence[_Layer], deltas: dict[str, Tensor]) -> None:
-        self.deltas = deltas
-        self.active = True
-        self.sums = torch.zeros(len(layers), 2, dtype=torch.float64)
-        self._handles = [
-            layer.module.register_forward_hook(partial(self._hook, i, layer)) for i, layer in enumerate(layers)
-        ]
-
-    def _hook(self, i: int, layer: _Layer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self.active:
-            return
-        delta = self.deltas[layer.name]
-        error = layer.adapter.rows(args).to(delta.dtype) @ delta.t()
-        dense = output.reshape(error.shape).to(delta.dtype) + error
-        self.sums[i, 0] += float(error.square().sum(dtype=torch.float64))
-        self.sums[i, 1] += float(dense.square().sum(dtype=torch.float64))
-
-    def remove(self) -> list[float]:
-        for handle in self._handles:
-            handle.remove()
-        all_reduce_sum_(self.sums)
-        return [float(e / d) ** 0.5 if d > 0 else 0.0 for e, d in self.sums.tolist()]
-
-
-def _move_outside(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device) -> None:
-    """Move the parameters and buffers of ``model`` that no block holds to ``device`` (in place)."""
-    inside = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) not in inside:
-                param.data = param.data.to(device)
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if id(buffer) not in inside:
-                setattr(module, name, buffer.to(device))
-
-
-def _structure(structure: str | OneShotStructure) -> OneShotStructure:
-    built = build_structure(structure)
-    if not isinstance(built, (NMStructure, Unstructured)):
-        raise ValueError(
-            f"One-shot pruning supports structure='unstructured' or an 'N:M' pattern such as '2:4', got {structure!r}."
-        )
-    return built
 
 
 @torch.no_grad()
@@ -210,7 +68,8 @@ def prune_one_shot(
     Args:
         model: the model, on its compute device (or on the CPU with ``offload="blocks"``).
         dataloader: calibration batches: tensors, ``(inputs, targets)`` tuples or dicts (``input_ids``,
-            ``attention_mask``). Under ``torch.distributed`` each process passes its own share.
+            ``attention_mask``). Under ``torch.distributed`` each process passes its own share (at least one batch:
+            every process takes part in each block's all-reduce).
         method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` (see :data:`~lightning_prune.oneshot.METHODS`) or a
             :class:`~lightning_prune.oneshot.base.OneShotMethod` such as ``SparseGPT(blocksize=64)``.
         sparsity: the fraction of each layer's weights to prune; None means 0.5 (unstructured) or ``n / m``
@@ -262,7 +121,7 @@ def prune_one_shot(
 
     start = time.perf_counter()
     pruner = build_method(method)
-    shape = _structure(structure)
+    shape = build_oneshot_structure(structure)
     allocator = build_allocation(allocation)
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
@@ -287,7 +146,7 @@ def prune_one_shot(
 
     # The pruned layers: weights of adapted layers inside the blocks, outside `ignore`.
     prunable = set(prunable_parameters(model, ignore, types=tuple(adapters)))
-    block_layers: list[list[_Layer]] = []
+    block_layers: list[list[Layer]] = []
     qualified = {id(m): n for n, m in model.named_modules()}
     for index, (_, block) in enumerate(found):
         layers = []
@@ -295,7 +154,7 @@ def prune_one_shot(
             adapter = adapters.get(type(module))
             name = qualified.get(id(module))
             if adapter is not None and name is not None and f"{name}.{adapter.parameter_name()}" in prunable:
-                layers.append(_Layer(index, name, module, adapter))
+                layers.append(Layer(index, name, module, adapter))
         block_layers.append(layers)
     all_layers = [layer for layers in block_layers for layer in layers]
     if not all_layers:
@@ -331,13 +190,13 @@ def prune_one_shot(
     def capture() -> list[CapturedInputs]:
         began = time.perf_counter()
         if offload == "blocks":
-            _move_outside(model, blocks_only, target_device)
+            move_outside(model, blocks_only, target_device)
         try:
             batches = iterate_batches(dataloader, num_samples, target_device)
             captured = capture_block_inputs(model, found[0][1], found[0][0], batches, call, store)
         finally:
             if offload == "blocks":
-                _move_outside(model, blocks_only, torch.device("cpu"))
+                move_outside(model, blocks_only, torch.device("cpu"))
         report.capture_seconds += time.perf_counter() - began
         return captured
 
@@ -345,8 +204,8 @@ def prune_one_shot(
         index: int,
         acts: list[CapturedInputs],
         keep: bool,
-        collector: _Collector | None = None,
-        meter: _ErrorMeter | None = None,
+        collector: Collector | None = None,
+        meter: ErrorMeter | None = None,
     ) -> None:
         name, block = found[index]
         for j, cap in enumerate(acts):
@@ -355,7 +214,7 @@ def prune_one_shot(
             hidden = cap.hidden.to(target_device)
             try:
                 out = cap.call(block, hidden, target_device, name)
-            except _StopBlock:
+            except StopBlock:
                 out = None
             if collector is not None:
                 collector.end_pass()
@@ -374,7 +233,7 @@ def prune_one_shot(
             for index, layers in enumerate(block_layers):
                 if offload == "blocks":
                     found[index][1].to(target_device)
-                observer = _Collector(layers, ColumnSquares, early_stop=False)
+                observer = Collector(layers, ColumnSquares, early_stop=False)
                 try:
                     run(index, acts, keep=True, collector=observer)
                 finally:
@@ -400,9 +259,9 @@ def prune_one_shot(
             name, block = found[index]
             if offload == "blocks":
                 block.to(target_device)
-            collector: _Collector | None = None
+            collector: Collector | None = None
             if pruner.needs_calibration and layers:
-                collector = _Collector(layers, _factory(pruner), early_stop=True)
+                collector = Collector(layers, _factory(pruner), early_stop=True)
                 try:
                     run(index, acts, keep=False, collector=collector)
                 finally:
@@ -424,7 +283,7 @@ def prune_one_shot(
             del collector
             last = index == len(found) - 1
             if needs_data and (not last or measure_error):
-                meter = _ErrorMeter(layers, deltas) if measure_error else None
+                meter = ErrorMeter(layers, deltas) if measure_error else None
                 try:  # the last block's outputs are not needed: run it on the measured batches only
                     run(index, acts[:error_batches] if last else acts, keep=not last, meter=meter)
                 finally:
@@ -479,14 +338,14 @@ def _factory(method: OneShotMethod) -> Callable[[int, torch.device], Statistic]:
     return make
 
 
-def _parameter(layer: _Layer) -> nn.Parameter:
+def _parameter(layer: Layer) -> nn.Parameter:
     param = getattr(layer.module, layer.adapter.parameter_name())
     if not isinstance(param, nn.Parameter):
         raise TypeError(f"{layer.name!r} is not an nn.Parameter, so it cannot be masked.")
     return param
 
 
-def _as_parameter_layout(layer: _Layer, keep: Tensor) -> Tensor:
+def _as_parameter_layout(layer: Layer, keep: Tensor) -> Tensor:
     """A keep-mask in the layout of the parameter, for adapters whose matrix is a transposed view of it."""
     param = _parameter(layer)
     if keep.t().shape == param.shape:
