@@ -17,7 +17,8 @@ that as a fourth variant).
 Every child first imports the package and runs each method once on a two-block model (imports, code pages,
 thread pool), outside what is measured.
 
-* **Time** (one process, ``torch.set_num_threads(2)``): after a warm-up forward on one batch, repeats of
+* **Time** (one process, ``torch.set_num_threads(--threads)``, 2 by default; with other processes busy, 1 thread
+  avoids the stalls of OpenMP threads waiting for a descheduled peer): after a warm-up forward on one batch, repeats of
   [calibration forward, Wanda, SparseGPT] run back to back, in rotating order; the forward pass is the whole
   model (embedding, blocks, norm and head) on every calibration batch under ``torch.no_grad()``. The ratios
   (Wanda / forward, SparseGPT / forward) are medians of the per-repeat ratios. The machine is shared: before
@@ -174,7 +175,7 @@ def _maxrss_bytes() -> int:
 def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     shape = PRESETS[args.size] if args.size else {}
     shape = {**shape, **{k: getattr(args, k) for k in PRESETS["70m"] if getattr(args, k) is not None}}
     warm_up(args)
@@ -202,7 +203,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
 def child_time(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     shape = {**PRESETS[args.size], **{k: getattr(args, k) for k in PRESETS["70m"] if getattr(args, k) is not None}}
     warm_up(args)
     model = build_model(shape, args.dtype, args.seed)
@@ -239,7 +240,7 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- driver
 def spawn(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, *sys.argv[1:], *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -257,6 +258,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 is robust to other load)")
     parser.add_argument("--with-error", action="store_true", help="also time Wanda with error_batches=1")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -274,11 +276,12 @@ def main() -> None:
     shape = {**PRESETS[args.size], **{k: getattr(args, k) for k in PRESETS["70m"] if getattr(args, k) is not None}}
     print(
         environment(
-            {
+            threads=args.threads,
+            extra={
                 "model": f"Llama-like {shape}, {args.dtype}, random weights (seed {args.seed})",
                 "data": f"{args.samples} random sequences x {args.seq} tokens, batches of {args.batch}",
                 "pruning": "prune_one_shot(sparsity=0.5, unstructured, error_batches=0)",
-            }
+            },
         )
     )
     rows = []

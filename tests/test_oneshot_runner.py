@@ -236,6 +236,11 @@ def test_bad_arguments_are_refused_with_the_argument_named(kwargs, match):
         prune_one_shot(TinyTransformer(), token_batches(1), **kwargs)
 
 
+def test_an_allocation_refuses_a_loader_it_cannot_read_twice():
+    with pytest.raises(ValueError, match=r"reads the calibration batches twice.*Pass a list or a DataLoader"):
+        prune_one_shot(TinyTransformer(), iter(token_batches(1)), method="wanda", allocation="owl")
+
+
 def test_blocks_that_do_not_map_hidden_states_to_hidden_states_are_refused():
     class Widen(nn.Module):
         def __init__(self):

@@ -78,7 +78,7 @@ def prune_one_shot(
         structure: ``"unstructured"``, an ``"N:M"`` pattern such as ``"2:4"`` or ``"4:8"``, or the structure object.
         allocation: None (the same target for every layer) or ``"owl"`` /
             :class:`~lightning_prune.oneshot.owl.OWL` (non-uniform targets with the same total; one extra dense
-            pass over the blocks). Unstructured only.
+            pass over the blocks, and the loader is read twice: keep it deterministic). Unstructured only.
         blocks: None (find them), the name of their container, or their names.
         num_samples: calibration samples to use (per process), None for the whole loader.
         ignore: module-name patterns to leave dense (``fnmatch``, as for
@@ -138,6 +138,11 @@ def prune_one_shot(
         raise ValueError(
             f"allocation={allocator!r} gives layers different sparsities, but {shape.n}:{shape.m} fixes every layer at "
             f"{shape.n / shape.m:.4g}. Use structure='unstructured' with an allocation."
+        )
+    if allocator is not None and iter(dataloader) is dataloader:
+        raise ValueError(
+            f"allocation={allocator!r} reads the calibration batches twice (a dense pass, then pruning), but "
+            "`dataloader` is an iterator that can be read once. Pass a list or a DataLoader."
         )
     if allocator is not None and isinstance(sparsity, Mapping):
         raise ValueError("Pass either per-layer targets in `sparsity` or an `allocation`, not both.")
