@@ -71,6 +71,18 @@ def test_wanda_nm_masks_equal_the_papers_formula(pattern):
     assert torch.equal(keep, wanda_reference(w, x, None, (structure.n, structure.m)))
 
 
+@pytest.mark.parametrize("pattern", [None, "2:4", "4:8"])
+def test_ties_go_to_the_earlier_column_as_a_stable_sort(pattern):
+    g = torch.Generator().manual_seed(19)
+    w = torch.randint(-2, 3, (9, 32), generator=g).double()  # many equal scores, zeros among them
+    x = torch.ones(4, 32, dtype=torch.float64)
+    structure = NM[pattern] if pattern else Unstructured()
+    nm = (structure.n, structure.m) if pattern else None
+    for sparsity in [0.5] if pattern else [0.3, 0.5, 0.71]:
+        _, keep = prune(Wanda(), w, x, structure, sparsity)
+        assert torch.equal(keep, wanda_reference(w, x, sparsity, nm)), sparsity
+
+
 def test_wanda_differs_from_magnitude_where_inputs_are_large():
     x = correlated_inputs(256, 32, seed=5)
     w = layer(16, 32, seed=6)
