@@ -261,6 +261,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 is robust to other load)")
     parser.add_argument("--with-error", action="store_true", help="also time Wanda with error_batches=1")
     parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument(
+        "--memory-runs", nargs="+", choices=["forward", "wanda", "sparsegpt"], default=["forward", "wanda", "sparsegpt"]
+    )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the 5m preset, 1 repeat")
     parser.add_argument("--child", choices=["forward", "wanda", "sparsegpt", "time"], help=argparse.SUPPRESS)
@@ -286,7 +289,7 @@ def main() -> None:
     )
     rows = []
     if not args.skip_memory:
-        for method in ("forward", "wanda", "sparsegpt"):
+        for method in args.memory_runs:
             r = spawn(args, "--child", method)
             rows.append(
                 (
