@@ -1,0 +1,112 @@
+"""One-shot pruning from calibration data, in plain PyTorch: magnitude, Wanda and SparseGPT, unstructured or
+N:M, with OWL's non-uniform layer sparsity, block by block in bounded memory, and across processes.
+
+The methods and allocations are small objects behind one interface each
+(:class:`~lightning_prune.oneshot.base.OneShotMethod`, :class:`~lightning_prune.oneshot.base.Allocation`),
+registered here by name; :func:`prune_one_shot` runs them over a model's repeated blocks.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+    ...     def forward(self, x):
+    ...         return x + self.down(torch.relu(self.up(x)))
+    >>> model = nn.Sequential(nn.Embedding(50, 8), nn.ModuleList([Block() for _ in range(3)]))
+    >>> model.forward = lambda ids: [b := model[0](ids)] and [b := blk(b) for blk in model[1]][-1]
+    >>> data = [torch.randint(0, 50, (4, 16)) for _ in range(4)]
+    >>> masks, report = prune_one_shot(model, data, method="sparsegpt", structure="2:4")
+    >>> sorted(set(masks.layer_sparsity().values())), report.samples
+    ([0.5], 16)
+    >>> sorted(METHODS), sorted(ALLOCATIONS)
+    (['magnitude', 'sparsegpt', 'wanda'], ['owl'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure
+from lightning_prune.oneshot.blocks import call_model, find_blocks
+from lightning_prune.oneshot.layers import LinearAdapter, LinearMap
+from lightning_prune.oneshot.magnitude import Magnitude
+from lightning_prune.oneshot.owl import OWL
+from lightning_prune.oneshot.report import BlockProgress, LayerReport, OneShotReport
+from lightning_prune.oneshot.runner import prune_one_shot
+from lightning_prune.oneshot.sparsegpt import SparseGPT
+from lightning_prune.oneshot.statistics import ColumnSquares, InputCovariance, Statistic
+from lightning_prune.oneshot.wanda import Wanda
+
+__all__ = [
+    "ALLOCATIONS",
+    "LAYER_TYPES",
+    "METHODS",
+    "OWL",
+    "Allocation",
+    "BlockProgress",
+    "ColumnSquares",
+    "InputCovariance",
+    "LayerReport",
+    "LinearAdapter",
+    "LinearMap",
+    "Magnitude",
+    "OneShotMethod",
+    "OneShotReport",
+    "OneShotStructure",
+    "SparseGPT",
+    "Statistic",
+    "Wanda",
+    "build_allocation",
+    "build_method",
+    "call_model",
+    "find_blocks",
+    "prune_one_shot",
+]
+
+#: One-shot methods by name (each built with its defaults).
+METHODS: dict[str, Callable[[], OneShotMethod]] = {
+    "magnitude": Magnitude,
+    "wanda": Wanda,
+    "sparsegpt": SparseGPT,
+}
+
+#: Non-uniform layer-sparsity allocations by name.
+ALLOCATIONS: dict[str, Callable[[], Allocation]] = {"owl": OWL}
+
+#: Layer types pruned by default, with the adapter that reads their weight matrix and inputs.
+LAYER_TYPES: dict[type[nn.Module], LinearMap] = {nn.Linear: LinearAdapter()}
+
+
+def build_method(method: str | OneShotMethod) -> OneShotMethod:
+    """Resolve a method given by name or as an object.
+
+    Example:
+        >>> build_method("sparsegpt")
+        SparseGPT(blocksize=128, damping=0.01, dtype=torch.float32)
+    """
+    if isinstance(method, OneShotMethod):
+        return method
+    if isinstance(method, str) and method in METHODS:
+        return METHODS[method]()
+    raise ValueError(f"Unknown one-shot `method` {method!r}; expected one of {sorted(METHODS)} or a OneShotMethod.")
+
+
+def build_allocation(allocation: str | Allocation | None) -> Allocation | None:
+    """Resolve an allocation given by name, as an object, or None (uniform).
+
+    Example:
+        >>> build_allocation("owl")
+        OWL(m=5.0, lam=0.08, granularity='block')
+    """
+    if allocation is None or isinstance(allocation, Allocation):
+        return allocation
+    if isinstance(allocation, str) and allocation in ALLOCATIONS:
+        return ALLOCATIONS[allocation]()
+    raise ValueError(
+        f"Unknown `allocation` {allocation!r}; expected None (uniform), one of {sorted(ALLOCATIONS)}, or an "
+        "Allocation object."
+    )
