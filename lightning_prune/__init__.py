@@ -35,6 +35,7 @@ _FIRST: dict[str, str] = {
     "load_sparse": "lightning_prune.deploy.archive",
     "L1RegularizationMixin": "lightning_prune.training.regularization",
     "DistillationCallback": "lightning_prune.callbacks.distillation",
+    "prune_one_shot": "lightning_prune.oneshot.runner",
 }
 
 #: Names that were importable from here before the package had subpackages; they keep working.
@@ -103,6 +104,7 @@ __all__ = [
     "prunable_parameters",
     "prune_channels_",
     "prune_lowest_",
+    "prune_one_shot",
     "save_compact",
     "save_sparse",
 ]
@@ -129,6 +131,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from lightning_prune.masks.maskset import MaskSet
     from lightning_prune.masks.params import prunable_parameters
     from lightning_prune.masks.selection import prune_lowest_
+    from lightning_prune.oneshot.runner import prune_one_shot
     from lightning_prune.pruner import Pruner
     from lightning_prune.schedules import build_schedule
     from lightning_prune.structures.channel import ChannelStructure, prune_channels_

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"masks"},
     {"criteria"},
     {"structures"},
-    {"rewinding", "pruner", "sensitivity", "deploy"},
+    {"rewinding", "pruner", "oneshot", "sensitivity", "deploy"},
     {"training"},
     {"callbacks"},
     {"data", "models"},
@@ -37,6 +37,7 @@ CORE = [
     "lightning_prune.criteria",
     "lightning_prune.structures",
     "lightning_prune.rewinding",
+    "lightning_prune.oneshot",
     "lightning_prune.sensitivity",
     "lightning_prune.deploy",
 ]

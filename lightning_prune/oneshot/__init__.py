@@ -3,7 +3,8 @@ N:M, with OWL's non-uniform layer sparsity, block by block in bounded memory, an
 
 The methods and allocations are small objects behind one interface each
 (:class:`~lightning_prune.oneshot.base.OneShotMethod`, :class:`~lightning_prune.oneshot.base.Allocation`),
-registered here by name; :func:`prune_one_shot` runs them over a model's repeated blocks.
+registered by name in :mod:`~lightning_prune.oneshot.registry`; :func:`prune_one_shot` runs them over a model's
+repeated blocks.
 
 Example:
     >>> import torch
@@ -26,15 +27,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from torch import nn
-
 from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.blocks import call_model, find_blocks
 from lightning_prune.oneshot.layers import LinearAdapter, LinearMap
 from lightning_prune.oneshot.magnitude import Magnitude
 from lightning_prune.oneshot.owl import OWL
+from lightning_prune.oneshot.registry import ALLOCATIONS, LAYER_TYPES, METHODS, build_allocation, build_method
 from lightning_prune.oneshot.report import BlockProgress, LayerReport, OneShotReport
 from lightning_prune.oneshot.runner import prune_one_shot
 from lightning_prune.oneshot.sparsegpt import SparseGPT
@@ -66,47 +64,3 @@ __all__ = [
     "find_blocks",
     "prune_one_shot",
 ]
-
-#: One-shot methods by name (each built with its defaults).
-METHODS: dict[str, Callable[[], OneShotMethod]] = {
-    "magnitude": Magnitude,
-    "wanda": Wanda,
-    "sparsegpt": SparseGPT,
-}
-
-#: Non-uniform layer-sparsity allocations by name.
-ALLOCATIONS: dict[str, Callable[[], Allocation]] = {"owl": OWL}
-
-#: Layer types pruned by default, with the adapter that reads their weight matrix and inputs.
-LAYER_TYPES: dict[type[nn.Module], LinearMap] = {nn.Linear: LinearAdapter()}
-
-
-def build_method(method: str | OneShotMethod) -> OneShotMethod:
-    """Resolve a method given by name or as an object.
-
-    Example:
-        >>> build_method("sparsegpt")
-        SparseGPT(blocksize=128, damping=0.01, dtype=torch.float32)
-    """
-    if isinstance(method, OneShotMethod):
-        return method
-    if isinstance(method, str) and method in METHODS:
-        return METHODS[method]()
-    raise ValueError(f"Unknown one-shot `method` {method!r}; expected one of {sorted(METHODS)} or a OneShotMethod.")
-
-
-def build_allocation(allocation: str | Allocation | None) -> Allocation | None:
-    """Resolve an allocation given by name, as an object, or None (uniform).
-
-    Example:
-        >>> build_allocation("owl")
-        OWL(m=5.0, lam=0.08, granularity='block')
-    """
-    if allocation is None or isinstance(allocation, Allocation):
-        return allocation
-    if isinstance(allocation, str) and allocation in ALLOCATIONS:
-        return ALLOCATIONS[allocation]()
-    raise ValueError(
-        f"Unknown `allocation` {allocation!r}; expected None (uniform), one of {sorted(ALLOCATIONS)}, or an "
-        "Allocation object."
-    )

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune.distributed import all_reduce_sum_
+from lightning_prune.masks.distributed import all_reduce_sum_
 from lightning_prune.oneshot.layers import LinearMap
 from lightning_prune.oneshot.statistics import Statistic
 

@@ -7,7 +7,7 @@ runner (:func:`~lightning_prune.oneshot.prune_one_shot`) collects the statistics
 
 A target is one of two *structures* of the package, the same objects the training-time pruner uses:
 :class:`~lightning_prune.structures.Unstructured` (exactly ``round(sparsity * numel)`` zeros per layer) or
-:class:`~lightning_prune.patterns.NMStructure` (exactly ``n`` zeros in every ``m`` consecutive input weights of
+:class:`~lightning_prune.structures.NMStructure` (exactly ``n`` zeros in every ``m`` consecutive input weights of
 each row: ``sparsity`` is then ``n / m``, or 0 for a layer left dense).
 """
 
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from lightning_prune.oneshot.statistics import Statistic
-from lightning_prune.patterns import NMStructure
 from lightning_prune.structures import Unstructured, build_structure
+from lightning_prune.structures.nm import NMStructure
 
 __all__ = ["Allocation", "OneShotMethod", "OneShotStructure", "build_oneshot_structure", "check_layer_target"]
 

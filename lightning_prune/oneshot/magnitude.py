@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.oneshot._select import count, keep_nm
 from lightning_prune.oneshot.base import OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.statistics import Statistic
-from lightning_prune.patterns import NMStructure
-from lightning_prune.selection import prune_lowest_
+from lightning_prune.structures.nm import NMStructure
 
 __all__ = ["Magnitude"]
 

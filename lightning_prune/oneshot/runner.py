@@ -10,8 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.distributed import all_reduce_sum_
-from lightning_prune.masking import MaskSet, prunable_parameters
+from lightning_prune.masks import MaskSet, prunable_parameters
+from lightning_prune.masks.distributed import all_reduce_sum_
 from lightning_prune.oneshot._hooks import Collector, ErrorMeter, Layer, StopBlock, move_outside
 from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure, build_oneshot_structure
 from lightning_prune.oneshot.blocks import (
@@ -23,11 +23,12 @@ from lightning_prune.oneshot.blocks import (
     iterate_batches,
 )
 from lightning_prune.oneshot.layers import LinearMap
+from lightning_prune.oneshot.registry import LAYER_TYPES, build_allocation, build_method
 from lightning_prune.oneshot.report import BlockProgress, LayerReport, OneShotReport
 from lightning_prune.oneshot.statistics import ColumnSquares, Statistic
 from lightning_prune.oneshot.wanda import input_norms
-from lightning_prune.patterns import NMStructure
-from lightning_prune.structures import check_sparsity, resolve_layer_targets
+from lightning_prune.structures.base import check_sparsity, resolve_layer_targets
+from lightning_prune.structures.nm import NMStructure
 
 __all__ = ["Offload", "prune_one_shot"]
 
@@ -82,7 +83,7 @@ def prune_one_shot(
         blocks: None (find them), the name of their container, or their names.
         num_samples: calibration samples to use (per process), None for the whole loader.
         ignore: module-name patterns to leave dense (``fnmatch``, as for
-            :func:`~lightning_prune.masking.prunable_parameters`).
+            :func:`~lightning_prune.masks.prunable_parameters`).
         forward_fn: ``forward_fn(model, batch)`` to call the model on a batch (default:
             :func:`~lightning_prune.oneshot.blocks.call_model`).
         device: the compute device; default: that of block 0's first parameter.
@@ -97,7 +98,7 @@ def prune_one_shot(
             is also logged at INFO level through :mod:`logging`).
 
     Returns:
-        ``(masks, report)``: a :class:`~lightning_prune.masking.MaskSet` over the pruned weights whose masks mark
+        ``(masks, report)``: a :class:`~lightning_prune.masks.MaskSet` over the pruned weights whose masks mark
         exactly the pruned entries (all zero in the model), ready for :class:`~lightning_prune.PruningCallback`
         recovery fine-tuning, and a :class:`~lightning_prune.oneshot.report.OneShotReport`.
 
@@ -117,7 +118,6 @@ def prune_one_shot(
         >>> masks.names[:2], masks.sparsity()
         (['1.0.0.weight', '1.0.2.weight'], 0.5)
     """
-    from lightning_prune.oneshot import LAYER_TYPES, build_allocation, build_method
 
     start = time.perf_counter()
     pruner = build_method(method)

@@ -8,11 +8,11 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.oneshot._select import count, keep_nm
 from lightning_prune.oneshot.base import OneShotMethod, OneShotStructure, check_layer_target
 from lightning_prune.oneshot.statistics import InputCovariance, Statistic
-from lightning_prune.patterns import NMStructure
-from lightning_prune.selection import prune_lowest_
+from lightning_prune.structures.nm import NMStructure
 
 __all__ = ["SparseGPT"]
 

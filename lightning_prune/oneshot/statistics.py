@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_prune.distributed import all_reduce_sum_
+from lightning_prune.masks.distributed import all_reduce_sum_
 
 __all__ = ["ColumnSquares", "InputCovariance", "Statistic"]
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from lightning_prune.oneshot._select import count, keep_nm, keep_per_row
 from lightning_prune.oneshot.base import OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.statistics import ColumnSquares, InputCovariance, Statistic
-from lightning_prune.patterns import NMStructure
+from lightning_prune.structures.nm import NMStructure
 
 __all__ = ["Wanda", "input_norms"]
 

@@ -11,8 +11,8 @@ from lightning_prune.oneshot import OWL, InputCovariance, Magnitude, SparseGPT, 
 from lightning_prune.oneshot.base import check_layer_target
 from lightning_prune.oneshot.owl import exact_targets
 from lightning_prune.oneshot.statistics import ColumnSquares
-from lightning_prune.patterns import NMStructure
 from lightning_prune.structures import Unstructured
+from lightning_prune.structures.nm import NMStructure
 
 NM = {"2:4": NMStructure(2, 4), "4:8": NMStructure(4, 8)}
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _oneshot_models import TinyTransformer, token_batches
 
-from lightning_prune.distributed import rank_digest
+from lightning_prune.masks.distributed import rank_digest
 from lightning_prune.oneshot import SparseGPT, build_method, prune_one_shot
 
 WORLD = 2
