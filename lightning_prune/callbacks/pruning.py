@@ -547,14 +547,8 @@ class PruningCallback(Callback):
         }
 
     def _check_resumable(self, state: dict[str, Any], epoch: int) -> None:
-        """Refuse saved masks that this configuration cannot continue from; warn where it continues differently."""
-        saved_structure = state.get("structure")
-        if saved_structure is not None and saved_structure != repr(self.structure):
-            raise MisconfigurationException(
-                f"PruningCallback cannot resume: the checkpoint's masks were made by {saved_structure}, this callback "
-                f"prunes with {self.structure!r}. Resume with the structure the run was started with, or start a new "
-                "run."
-            )
+        """Refuse saved masks that this schedule cannot continue from; warn where it continues differently (the pruner
+        refuses masks of another structure)."""
         saved_target = float(state["target"])
         schedule = self._schedule()
         target_now = schedule.sparsity_at(epoch)
