@@ -429,8 +429,8 @@ def test_bad_target():
     ("sparsity", "match"),
     [
         ({}, r"Per-layer targets must be a non-empty mapping of layer patterns to sparsities, got \{\}\."),
-        ({"0": 1.0}, r"The per-layer target of '0' must be a sparsity in \[0, 1\), got 1\.0\."),
-        ({"0": "0.5"}, r"The per-layer target of '0' must be a sparsity in \[0, 1\), got '0\.5'\."),
+        ({"0": 1.0}, r"`sparsity\['0'\]` must be a number in \[0, 1\), got 1\.0\."),
+        ({"0": "0.5"}, r"`sparsity\['0'\]` must be a number in \[0, 1\), got '0\.5'\."),
         ({"": 0.5}, r"Per-layer target patterns must be non-empty strings, got ''\."),
         ({1: 0.5}, r"Per-layer target patterns must be non-empty strings, got 1\."),
     ],
@@ -469,7 +469,7 @@ def test_per_layer_targets_contradict_a_global_scope():
 def test_bad_ignore(ignore):
     with pytest.raises(
         ValueError,
-        match=r"`ignore` must be a list of module-name patterns \(e\.g\. \['head'\], or \[\] to prune every layer\), "
+        match=r"`ignore` must be a list of module-name patterns \(e\.g\. \['head'\], or \[\] for none\), "
         rf"got {re.escape(repr(ignore))}\.",
     ):
         Pruner(sparsity=0.5, ignore=ignore)

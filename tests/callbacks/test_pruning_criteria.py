@@ -130,7 +130,7 @@ def test_a_criterion_that_needs_training_cannot_prune_at_epoch_zero(tmp_path):
         ({"importance": "apoz"}, r"apoz|channel"),
         ({"structure": "block", "block_shape": (0, 4)}, r"block"),
         ({"structure": "channel", "block_shape": (4, 4)}, r"`block_shape` applies to structure='block' only"),
-        ({"sparsity": {"head": 1.0}}, r"per-layer target of 'head' must be a sparsity in \[0, 1\), got 1.0"),
+        ({"sparsity": {"head": 1.0}}, r"`sparsity\['head'\]` must be a number in \[0, 1\), got 1\.0"),
         ({"sparsity": {}}, r"non-empty mapping"),
         ({"sparsity": {"head": 0.5}, "scope": "global"}, r"contradicts `scope`='global'"),
         ({"rewind_epoch": 5, "start_epoch": 2}, r"`rewind_epoch`=5 is after the first pruning step \(epoch 2\)"),
