@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -71,6 +75,40 @@ def test_sharded_strategies_are_refused_with_a_clear_message(strategy):
     trainer = SimpleNamespace(strategy=object.__new__(strategy), max_epochs=3)
     with pytest.raises(MisconfigurationException, match=rf"sharded strategy {strategy.__name__}.*strategy='ddp'"):
         PruningCallback(sparsity=0.5).setup(trainer, nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
+
+
+def test_a_sharded_strategy_is_refused_through_trainer_fit(tmp_path):
+    # ModelParallelStrategy builds on the CPU (one gloo process): the refusal comes from a real Trainer.fit, before
+    # any step. (FSDP needs a GPU and DeepSpeed its package, so those two are checked on the class above.)
+    environ = dict(os.environ)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[PruningCallback(sparsity=0.5)],
+    )
+    model = BoringModel()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        with pytest.raises(
+            MisconfigurationException,
+            match=r"PruningCallback does not support the sharded strategy ModelParallelStrategy yet: masks need whole "
+            r"parameters on every rank.*Use `strategy='ddp'`",
+        ):
+            trainer.fit(model)
+    finally:  # the strategy initialised a process group and set MASTER_ADDR/PORT: leave neither to later tests
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.slow
