@@ -93,7 +93,8 @@ def _os_error(err: BaseException) -> OSError | None:
     return None
 
 
-def _prepare_folder(path: Path) -> None:
+def prepare_folder(path: Path) -> None:
+    """Create ``path``'s folder, or raise :class:`ArtifactWriteError` naming why it cannot hold the file."""
     if path.is_dir():
         raise ArtifactWriteError(errno.EISDIR, path, "the path is a folder; give a file name")
     try:
@@ -140,7 +141,7 @@ def atomic_write(path: str | Path, data: bytes | bytearray | memoryview) -> Path
         b'hello'
     """
     path = Path(path)
-    _prepare_folder(path)
+    prepare_folder(path)
     # Opened like any new file (mode 0o666 less the umask), unlike mkstemp's private 0o600.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
     try:
@@ -206,7 +207,7 @@ def atomic_write_files(path: str | Path, write: Callable[[Path], None]) -> Path:
         'weights'
     """
     path = Path(path)
-    _prepare_folder(path)
+    prepare_folder(path)
     staging = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
     try:
         staging.mkdir()
@@ -257,7 +258,7 @@ def _feed(h: Any, value: Any) -> None:
         h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
         flat = t.cpu().contiguous().reshape(-1)
         if flat.numel():
-            h.update(memoryview(flat.view(torch.uint8).numpy()))
+            h.update(flat.view(torch.uint8).numpy().data)
     elif isinstance(value, np.ndarray):
         h.update(f"A{value.dtype}{value.shape};".encode())
         h.update(np.ascontiguousarray(value).tobytes())

@@ -44,7 +44,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from lightning_prune._files import atomic_write, atomic_write_files, check_path, verify_sidecar, write_sidecar
+from lightning_prune._files import (
+    atomic_write,
+    atomic_write_files,
+    check_path,
+    prepare_folder,
+    verify_sidecar,
+    write_sidecar,
+)
 from lightning_prune._helpers import batched, check_flag, eval_mode, is_int, is_number, positional_tensors
 from lightning_prune.deploy.archive import check_masks_applied
 from lightning_prune.deploy.fold import deployable, relative_error
@@ -361,6 +368,9 @@ def export_program(
         >>> program.module()(torch.randn(5, 4)).shape
         torch.Size([5, 2])
     """
+    if path is not None:
+        path = check_path(path)
+        prepare_folder(path)  # a folder that cannot hold the file fails before the export, not after
     inputs, prepared, trace, shapes, rtol = _export_setup(
         model, example_inputs, masks, compact, fold_bn, dynamic_batch, check, rtol, prepared
     )
@@ -374,7 +384,6 @@ def export_program(
     except Exception as err:
         raise _diagnose("torch.export", prepared, trace, attempt, err) from err
     if path is not None:
-        path = check_path(path)
         buffer = io.BytesIO()  # torch's file writer aborts the process on a full disk; Python's write raises
         torch.export.save(program, buffer)
         atomic_write(path, buffer.getbuffer())
@@ -500,6 +509,7 @@ def export_onnx(
     """
     onnx, _ = _require_onnx()
     path = check_path(path)
+    prepare_folder(path)  # a folder that cannot hold the file fails before the export, not after
     if opset_version is not None and not is_int(opset_version):
         raise TypeError(f"`opset_version` must be None or an integer, got {opset_version!r}.")
     if opset_version is not None and opset_version < MIN_ONNX_OPSET:
