@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -486,3 +487,45 @@ def verify_sidecar(path: str | Path) -> bool | None:
                 f"computed {actual}). Write the export again."
             )
     return True
+
+
+# ---------------------------------------------------------------------------------------------- JSON records
+def _json_digest(record: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def atomic_write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` as indented JSON, with its digest under :data:`DIGEST_KEY`, atomically.
+
+    Example:
+        >>> import tempfile
+        >>> path = atomic_write_json(Path(tempfile.mkdtemp()) / "metrics.json", {"status": "ok"})
+        >>> data = json.loads(path.read_text())
+        >>> verify_json_digest(data, path)
+        >>> data["status"] = "edited"
+        >>> verify_json_digest(data, path)
+        Traceback (most recent call last):
+        ...
+        ValueError: '...metrics.json' is damaged or was edited: its content does not match the digest ...
+    """
+    body = {k: v for k, v in record.items() if k != DIGEST_KEY}
+    return atomic_write_text(path, json.dumps({**body, DIGEST_KEY: _json_digest(body)}, indent=2) + "\n")
+
+
+def verify_json_digest(record: Mapping[str, Any], path: str | Path) -> None:
+    """Raise unless a record read from ``path`` matches the digest :func:`atomic_write_json` wrote (records
+    without a digest pass).
+
+    Raises:
+        ValueError: The record differs from what was written.
+    """
+    stored = record.get(DIGEST_KEY)
+    if stored is None:
+        return
+    if stored != _json_digest(record):
+        raise ValueError(
+            f"{str(path)!r} is damaged or was edited: its content does not match the digest written with it. "
+            "Run the job again (or delete the `digest` key to accept the file as it is)."
+        )
