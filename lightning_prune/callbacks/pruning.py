@@ -369,7 +369,16 @@ class PruningCallback(Callback):
                 "later (`start_epoch`), or use importance='magnitude'."
             )
         end = schedule.end_epoch
-        if trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs:
+        start = self._schedule_args["start_epoch"]
+        if trainer.max_epochs is not None and 1 <= trainer.max_epochs <= start:
+            rank_zero_warn(
+                f"PruningCallback: `start_epoch`={start}, but the Trainer stops after epoch {trainer.max_epochs - 1} "
+                f"(`max_epochs`={trainer.max_epochs}): nothing will be pruned. Lower `start_epoch` or raise "
+                "`max_epochs`."
+            )
+        elif (
+            trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs
+        ):
             rank_zero_warn(
                 f"PruningCallback: the schedule ends at epoch {end} but the Trainer stops after epoch "
                 f"{trainer.max_epochs - 1}; the final sparsity {self.sparsity} will not be reached."
@@ -508,7 +517,7 @@ class PruningCallback(Callback):
         limited = trainer.max_steps not in (None, -1)
         why = f"`max_steps`={trainer.max_steps}" if limited else "a stop before `max_epochs`"
         rank_zero_warn(
-            f"PruningCallback: training stopped at epoch {trainer.current_epoch} ({why}), before the schedule's last "
+            f"PruningCallback: training stopped after {trainer.global_step} steps ({why}), before the schedule's last "
             f"pruning step at epoch {end}: the sparsity reached is {self.achieved_sparsity:.4f}, not the target "
             f"{self.sparsity:g}. Raise the training length or end the schedule earlier (`end_epoch`)."
         )
