@@ -300,7 +300,26 @@ def _edited_target(tmp: Path) -> None:
     tiny_trainer(tmp, [again], 2, plugins=[AtomicCheckpointIO()]).fit(Net(), data(), ckpt_path=tmp / "edited.ckpt")
 
 
+def _resume_flipped(tmp: Path) -> None:
+    trainer = tiny_trainer(tmp, [], 1, plugins=[AtomicCheckpointIO()])
+    model = Net()
+    trainer.fit(model, data())
+    trainer.save_checkpoint(tmp / "a.ckpt")
+    data_bytes = bytearray((tmp / "a.ckpt").read_bytes())
+    at = data_bytes.find(model.model[0].weight.detach().numpy().tobytes()[:16])
+    assert at >= 0
+    data_bytes[at + 2] ^= 0x04
+    (tmp / "a.ckpt").write_bytes(bytes(data_bytes))
+    tiny_trainer(tmp, [], 2, plugins=[AtomicCheckpointIO()]).fit(Net(), data(), ckpt_path=tmp / "a.ckpt")
+
+
 LIGHTNING_CASES = [
+    pytest.param(
+        _resume_flipped,
+        ValueError,
+        r"The checkpoint '.*a\.ckpt' is damaged: its content does not match the digest written with it",
+        id="Trainer.fit(ckpt_path=checkpoint with flipped bytes)",
+    ),
     pytest.param(
         _edited_target,
         MisconfigurationException,
