@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_prune._files import prepare_folder
 from lightning_prune._helpers import is_int, is_number
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
@@ -212,6 +213,8 @@ class PruningCallback(Callback):
         #: (on rank zero).
         self.compact_model: torch.nn.Module | None = None
         self.compaction_report: dict[str, float] = {}
+        #: Why the compact model could not be saved (it is still in :attr:`compact_model`), or None.
+        self.compact_save_error: str | None = None
         self._example: Any = None
         self._pending_state: dict[str, Any] | None = None
         self._window_from: int | None = None  # the batch of this epoch from which statistics are collected
@@ -342,6 +345,11 @@ class PruningCallback(Callback):
                 "'ddp_spawn'), which keeps a whole copy of the model on every rank."
             )
         _misconfig(prunable_parameters, pl_module, self.ignore)  # fail early on bad `ignore` patterns
+        if self.compact and trainer.is_global_zero:  # a path that cannot hold the file fails now, not after the fit
+            try:
+                prepare_folder(self._compact_target(trainer))
+            except OSError as err:
+                raise MisconfigurationException(f"PruningCallback: `compact_path` cannot be written: {err}") from err
         schedule = self.schedule
         if schedule is None or schedule.end_epoch is None:
             max_epochs = trainer.max_epochs
@@ -361,7 +369,16 @@ class PruningCallback(Callback):
                 "later (`start_epoch`), or use importance='magnitude'."
             )
         end = schedule.end_epoch
-        if trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs:
+        start = self._schedule_args["start_epoch"]
+        if trainer.max_epochs is not None and 1 <= trainer.max_epochs <= start:
+            rank_zero_warn(
+                f"PruningCallback: `start_epoch`={start}, but the Trainer stops after epoch {trainer.max_epochs - 1} "
+                f"(`max_epochs`={trainer.max_epochs}): nothing will be pruned. Lower `start_epoch` or raise "
+                "`max_epochs`."
+            )
+        elif (
+            trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs
+        ):
             rank_zero_warn(
                 f"PruningCallback: the schedule ends at epoch {end} but the Trainer stops after epoch "
                 f"{trainer.max_epochs - 1}; the final sparsity {self.sparsity} will not be reached."
@@ -485,9 +502,25 @@ class PruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is None:
             return
+        self._warn_if_stopped_early(trainer)
         rank_zero_info(self.pruner.summary())
         if self.compact and trainer.is_global_zero:
             self._compact(trainer, pl_module)
+
+    def _warn_if_stopped_early(self, trainer: pl.Trainer) -> None:
+        """Training that stopped before the schedule's last pruning step (``max_steps``, early stopping, ...)."""
+        end = self._schedule().end_epoch
+        if self.pruner.target >= self.sparsity - 1e-12 or end is None:
+            return
+        if trainer.max_epochs is not None and end >= trainer.max_epochs >= 1:
+            return  # said in `setup`
+        limited = trainer.max_steps not in (None, -1)
+        why = f"`max_steps`={trainer.max_steps}" if limited else "a stop before `max_epochs`"
+        rank_zero_warn(
+            f"PruningCallback: training stopped after {trainer.global_step} steps ({why}), before the schedule's last "
+            f"pruning step at epoch {end}: the sparsity reached is {self.achieved_sparsity:.4f}, not the target "
+            f"{self.sparsity:g}. Raise the training length or end the schedule earlier (`end_epoch`)."
+        )
 
     # ------------------------------------------------------------------ channels: inputs and compaction
     def _resolve_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -520,12 +553,23 @@ class PruningCallback(Callback):
         self.compaction_report = report
         for logger in trainer.loggers:
             logger.log_metrics(report, step=trainer.global_step)
-        path = self.compact_path
-        if path is None:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "compact.pt"
-        save_compact(small, path)
+        path = self._compact_target(trainer)
+        self.compact_model = small.cpu()  # kept whether or not the file can be written
+        try:
+            save_compact(small, path)
+        except OSError as err:  # the fit is finished: warn and keep the model rather than lose the run
+            self.compact_save_error = str(err)
+            rank_zero_warn(
+                f"PruningCallback could not save the compact model: {err} It is kept in memory as "
+                "`PruningCallback.compact_model`; save it with lightning_prune.save_compact(model, path)."
+            )
+            return
         rank_zero_info(f"Compact model saved to {path}; reload it with lightning_prune.load_compact(model, path).")
-        self.compact_model = small.cpu()
+
+    def _compact_target(self, trainer: pl.Trainer) -> Path:
+        if self.compact_path is not None:
+            return self.compact_path
+        return Path(trainer.log_dir or trainer.default_root_dir) / "compact.pt"
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -549,6 +593,12 @@ class PruningCallback(Callback):
     def _check_resumable(self, state: dict[str, Any], epoch: int) -> None:
         """Refuse saved masks that this schedule cannot continue from; warn where it continues differently (the pruner
         refuses masks of another structure)."""
+        saved = state.get("target")
+        if not is_number(saved) or not 0.0 <= saved < 1.0:
+            raise MisconfigurationException(
+                f"PruningCallback cannot resume: the checkpoint's pruning state has the target {saved!r}, not a "
+                "sparsity in [0, 1); the checkpoint was edited or damaged. Resume from another checkpoint."
+            )
         saved_target = float(state["target"])
         schedule = self._schedule()
         target_now = schedule.sparsity_at(epoch)

@@ -22,7 +22,7 @@ Example:
 
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
-from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model
+from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
 from lightning_prune.deploy.fold import deployable, relative_error
 from lightning_prune.deploy.kernels import sparse_inference
 from lightning_prune.deploy.profile import ModelProfile, count_macs, count_parameters, measure_latency, profile_model
@@ -46,6 +46,7 @@ __all__ = [
     "export_program",
     "inference_model",
     "load_compact",
+    "load_program",
     "load_sparse",
     "load_sparse_state_dict",
     "measure_latency",

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
+from lightning_prune._helpers import check_flag, eval_mode, forward, is_number, output_tensors
 from lightning_prune.masks.channels import ChannelGroup
 from lightning_prune.structures.tracing import ExampleInputs, trace_groups
 
@@ -82,8 +83,11 @@ def compact(
         The compact model, in ``model``'s training mode.
 
     Raises:
-        ValueError: the model does not run on ``example_inputs``, cannot be traced, or has no channel group.
-        RuntimeError: the surgery failed or the compact model computes something else (``model`` is then
+        ValueError: the model does not run on ``example_inputs``, cannot be traced, or has no channel group;
+            ``rtol`` is not a finite number >= 0.
+        TypeError: ``verify`` is not a bool.
+        RuntimeError: the surgery failed, the outputs are not finite (NaN weights), or the compact model
+            computes something else (``model`` is then
             unchanged all the same: only the copy was touched).
 
     Example:
@@ -98,6 +102,9 @@ def compact(
           (2): Linear(in_features=5, out_features=2, bias=True)
         )
     """
+    check_flag("verify", verify)
+    if not is_number(rtol, finite=True) or rtol < 0:
+        raise ValueError(f"`rtol` must be a finite number >= 0 (e.g. 1e-4), got {rtol!r}.")
     small = copy.deepcopy(model)
     graph, groups = trace_groups(small, example_inputs, ignore)  # checks the example inputs on the copy
     named = dict(small.named_parameters())
@@ -140,6 +147,14 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs: ExampleInputs, r
     for e, g in zip(expected, got):
         if not e.is_floating_point():
             continue
+        if not bool(torch.isfinite(e).all()):  # NaN compares as not greater than any tolerance
+            raise RuntimeError(
+                "The original model's outputs on `example_inputs` are not finite (NaN or inf), so the compact "
+                "model cannot be checked against them; fix the weights (e.g. NaN after a diverged run) or pass "
+                "`verify=False`."
+            )
+        if not bool(torch.isfinite(g).all()):
+            raise RuntimeError("The compact model's outputs are not finite (NaN or inf) where the original's are.")
         scale = float(e.abs().max()) if e.numel() else 0.0
         error = float((e - g).abs().max()) if e.numel() else 0.0
         if error > rtol * max(scale, 1e-12) and error > 1e-6:
@@ -178,11 +193,25 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
 
 
 def save_compact(model: nn.Module, path: str | Path) -> Path:
-    """Save :func:`compact_state` of ``model`` to ``path`` with ``torch.save``; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(compact_state(model), path)
-    return path
+    """Save :func:`compact_state` of ``model`` to ``path``; returns the path.
+
+    The file is written atomically (a failure leaves the previous file as it was) and holds a digest of its
+    content, which :func:`load_compact` checks.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        ArtifactWriteError: The file could not be written (an ``OSError`` naming the path and the reason).
+
+    Example:
+        >>> import tempfile
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = save_compact(net, Path(folder) / "compact.pt")
+        ...     load_compact(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), path)[0].out_features
+        8
+    """
+    path = check_path(path)
+    return atomic_save(with_digest(compact_state(model)), path)
 
 
 @torch.no_grad()
@@ -197,10 +226,15 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
         ``model``, now compact.
 
     Raises:
-        ValueError: ``state`` is not a compact model, or was saved from another architecture.
+        FileNotFoundError: The file ``state`` names does not exist.
+        ValueError: ``state`` is not a compact model (or a damaged, truncated or edited file), or was saved from
+            another architecture.
     """
     if isinstance(state, (str, Path)):
-        state = torch.load(state, map_location="cpu", weights_only=True)
+        path = str(state)
+        state = load_torch_file(state, "compact model")
+        if isinstance(state, Mapping):
+            verify_digest(state, path)
     if not isinstance(state, Mapping) or state.get("format") != _COMPACT_FORMAT:
         raise ValueError("`state` is not a compact model saved by lightning_prune.save_compact / compact_state.")
     if state.get("version") != _COMPACT_VERSION:

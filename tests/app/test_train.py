@@ -42,6 +42,7 @@ METRIC_KEYS = {
     "compact",
     "wall_time_s",
     "overrides",
+    "digest",
 }
 # A small, fast version of the main job: 3 epochs, pruning at the starts of epochs 0 and 1.
 FAST = [
