@@ -138,7 +138,8 @@ class OneShotPruning(Callback):
             )
         if not is_int(error_batches) or error_batches < 0:
             raise MisconfigurationException(
-                f"OneShotPruning: `error_batches` must be an integer >= 0 (0: no error measured), got {error_batches!r}."
+                f"OneShotPruning: `error_batches` must be an integer >= 0 (0: no error measured), got "
+                f"{error_batches!r}."
             )
         self.pruning = pruning
         self.calibration = calibration

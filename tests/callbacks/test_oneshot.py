@@ -203,7 +203,7 @@ def test_bad_arguments_are_refused(make, match):
 def test_a_gradual_schedule_is_refused(tmp_path):
     pruning = PruningCallback(sparsity=0.5, schedule="cubic", start_epoch=0, end_epoch=3)
     oneshot = OneShotPruning(pruning, calibration=_calibration())
-    match = r"its schedule CubicSchedule\(.*\) is not there at epoch 0.*Use PruningCallback\(schedule='one_shot'"
+    match = r"callback's schedule CubicSchedule\(.*\) is not there at epoch 0.*Use PruningCallback\(schedule='one_shot'"
     with pytest.raises(MisconfigurationException, match=match):
         tiny_trainer(tmp_path, [pruning, oneshot], max_epochs=4).fit(TinyLM(), _loader())
 
@@ -229,5 +229,41 @@ def test_a_model_without_repeated_blocks_names_the_fix(tmp_path):
 
     pruning = _pruning()
     oneshot = OneShotPruning(pruning, calibration=_calibration(), blocks="net.missing")
-    with pytest.raises(MisconfigurationException, match="OneShotPruning: .*net.missing"):
+    with pytest.raises(MisconfigurationException, match=r"OneShotPruning: .*net\.missing"):
         tiny_trainer(tmp_path, [pruning, oneshot], max_epochs=1).fit(Flat(), _loader())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_under_ddp_every_rank_ends_with_the_masks_and_weights_of_one_process_on_all_samples(method, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _checks import ROOT
+
+    job = ROOT / "tests" / "_oneshot_ddp_job.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(job), str(tmp_path), "--method", method], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert result["digests"][0] == result["digests"][1]  # bit-identical masks and weights on both ranks
+    assert result["samples"] == 16  # 8 per rank, summed
+
+    single = TinyLM()
+    method_obj = oneshot_module.build_method(method)
+    masks, _ = prune_one_shot(single, _ddp_calibration(), method=method_obj, ignore=["head"], num_samples=None)
+    for name, mask in masks.state_dict().items():
+        assert torch.equal(torch.tensor(result["masks"][name]), mask), name
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(torch.tensor(result["weights"][name]), value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _ddp_calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (16, 13), generator=g)
+    return list(ids[:, :-1].split(4))
