@@ -262,7 +262,7 @@ def instantiate_pruning(cfg: DictConfig) -> PruningCallback | None:
     pruning_cfg = cfg.get("pruning")
     if not pruning_cfg or "_target_" not in pruning_cfg:
         return None
-    if pruning_cfg.get("oneshot"):  # pruning=wanda etc.: the OneShotPruning's arguments (instantiate_oneshot)
+    if "oneshot" in pruning_cfg:  # pruning=wanda etc.: the OneShotPruning arguments (instantiate_oneshot)
         pruning_cfg = OmegaConf.create(pruning_arguments(pruning_cfg))
     pruning = instantiate(pruning_cfg, _convert_="all")
     if not isinstance(pruning, PruningCallback):

@@ -18,6 +18,7 @@ from lightning_prune.app.oneshot import instantiate_oneshot, prune_checkpoint
 from lightning_prune.app.train import instantiate_module, instantiate_pruning
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks import OneShotPruning
+from lightning_prune.deploy.archive import load_sparse_state_dict, save_sparse
 from lightning_prune.oneshot import OWL, Magnitude, SparseGPT, Wanda
 
 
@@ -122,8 +123,16 @@ def test_the_script_prunes_a_saved_checkpoint_and_writes_the_masks_as_the_prunin
     assert all(bool(masks[n].all()) for n in outside)  # embeddings and head stay dense
     assert pruned["callbacks"]["OneShotPruning"] == {"pruned_at": 0}
 
-    # The pruned checkpoint loads strictly into the model: the masks never reparametrise it.
-    instantiate_module(cfg).load_state_dict(pruned["state_dict"], strict=True)
+    # The pruned checkpoint loads strictly into the model (the masks never reparametrise it) and exports through the
+    # sparse archive, checked against its masks, losslessly and smaller than the dense state dict.
+    model = instantiate_module(cfg)
+    model.load_state_dict(pruned["state_dict"], strict=True)
+    archive = save_sparse(model, tmp_path / "sparse.pt", masks=masks)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    assert archive.stat().st_size < (tmp_path / "dense.pt").stat().st_size
+    restored = load_sparse_state_dict(archive)
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored[name], value), name
 
 
 def test_the_script_reports_bad_input_and_writes_nothing(tmp_path, capsys):
