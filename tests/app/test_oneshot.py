@@ -127,7 +127,7 @@ def test_the_script_prunes_a_saved_checkpoint_and_writes_the_masks_as_the_prunin
     # sparse archive, checked against its masks, losslessly and smaller than the dense state dict.
     model = instantiate_module(cfg)
     model.load_state_dict(pruned["state_dict"], strict=True)
-    archive = save_sparse(model, tmp_path / "sparse.pt", masks=masks)
+    archive = save_sparse(model, tmp_path / "sparse.pt", masks=block_masks)
     torch.save(model.state_dict(), tmp_path / "dense.pt")
     assert archive.stat().st_size < (tmp_path / "dense.pt").stat().st_size
     restored = load_sparse_state_dict(archive)
