@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust", action="store_true", help="unpickle a checkpoint that weights_only cannot read")
     args = parser.parse_args(argv)
 
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from lightning_prune._files import atomic_save
     from lightning_prune.app.oneshot import prune_checkpoint
+    from lightning_prune.app.train import instantiate_module
 
     export = _export_script()
     try:
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = export.load_checkpoint(checkpoint_path, trust=args.trust)
         pruned, report = prune_checkpoint(
             checkpoint,
-            cfg,  # type: ignore[arg-type]
+            instantiate_module(cfg),  # type: ignore[arg-type]
+            instantiate(cfg.data),
             method=args.method,
             sparsity=args.sparsity,
             structure=args.structure,

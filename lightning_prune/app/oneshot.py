@@ -93,7 +93,8 @@ def _calibration(datamodule: pl.LightningDataModule, num_samples: int) -> list[A
 
 def prune_checkpoint(
     checkpoint: dict[str, Any],
-    cfg: DictConfig,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
     *,
     method: str = "wanda",
     sparsity: float | None = None,
@@ -103,34 +104,32 @@ def prune_checkpoint(
     ignore: Iterable[str] = (),
     blocks: str | None = None,
 ) -> tuple[dict[str, Any], OneShotReport]:
-    """Prune the weights of a Lightning checkpoint of the run ``cfg`` in one shot, from its training data.
+    """Prune the weights of a Lightning checkpoint in one shot, from the run's training data.
 
-    The LightningModule is rebuilt from ``cfg`` (``module``, ``model``, ``optimizer``), loaded with the checkpoint's
-    ``state_dict`` (strictly) and pruned by :func:`~lightning_prune.oneshot.prune_one_shot` on the first
-    ``num_samples`` training samples of ``cfg.data``. The returned checkpoint is the input with the pruned weights and
-    the masks saved as a :class:`~lightning_prune.PruningCallback` (``schedule="one_shot"``, ``start_epoch=0``) saves
-    them: ``scripts/export.py`` exports it, and a run given it as ``ckpt_path`` with that callback keeps the masks
-    exact while fine-tuning. The optimizer state, whose moments belong to the dense weights, is dropped.
+    ``module`` (the run's LightningModule, e.g. :func:`~lightning_prune.app.train.instantiate_module` of its config)
+    is loaded with the checkpoint's ``state_dict`` (strictly) and pruned by
+    :func:`~lightning_prune.oneshot.prune_one_shot` on the first ``num_samples`` training samples of ``datamodule``.
+    The returned checkpoint is the input with the pruned weights and the masks saved as a
+    :class:`~lightning_prune.PruningCallback` (``schedule="one_shot"``, ``start_epoch=0``) saves them:
+    ``scripts/export.py`` exports it, and a run given it as ``ckpt_path`` with that callback keeps the masks exact
+    while fine-tuning. The optimizer state, whose moments belong to the dense weights, is dropped.
 
     Raises:
         ValueError: the checkpoint has no ``state_dict`` or does not fit the model, and everything
             :func:`~lightning_prune.oneshot.prune_one_shot` refuses (named by layer).
 
     Example:
-        >>> # checkpoint = torch.load("last.ckpt"); cfg = OmegaConf.load(".hydra/config.yaml")
-        >>> # pruned, report = prune_checkpoint(checkpoint, cfg, method="sparsegpt", structure="2:4")
+        >>> # cfg = OmegaConf.load(".hydra/config.yaml"); checkpoint = torch.load("last.ckpt")
+        >>> # module, data = instantiate_module(cfg), instantiate(cfg.data)
+        >>> # pruned, report = prune_checkpoint(checkpoint, module, data, method="sparsegpt", structure="2:4")
     """
-    from lightning_prune.app.train import instantiate_module
-
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise ValueError("The checkpoint has no `state_dict`: not a Lightning checkpoint.")
-    module = instantiate_module(cfg)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"The checkpoint does not fit the model of the config: {err}") from err
-    datamodule = instantiate(cfg.data)
+        raise ValueError(f"The checkpoint does not fit the model: {err}") from err
     batches = _calibration(datamodule, num_samples)
     masks, report = prune_one_shot(
         module,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_prune import PruningCallback
@@ -147,7 +148,8 @@ def test_the_script_reports_bad_input_and_writes_nothing(tmp_path, capsys):
 
 def test_prune_checkpoint_refuses_a_checkpoint_of_another_model(tmp_path):
     cfg = _language_config(tmp_path)
-    with pytest.raises(ValueError, match="The checkpoint does not fit the model of the config"):
-        prune_checkpoint({"state_dict": {"x": torch.zeros(1)}}, cfg)
+    module, data = instantiate_module(cfg), instantiate(cfg.data)
+    with pytest.raises(ValueError, match="The checkpoint does not fit the model: "):
+        prune_checkpoint({"state_dict": {"x": torch.zeros(1)}}, module, data)
     with pytest.raises(ValueError, match="The checkpoint has no `state_dict`: not a Lightning checkpoint"):
-        prune_checkpoint({}, cfg)
+        prune_checkpoint({}, module, data)
