@@ -30,6 +30,7 @@ from typing_extensions import override
 from lightning_prune._files import ArtifactWriteError, atomic_write_json, prepare_folder
 from lightning_prune._helpers import check_int, eval_mode
 from lightning_prune.app.config import ConfigError, register_configs
+from lightning_prune.app.oneshot import instantiate_oneshot, pruning_arguments
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
@@ -266,6 +267,8 @@ def instantiate_pruning(cfg: DictConfig) -> PruningCallback | None:
     pruning_cfg = cfg.get("pruning")
     if not pruning_cfg or "_target_" not in pruning_cfg:
         return None
+    if "oneshot" in pruning_cfg:  # pruning=wanda etc.: the OneShotPruning arguments (instantiate_oneshot)
+        pruning_cfg = OmegaConf.create(pruning_arguments(pruning_cfg))
     pruning = instantiate(pruning_cfg, _convert_="all")
     if not isinstance(pruning, PruningCallback):
         raise ConfigError(
@@ -453,8 +456,10 @@ def train(cfg: DictConfig) -> float:
     start_epoch = pruning.start_epoch if pruning else 0
     # The pruning callback runs the probe and the sensitivity analysis right before its pruning step.
     dense_probe = AccuracyAtEpochStart(epoch=start_epoch, pruning=pruning)
-    allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning else None
-    callbacks: list[L.Callback] = [pruning, dense_probe, *([allocation] if allocation else [])] if pruning else []
+    oneshot = instantiate_oneshot(cfg, pruning)  # pruning=wanda|sparsegpt: prunes right after the probe
+    allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning and oneshot is None else None
+    extra = [c for c in (allocation, oneshot) if c is not None]
+    callbacks: list[L.Callback] = [pruning, dense_probe, *extra] if pruning else []
     distillation = instantiate_distillation(cfg, pruning)
     if distillation is not None:
         callbacks.append(distillation)

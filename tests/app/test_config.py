@@ -89,7 +89,9 @@ def test_groups_are_discovered():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_validates_and_instantiates(group, option, tmp_path):
     language = (group, option) in LANGUAGE_OPTIONS
-    cfg = _compose([_override(group, option), *(LANGUAGE if language else [])], hydra=group.startswith("hydra/"))
+    extra = ["pruning=wanda"] if (group, option) == ("allocation", "owl") else []  # OWL allocates one-shot pruning
+    overrides = [_override(group, option), *(LANGUAGE if language else []), *extra]
+    cfg = _compose(overrides, hydra=group.startswith("hydra/"))
     if language:
         cfg = as_language_model(cfg)
     validate(cfg)
