@@ -162,7 +162,10 @@ def _models(max_params: float) -> list[tuple[str, int]]:
 
     found = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):
+                model = torchvision.models.get_model(name, weights=None)
+        except (NotImplementedError, RuntimeError):  # a constructor that reads tensor values (RegNet)
             model = torchvision.models.get_model(name, weights=None)
         count = sum(p.numel() for p in model.parameters())
         if count <= max_params:
@@ -185,10 +188,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model and method")
     parser.add_argument("--methods", nargs="*", default=["ours", "tp"], choices=["ours", "tp"])
     parser.add_argument("--jsonl", type=Path, help="append each result to this file as it comes")
+    parser.add_argument("--table", type=Path, nargs="*", help="only print the table of these JSON-lines files")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(*args.child)), flush=True)
+        return
+    if args.table:
+        rows = [json.loads(line) for path in args.table for line in path.read_text().splitlines() if line.strip()]
+        found = {(r["model"], r["method"]): r for r in rows}
+        print(table(list(dict.fromkeys(r["model"] for r in rows)), found))
         return
     names = args.models or [n for n, _ in _models(args.max_params)]
     print(environment({"models": len(names), "timeout per model": f"{args.timeout:.0f} s"}), flush=True)
