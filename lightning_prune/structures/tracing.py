@@ -11,6 +11,12 @@ A group is left whole when its channels reach the model's output (the classifier
 output layers is under ``ignore``, or when it runs through a layer whose channels cannot be masked exactly
 (GroupNorm and LayerNorm pool statistics across channels; general grouped convolutions): a warning names it.
 
+Tracing never fails from inside Torch-Pruning and is bounded (:mod:`lightning_prune.structures._depgraph`): a group
+that runs through an op moving or mixing the channel axis (ShuffleNet's channel shuffle, Swin's shifted windows:
+``transpose``, ``permute``, ``roll``, batched matrix products), through a mapping Torch-Pruning cannot make, or that
+is not followed within :data:`TRACE_BUDGET_S` seconds stays whole, and the warning names it with the reason; a
+module Torch-Pruning cannot trace at all is traced child by child from the inputs each child received.
+
 Example:
     >>> import torch
     >>> from torch import nn

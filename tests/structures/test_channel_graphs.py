@@ -230,7 +230,7 @@ def test_tracing_past_its_time_budget_refuses_with_a_message_instead_of_running_
 def test_torchvision_shufflenet_prunes_and_compacts_to_equal_outputs() -> None:
     torchvision = pytest.importorskip("torchvision")
     model = build(lambda: torchvision.models.shufflenet_v2_x0_5(weights=None))
-    x = inputs(1, 3, 64, 64)
+    x = inputs(1, 3, 32, 32)
     with pytest.warns(UserWarning, match="TransposeBackward0"):
         prune_channels_(model, x, 0.3)
     with pytest.warns(UserWarning, match="TransposeBackward0"):
