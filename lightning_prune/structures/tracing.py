@@ -98,7 +98,8 @@ def _describe(example_inputs: ExampleInputs) -> str:
     return type(example_inputs).__name__
 
 
-#: Seconds that tracing one model may take, its forward passes included; groups not followed by then stay whole.
+#: CPU seconds (``time.process_time``: the same work gives the same groups however busy the machine is) that
+#: tracing one model may take, its forward passes included; groups not followed by then stay whole.
 TRACE_BUDGET_S = 60.0
 
 
@@ -114,7 +115,7 @@ def trace_groups(
     _check_example(model, example_inputs)
     ignored = matching_modules(model, ignore)
     names = {m: n for n, m in model.named_modules()}
-    deadline = time.monotonic() + budget_s
+    deadline = time.process_time() + budget_s
     skipped: list[str] = []
     untraced: list[str] = []  # modules Torch-Pruning could not trace, with the reason
     groups: list[tuple[Traced, tp.Group, ChannelGroup]] = []
@@ -174,7 +175,7 @@ def _trace_parts(
     except Exception as err:  # whatever Torch-Pruning raises, the groups stay whole instead
         reason = f"{type(err).__name__}: {err}"
     children = [c for c in module.children() if any(True for _ in c.parameters())]
-    if not children or depth >= _depgraph.MAX_DEPTH or time.monotonic() > deadline:
+    if not children or depth >= _depgraph.MAX_DEPTH or time.process_time() > deadline:
         untraced.append(f"{label} ({reason})")
         skipped.append(f"{label} (could not be traced: {reason})")
         return
@@ -199,7 +200,7 @@ def pruning_group(
 ) -> tp.Group | str:
     """The Torch-Pruning group of ``idxs`` rooted at ``module`` in a graph from :func:`trace_groups`, ready for
     its layer surgery (``.prune()``), or a string saying why it cannot be followed."""
-    deadline = time.monotonic() + budget_s
+    deadline = time.process_time() + budget_s
     _depgraph.remap(traced, deadline, sizes_only=True)  # a surgery before this one may have moved an offset
     return _depgraph.group(traced, module, handler, idxs, deadline)
 
