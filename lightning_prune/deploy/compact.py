@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
 from lightning_prune._helpers import check_flag, eval_mode, forward, is_number, output_tensors
 from lightning_prune.masks.channels import ChannelGroup
-from lightning_prune.structures.tracing import ExampleInputs, trace_groups
+from lightning_prune.structures.tracing import ExampleInputs, Traced, pruning_group, trace_groups
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -106,19 +106,20 @@ def compact(
     if not is_number(rtol, finite=True) or rtol < 0:
         raise ValueError(f"`rtol` must be a finite number >= 0 (e.g. 1e-4), got {rtol!r}.")
     small = copy.deepcopy(model)
-    graph, groups = trace_groups(small, example_inputs, ignore)  # checks the example inputs on the copy
+    groups = trace_groups(small, example_inputs, ignore)  # checks the example inputs on the copy
     named = dict(small.named_parameters())
-    plan: list[tuple[tp.Group, list[int]]] = []
-    for tp_group, group in groups:
-        zero = _zero_channels(group, named)
-        if len(zero) == group.channels:
-            zero = zero[1:]  # an all-zero group keeps one channel so that the layer stays valid
+    plan: list[tuple[Traced, tp.Group, list[int]]] = []
+    for traced, tp_group, group in groups:
+        zero = _removable_channels(group, named)
         if zero:
-            plan.append((tp_group, zero))
+            plan.append((traced, tp_group, zero))
     try:
-        for tp_group, zero in plan:
+        for traced, tp_group, zero in plan:
             root = tp_group[0].dep
-            graph.get_pruning_group(root.target.module, root.handler, zero).prune()
+            surgery = pruning_group(traced, root.target.module, root.handler, zero)
+            if isinstance(surgery, str):
+                raise RuntimeError(f"the group of {root.target.module} could not be followed again: {surgery}")
+            surgery.prune()
     except Exception as err:
         raise RuntimeError(
             f"Compacting {type(model).__name__} failed in the layer surgery ({type(err).__name__}: {err}); "
@@ -130,17 +131,29 @@ def compact(
     return small
 
 
-def _zero_channels(group: ChannelGroup, params: Mapping[str, Tensor]) -> list[int]:
+def _removable_channels(group: ChannelGroup, params: Mapping[str, Tensor]) -> list[int]:
+    """The all-zero channels of ``group``, less one channel of every layer (and of the group) that would be
+    emptied otherwise, so that every layer keeps a valid width."""
     nonzero = torch.zeros(group.channels, dtype=torch.long)
     for s in group.slices:
         nonzero.index_add_(0, s.root, s.rows(params[s.param].detach()).ne(0).any(1).long().cpu())
-    return torch.nonzero(nonzero == 0).flatten().tolist()
+    zero = nonzero == 0
+    for part in (*group.parts, torch.arange(group.channels)):
+        if bool(zero[part].all()):
+            zero[part[0]] = False
+    return torch.nonzero(zero).flatten().tolist()
 
 
 def _verify(model: nn.Module, small: nn.Module, example_inputs: ExampleInputs, rtol: float) -> None:
     with eval_mode(model), eval_mode(small), torch.no_grad():
         expected = output_tensors(forward(model, example_inputs))
-        got = output_tensors(forward(small, example_inputs))
+        try:
+            got = output_tensors(forward(small, example_inputs))
+        except Exception as err:
+            raise RuntimeError(
+                f"The compact model does not run ({type(err).__name__}: {err}); a layer was resized that its "
+                "neighbours do not follow. The original model is unchanged."
+            ) from err
     shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in got]
     if shapes[0] != shapes[1]:
         raise RuntimeError(f"The compact model's outputs have shapes {shapes[1]}, the original's {shapes[0]}.")
