@@ -41,7 +41,7 @@ from lightning_prune._helpers import check_sparsity
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_, is_rank_zero
-from lightning_prune.masks.maskset import MaskSet, non_finite_parameters
+from lightning_prune.masks.maskset import REMASK_POLICIES, MaskSet, RemaskPolicy, non_finite_parameters
 from lightning_prune.masks.params import pattern_list
 from lightning_prune.rewinding import rewind_, snapshot
 from lightning_prune.structures import build_structure
@@ -81,10 +81,15 @@ class Pruner:
         scope: ``"global"`` (one ranking across layers) or ``"layer"`` (each layer to the target on its own).
             ``None``: ``"layer"`` with per-layer targets, else ``"global"``.
         ignore: module-name patterns whose weights stay dense (``fnmatch``, matching a name or a dotted suffix).
+            Frozen weights (``requires_grad=False``) are pruned like the others unless ignored.
+        remask: when pruned weights are re-masked and their optimizer state zeroed besides pruning steps:
+            ``"auto"`` after every step only of optimizers that can move a weight without its gradient (any
+            outside :data:`~lightning_prune.masks.maskset.GRADIENT_ONLY_OPTIMIZERS`), ``"always"`` after every
+            step, ``"pruning_steps"`` never (see :meth:`~lightning_prune.masks.maskset.MaskSet.attach`).
 
     Raises:
-        ValueError: a bad sparsity, scope, structure, importance or pattern, or an importance the structure
-            cannot use.
+        ValueError: a bad sparsity, scope, structure, importance, pattern or ``remask``, or an importance the
+            structure cannot use.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class Pruner:
         importance: str | Importance = "magnitude",
         scope: Scope | None = None,
         ignore: Sequence[str] = (),
+        remask: RemaskPolicy = "auto",
     ) -> None:
         self.structure: Structure = build_structure(structure)
         self.importance: Importance = build_importance(importance)
@@ -122,6 +128,12 @@ class Pruner:
             )
         self.scope: Scope = scope
         self.ignore: tuple[str, ...] = pattern_list(ignore)
+        if remask not in REMASK_POLICIES:
+            raise ValueError(
+                f"`remask` must be one of {list(REMASK_POLICIES)}, got {remask!r}: 'auto' re-masks after every step "
+                "only for optimizers that can move a weight without a gradient, 'always' after every step."
+            )
+        self.remask: RemaskPolicy = remask
         #: The masks, once bound (:meth:`bind`).
         self.masks: MaskSet | None = None
         #: The module the masks belong to, once bound.
@@ -131,6 +143,7 @@ class Pruner:
         #: The weights surviving weights are rewound to after every pruning step (:meth:`remember`), or None.
         self.rewind_point: dict[str, torch.Tensor] | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
+        self._step_hook = True
         self._final_per_layer: list[float] | None = None  # the per-layer targets, matched in `bind`
 
     def __repr__(self) -> str:
@@ -219,12 +232,26 @@ class Pruner:
         return [value * scale for value in self._final_per_layer]
 
     # ------------------------------------------------------------------ training
-    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer], step_hook: bool = True) -> None:
         """Keep pruned weights exact while ``optimizers`` train: from the first pruning step on (now, if some are
-        pruned already), gradients are masked and every step re-masks the weights and the optimizer state."""
+        pruned already), gradients are masked before every step and the weights and optimizer state re-masked as
+        :attr:`remask` says.
+
+        Args:
+            optimizers: the optimizers that train the model.
+            step_hook: mask the gradients in a step pre-hook of each optimizer; False when the training loop calls
+                :meth:`mask_gradients` once per step itself (after unscaling, before clipping).
+        """
         self._optimizers = list(optimizers)
+        self._step_hook = step_hook
         if self.masks is not None and self.masks.num_pruned() > 0:
-            self.masks.attach(self._optimizers)
+            self.masks.attach(self._optimizers, self.remask, step_hook)
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned entries in place, once masks are attached (for loops that attach with
+        ``step_hook=False``: call it after accumulating and unscaling, before clipping and ``optimizer.step()``)."""
+        if self.masks is not None and self.masks.attached:
+            self.masks.mask_gradients_()
 
     def detach(self) -> None:
         """Remove every hook (the masks stay) and close a statistics window."""
@@ -276,7 +303,7 @@ class Pruner:
             )
         if self.rewind_point is not None:
             rewind_(self.module, self.rewind_point, masks, self._optimizers)  # type: ignore[arg-type]
-        masks.attach(self._optimizers)  # (re)installs hooks and zeroes the new entries' state
+        masks.attach(self._optimizers, self.remask, self._step_hook)  # (re)installs hooks, zeroes new entries
         return True
 
     # ------------------------------------------------------------------ statistics of the data-driven criteria
@@ -294,7 +321,8 @@ class Pruner:
 
     def observe(self) -> bool:
         """Record one optimizer step's statistics (call it right before ``optimizer.step()``, with final
-        gradients); True when recorded."""
+        gradients); True when recorded. Gradients of pruned entries are masked first."""
+        self.mask_gradients()
         return self.importance.observe(self._bound())
 
     def stop_collecting(self) -> None:

@@ -45,6 +45,7 @@ def check_ranks_agree(result: dict, epochs: int = 4, steps_per_epoch: int = 128 
     assert sum(r["when"] == "optimizer step" for r in records) == epochs * steps_per_epoch
     assert all(r["masks_agree"] for r in records), [r for r in records if not r["masks_agree"]]
     assert all(r["weights_agree"] for r in records), [r for r in records if not r["weights_agree"]]
+    assert all(r["pruned_zero"] for r in records), [r for r in records if not r["pruned_zero"]]
     return steps
 
 
@@ -55,6 +56,13 @@ def test_ranks_hold_identical_masks_and_weights_after_every_step(tmp_path):
     total = 6 * 9 + 384 * 32 + 32 * 4
     assert steps[-1]["pruned"] == round(0.8 * total)
     assert result["sparsity"] == pytest.approx(round(0.8 * total) / total)
+
+
+@pytest.mark.slow
+def test_pruned_entries_stay_zero_under_ddp_with_adamw_and_accumulation(tmp_path):
+    # Gradients are masked once per optimizer step, after DDP's all-reduce of the accumulated gradients.
+    result = run_job(tmp_path / "adamw.json", "--importance", "magnitude", "--optimizer", "adamw", "--accumulate", "2")
+    check_ranks_agree(result)  # records after every batch: mid-accumulation too
 
 
 @pytest.mark.slow

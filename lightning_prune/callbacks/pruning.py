@@ -26,7 +26,7 @@ from lightning_prune.criteria.base import Importance
 from lightning_prune.deploy.compact import compact, save_compact
 from lightning_prune.deploy.profile import compaction_report
 from lightning_prune.masks.distributed import world_size
-from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
 from lightning_prune.masks.params import prunable_parameters
 from lightning_prune.pruner import NonFiniteWeightsError, Pruner
 from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
@@ -50,10 +50,12 @@ class PruningCallback(Callback):
     A thin adapter: at the start of every training epoch the callback asks its schedule for the target sparsity
     and hands it to its :class:`~lightning_prune.pruner.Pruner` (:attr:`pruner`), which does the pruning. When the
     target has grown, the pruner scores the prunable weights, grows the masks to exactly that fraction of zeros and
-    zeroes the pruned weights and their optimizer state. From the first pruning on, gradient hooks mask the
-    gradients and a post-step hook on every optimizer re-masks weights and optimizer state, so pruned weights
-    stay exactly zero under SGD with momentum, Adam(W) with weight decay, gradient accumulation and mixed
-    precision. Masks and the schedule position are saved in the checkpoint (``state_dict``), so a run resumed
+    zeroes the pruned weights and their optimizer state. From the first pruning on, the gradients are masked in
+    place once per optimizer step (in ``on_before_optimizer_step``: after accumulation, AMP unscaling and the DDP
+    all-reduce, before gradient clipping), and weights and optimizer state are re-masked after the steps that need
+    it (``remask``), so pruned weights and their optimizer state stay exactly zero under every optimizer of
+    ``torch.optim``, gradient accumulation, mixed precision, clipping and DDP. Masks cost one byte per weight.
+    Masks and the schedule position are saved in the checkpoint (``state_dict``), so a run resumed
     with ``ckpt_path`` continues with exactly the same masks; the model itself is never reparametrised, and its
     ``state_dict()`` loads with ``strict=True`` into a fresh, never-pruned model.
 
@@ -120,6 +122,15 @@ class PruningCallback(Callback):
             ``max_lr``/``min_lr`` of one-cycle schedules) are scaled with them, so the scheduler continues from the
             lower rate instead of undoing it. Applied once per run: the checkpoint records it, and a resumed run
             does not apply it again.
+        remask: when the weights and the optimizer state of pruned entries are re-masked besides pruning steps and
+            resuming: ``"auto"`` (default) after every step only of optimizers that can move a weight without its
+            gradient (any optimizer outside
+            :data:`~lightning_prune.masks.maskset.GRADIENT_ONLY_OPTIMIZERS`, e.g. LBFGS, Adafactor, Muon or a
+            custom class), ``"always"`` after every step (the safety net, for an optimizer you are unsure of),
+            ``"pruning_steps"`` never.
+
+    Frozen layers (``requires_grad=False``, e.g. a fine-tuned model's backbone) are pruned like the others (their
+    weights are masked; they have no gradient to mask); to keep them dense, name them in ``ignore``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -165,6 +176,7 @@ class PruningCallback(Callback):
         importance_batches: int | None = None,
         block_shape: int | Sequence[int] | None = None,
         rewind_epoch: int | None = None,
+        remask: RemaskPolicy = "auto",
     ) -> None:
         super().__init__()
         # Structure and criterion options are pass-throughs to the objects they configure.
@@ -179,7 +191,7 @@ class PruningCallback(Callback):
             sparsity = schedule.final_sparsity
         #: The engine: masks, structure, importance, targets, rewinding.
         self.pruner: Pruner = _misconfig(
-            Pruner, sparsity, built, _resolve_importance(importance, importance_batches), scope, ignore
+            Pruner, sparsity, built, _resolve_importance(importance, importance_batches), scope, ignore, remask
         )
         #: The schedule: the target at each epoch (an open ``end_epoch`` is the Trainer's last epoch, set in ``setup``).
         self.schedule: SparsitySchedule | None = None
@@ -398,7 +410,7 @@ class PruningCallback(Callback):
                 pruner.load_state_dict(state)
             except ValueError as err:
                 raise MisconfigurationException(f"PruningCallback cannot resume: {err}") from err
-        pruner.attach(trainer.optimizers)
+        pruner.attach(trainer.optimizers, step_hook=False)  # gradients are masked in on_before_optimizer_step
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -454,8 +466,10 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # Gradients are final here: accumulated, unscaled, all-reduced; gradient clipping comes next.
+        self.pruner.mask_gradients()
         if self.pruner.collecting:
-            self.pruner.observe()  # gradients are final here: accumulated, unscaled, all-reduced
+            self.pruner.observe()
 
     @override
     def on_train_batch_end(
