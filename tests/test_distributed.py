@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -61,15 +61,14 @@ def test_activation_statistics_are_reduced_over_the_ranks(tmp_path):
     assert result["sparsity"] == pytest.approx(0.5, abs=0.05)
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy],
-    ids=["fsdp", "deepspeed", "model_parallel"],
-)
-def test_sharded_strategies_are_refused_with_a_clear_message(strategy):
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy], ids=["fsdp", "deepspeed"])
+def test_flattening_sharded_strategies_are_refused_with_a_clear_message(strategy):
     # These strategies need GPUs (or DeepSpeed) to be built; the callback looks at the strategy's class only.
+    # ModelParallelStrategy (FSDP2) is supported: tests/callbacks/test_pruning_sharded.py.
     trainer = SimpleNamespace(strategy=object.__new__(strategy), max_epochs=3)
-    with pytest.raises(MisconfigurationException, match=rf"sharded strategy {strategy.__name__}.*strategy='ddp'"):
+    with pytest.raises(
+        MisconfigurationException, match=rf"sharded strategy {strategy.__name__}: .*ModelParallelStrategy.*'ddp'"
+    ):
         PruningCallback(sparsity=0.5).setup(trainer, nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
 
 
