@@ -117,6 +117,18 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
+    # DCP reshards the mask shards as it does the model's: 2 processes save, 1 resumes with the same masks.
+    full = run_job(tmp_path / "full.pt", "--ckpt-dir", str(tmp_path / "ckpt"))
+    resumed = run_job(tmp_path / "one.pt", "--devices", "1", "--resume", str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
+    assert resumed["world_size"] == 1
+    for name, mask in full["steps"][1]["masks_after"].items():
+        assert torch.equal(resumed["steps"][0]["masks_before"][name], mask), name
+    check_steps_equal_one_process(resumed)
+    assert resumed["zero_after_steps"]
+
+
+@pytest.mark.slow
 def test_consolidated_checkpoint_resumes_sharded_and_in_one_process(tmp_path):
     full = run_job(tmp_path / "full.pt", "--ckpt-dir", str(tmp_path / "ckpt"), "--consolidated")
     checkpoint = tmp_path / "ckpt" / "epoch=2-step=12.ckpt"
