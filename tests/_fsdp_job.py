@@ -2,7 +2,7 @@
 a subprocess.
 
 ``python tests/_fsdp_job.py OUT.pt [--devices 2] [--epochs 4] [--scope global|layer] [--ckpt-dir DIR]
-[--resume CKPT] [--consolidated] [--optimizer sgd|adamw]``
+[--resume CKPT] [--consolidated] [--optimizer sgd|adamw] [--clip VALUE]``
 
 The strategy re-runs this command line for every other rank. Before and after each pruning step every rank gathers
 the whole weights and masks (``DTensor.full_tensor``); rank 0 writes them, the pruning targets, the final weights and
@@ -72,6 +72,7 @@ class Recorder(pl.Callback):
         self.out = out
         self.steps: list[dict] = []
         self.zero_after_steps = True
+        self.masked_before_clipping = True
         pruning.before_pruning(self.before)
         pruning.after_pruning(self.after)
 
@@ -96,6 +97,13 @@ class Recorder(pl.Callback):
         if self.pruning.pruner.target > self._pending["target_before"]:
             self.steps.append({**self._pending, "masks_after": self._masks(), "target": self.pruning.pruner.target})
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # After the PruningCallback's hook and before Lightning clips: the gradient shards are masked already.
+        masks = self.pruning.masks
+        for p, m in zip(masks.params, masks.masks):
+            if self.pruning.pruner.target > 0 and p.grad is not None and bool(p.grad.to_local()[~m].any()):
+                self.masked_before_clipping = False
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         masks = self.pruning.masks
         opt = trainer.optimizers[0]
@@ -109,7 +117,7 @@ class Recorder(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         masks = self.pruning.masks
-        flags = torch.tensor([0 if self.zero_after_steps else 1])
+        flags = torch.tensor([0 if self.zero_after_steps else 1, 0 if self.masked_before_clipping else 1])
         dist.all_reduce(flags)
         shapes = [None] * trainer.world_size
         dist.all_gather_object(
@@ -124,7 +132,8 @@ class Recorder(pl.Callback):
             "sparsity": self.pruning.achieved_sparsity,
             "layer_sparsity": self.pruning.layer_sparsity(),
             "summary": self.pruning.pruner.summary(),
-            "zero_after_steps": int(flags) == 0,
+            "zero_after_steps": int(flags[0]) == 0,
+            "masked_before_clipping": int(flags[1]) == 0,
             "shapes": shapes,
         }
         if trainer.is_global_zero:
@@ -147,6 +156,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", type=Path, default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--consolidated", action="store_true")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pruning = PruningCallback(
@@ -169,6 +179,7 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        gradient_clip_val=args.clip,
     )
     trainer.fit(Net(args.optimizer), loader(64, 8), ckpt_path=args.resume)
 

@@ -447,6 +447,8 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if isinstance(self.masks, ShardedMaskSet):
+            self.masks.mask_gradients_()  # before Lightning clips: the norm counts kept entries only
         if self.pruner.collecting:
             self.pruner.observe()  # gradients are final here: accumulated, unscaled, all-reduced
 

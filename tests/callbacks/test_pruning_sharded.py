@@ -85,7 +85,7 @@ def check_steps_equal_one_process(result: dict, scope: str = "global") -> None:
 
 @pytest.mark.slow
 def test_fsdp2_fit_prunes_exactly_as_one_process_on_the_same_weights(tmp_path):
-    result = run_job(tmp_path / "fit.pt")
+    result = run_job(tmp_path / "fit.pt", "--optimizer", "adamw", "--clip", "0.05")
     assert result["world_size"] == 2
     assert len(result["steps"]) == 3
     check_steps_equal_one_process(result)
@@ -93,7 +93,8 @@ def test_fsdp2_fit_prunes_exactly_as_one_process_on_the_same_weights(tmp_path):
     w = torch.cat([v.abs().flatten() for v in first["weights"].values()])
     kept = torch.cat([m.flatten() for m in first["masks_after"].values()])
     assert bool(w[kept].min() == w[~kept].max())
-    assert result["zero_after_steps"]  # pruned local weights and momentum stayed zero after every step
+    assert result["zero_after_steps"]  # pruned local weights and AdamW's moments stayed zero after every step
+    assert result["masked_before_clipping"]  # the clipping norm counts kept entries only, as in one process
     for rank_shapes in result["shapes"]:  # one byte per local weight
         assert all(mask == local and dtype == "torch.bool" for mask, dtype, local in rank_shapes)
     assert [s[0] for s, _, _ in result["shapes"][1]] == [2, 3, 1]
