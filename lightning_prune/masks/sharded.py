@@ -39,6 +39,19 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lightning_prune.masks.maskset import MaskSet
 
+#: Entries multiplied at once: a whole bool mask times a float tensor can make a full-size float copy of the mask.
+_CHUNK = 1 << 20
+
+
+def _mask_(tensor: Tensor, mask: Tensor) -> None:
+    """``tensor *= mask`` in slices of :data:`_CHUNK` entries (in one call when ``tensor`` is not contiguous)."""
+    if not tensor.is_contiguous():
+        tensor.mul_(mask)
+        return
+    flat, keep = tensor.view(-1), mask.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        flat[start : start + _CHUNK].mul_(keep[start : start + _CHUNK])
+
 
 def is_sharded(param: Tensor) -> bool:
     """True when ``param`` is a ``DTensor`` (a parameter FSDP2 or tensor parallelism has split across ranks)."""
@@ -181,7 +194,7 @@ class ShardedMaskSet(MaskSet):
     def apply_(self) -> None:
         """Zero every pruned local weight and refresh the global counts (a collective: call it on every rank)."""
         for t, m in zip(self.local, self.masks):
-            t.mul_(m)
+            _mask_(t, m)
         self._count()
 
     @torch.no_grad()
@@ -193,7 +206,7 @@ class ShardedMaskSet(MaskSet):
             for value in state.values():
                 local = value.to_local() if isinstance(value, DTensor) else value
                 if isinstance(local, Tensor) and local.shape == m.shape and value.shape == p.shape:
-                    local.mul_(m)
+                    _mask_(local, m)
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:
@@ -201,7 +214,7 @@ class ShardedMaskSet(MaskSet):
         for p, m in zip(self.params, self.masks):
             if p.grad is not None:
                 grad = p.grad
-                (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(m)
+                _mask_(grad.to_local() if isinstance(grad, DTensor) else grad, m)
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Install on each optimizer a pre-step hook that masks the local gradient shards and a post-step hook that
@@ -221,7 +234,7 @@ class ShardedMaskSet(MaskSet):
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for t, m in zip(self.local, self.masks):
-            t.mul_(m)
+            _mask_(t, m)
         self.zero_optimizer_state_(optimizer)
 
     # ------------------------------------------------------------------ serialisation of the local shards
