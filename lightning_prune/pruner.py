@@ -294,7 +294,8 @@ class Pruner:
         # Rank 0's masks are every rank's: one differing decision and the ranks would train different networks.
         broadcast_masks_(masks)
         self.target = target
-        emptied = [name for name, mask in zip(masks.names, masks.masks) if not bool(mask.any())]
+        numel, pruned = masks.entry_counts()  # over the whole tensors, also when sharded
+        emptied = [name for name, n, k in zip(masks.names, numel, pruned) if n == k]
         if emptied and is_rank_zero():
             warnings.warn(
                 f"Every weight of {emptied} is pruned, so these layers output their bias alone. Bound each layer with "

@@ -73,21 +73,20 @@ def test_activation_statistics_are_reduced_over_the_ranks(tmp_path):
     assert result["sparsity"] == pytest.approx(0.5, abs=0.05)
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy],
-    ids=["fsdp", "deepspeed", "model_parallel"],
-)
-def test_sharded_strategies_are_refused_with_a_clear_message(strategy):
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy], ids=["fsdp", "deepspeed"])
+def test_flattening_sharded_strategies_are_refused_with_a_clear_message(strategy):
     # These strategies need GPUs (or DeepSpeed) to be built; the callback looks at the strategy's class only.
+    # ModelParallelStrategy (FSDP2) is supported: tests/callbacks/test_pruning_sharded.py.
     trainer = SimpleNamespace(strategy=object.__new__(strategy), max_epochs=3)
-    with pytest.raises(MisconfigurationException, match=rf"sharded strategy {strategy.__name__}.*strategy='ddp'"):
+    with pytest.raises(
+        MisconfigurationException, match=rf"sharded strategy {strategy.__name__}: .*ModelParallelStrategy.*'ddp'"
+    ):
         PruningCallback(sparsity=0.5).setup(trainer, nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
 
 
-def test_a_sharded_strategy_is_refused_through_trainer_fit(tmp_path):
-    # ModelParallelStrategy builds on the CPU (one gloo process): the refusal comes from a real Trainer.fit, before
-    # any step. (FSDP needs a GPU and DeepSpeed its package, so those two are checked on the class above.)
+def test_channel_pruning_under_a_sharded_strategy_is_refused_through_trainer_fit(tmp_path):
+    # ModelParallelStrategy builds on the CPU (one gloo process): the refusal of a structure FSDP2 splits comes from a
+    # real Trainer.fit, before any step. (FSDP needs a GPU and DeepSpeed its package: checked on the class above.)
     environ = dict(os.environ)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -99,15 +98,15 @@ def test_a_sharded_strategy_is_refused_through_trainer_fit(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[PruningCallback(sparsity=0.5)],
+        callbacks=[PruningCallback(sparsity=0.5, structure="channel")],
     )
     model = BoringModel()
     before = [p.detach().clone() for p in model.parameters()]
     try:
         with pytest.raises(
             MisconfigurationException,
-            match=r"PruningCallback does not support the sharded strategy ModelParallelStrategy yet: masks need whole "
-            r"parameters on every rank.*Use `strategy='ddp'`",
+            match=r"PruningCallback under ModelParallelStrategy prunes single weights only \(structure='unstructured'\), "
+            r"got .*Prune them with `strategy='ddp'`, or prune single weights while sharded\.",
         ):
             trainer.fit(model)
     finally:  # the strategy initialised a process group and set MASTER_ADDR/PORT: leave neither to later tests

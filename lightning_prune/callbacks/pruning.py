@@ -21,6 +21,13 @@ from typing_extensions import override
 
 from lightning_prune._files import prepare_folder
 from lightning_prune._helpers import is_int, is_number
+from lightning_prune.callbacks.sharding import (
+    add_mask_shards,
+    check_strategy,
+    load_mask_shards,
+    mask_state,
+    saves_sharded,
+)
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.deploy.compact import compact, save_compact
@@ -28,6 +35,7 @@ from lightning_prune.deploy.profile import compaction_report
 from lightning_prune.masks.distributed import world_size
 from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
 from lightning_prune.masks.params import prunable_parameters
+from lightning_prune.masks.sharded import ShardedMaskSet
 from lightning_prune.pruner import NonFiniteWeightsError, Pruner
 from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
 from lightning_prune.structures import build_structure
@@ -35,8 +43,6 @@ from lightning_prune.structures.base import Structure
 from lightning_prune.structures.channel import ChannelStructure
 from lightning_prune.training.finetune import scale_learning_rates
 
-#: Strategies that shard parameters across processes (by class name): masks need whole parameters on every rank.
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 #: The version of :meth:`PruningCallback.state_dict`'s layout (1: masks, target, schedule, lr_scaled; 2: the
 #: configuration, the criterion's statistics, per-layer targets, the rewind point and read-outs).
 _STATE_VERSION = 2
@@ -232,6 +238,7 @@ class PruningCallback(Callback):
         self._window_from: int | None = None  # the batch of this epoch from which statistics are collected
         self._before: list[EpochHook] = []
         self._after: list[EpochHook] = []
+        self._sharded_checkpoints = False  # whether the strategy writes sharded (DCP) checkpoints
 
     # ------------------------------------------------------------------ what the pruner owns, read through
     @property
@@ -349,13 +356,8 @@ class PruningCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
-            raise MisconfigurationException(
-                f"PruningCallback does not support the sharded strategy {strategy} yet: masks need whole "
-                "parameters on every rank, and this strategy splits them across ranks. Use `strategy='ddp'` (or "
-                "'ddp_spawn'), which keeps a whole copy of the model on every rank."
-            )
+        check_strategy(trainer.strategy, self.structure, self.importance, self.rewind_epoch)
+        self._sharded_checkpoints = saves_sharded(trainer.strategy)
         _misconfig(prunable_parameters, pl_module, self.ignore)  # fail early on bad `ignore` patterns
         if self.compact and trainer.is_global_zero:  # a path that cannot hold the file fails now, not after the fit
             try:
@@ -406,6 +408,14 @@ class PruningCallback(Callback):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._check_resumable(state, trainer.current_epoch)
+            if state.get("sharded_masks"):
+                if not isinstance(pruner.masks, ShardedMaskSet):
+                    raise MisconfigurationException(
+                        "PruningCallback cannot resume: the checkpoint's masks were saved sharded, with the model, by "
+                        "`ModelParallelStrategy`; resume with that strategy, or from a checkpoint it saved with "
+                        "`save_distributed_checkpoint=False` (whole masks)."
+                    )
+                state = {**state, "masks": load_mask_shards(pruner.masks, trainer.ckpt_path)}  # type: ignore[arg-type]
             try:
                 pruner.load_state_dict(state)
             except ValueError as err:
@@ -594,9 +604,11 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pending_state is not None:  # restored but not yet applied: keep it as it was
             return {**self._pending_state, "lr_scaled": self._lr_scaled}
+        sharded = mask_state(self.masks, self._sharded_checkpoints) if isinstance(self.masks, ShardedMaskSet) else {}
         return {
             "version": _STATE_VERSION,
             **self.pruner.state_dict(),
+            **sharded,
             "schedule": repr(self.schedule),
             "lr_scaled": self._lr_scaled,
             # Read-outs for a run resumed after its training ended, when no masks are bound again.
@@ -645,8 +657,15 @@ class PruningCallback(Callback):
             _misconfig(self.pruner.set_targets, dict(state_dict["layer_targets"]))
         if state_dict.get("rewind") is not None:
             self.pruner.rewind_point = dict(state_dict["rewind"])
-        if state_dict.get("masks"):
+        if state_dict.get("masks") or state_dict.get("sharded_masks"):
             self._pending_state = state_dict
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if isinstance(self.masks, ShardedMaskSet) and self._sharded_checkpoints:
+            add_mask_shards(self.masks, checkpoint)  # each rank's shards, saved with the model's by DCP
 
     @override
     def on_load_checkpoint(

@@ -6,7 +6,8 @@ selection that grows them.
   enforce them while training;
 * :mod:`~lightning_prune.masks.channels`: channel groups and :class:`ChannelMaskSet`;
 * :mod:`~lightning_prune.masks.selection`: :func:`prune_lowest_`, the exact streaming k-lowest selection;
-* :mod:`~lightning_prune.masks.distributed`: the same masks on every process.
+* :mod:`~lightning_prune.masks.distributed`: the same masks on every process;
+* :mod:`~lightning_prune.masks.sharded`: :class:`ShardedMaskSet`, masks of FSDP2's row shards.
 
 Example:
     >>> import torch
@@ -29,6 +30,7 @@ from lightning_prune.masks.params import (
     prunable_parameters,
 )
 from lightning_prune.masks.selection import prune_lowest_
+from lightning_prune.masks.sharded import ShardedMaskSet, mask_set_for
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -36,9 +38,11 @@ __all__ = [
     "ChannelMaskSet",
     "ChannelSlice",
     "MaskSet",
+    "ShardedMaskSet",
     "all_reduce_sum_",
     "broadcast_masks_",
     "check_patterns",
+    "mask_set_for",
     "matching_modules",
     "name_matches",
     "non_finite_parameters",

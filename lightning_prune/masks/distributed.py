@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.sharded import ShardedMaskSet
 
 
 def world_size() -> int:
@@ -75,7 +76,7 @@ def broadcast_masks_(masks: MaskSet, src: int = 0) -> bool:
     Returns:
         True when masks were broadcast, False outside a process group (or with a single process).
     """
-    if world_size() == 1:
+    if world_size() == 1 or isinstance(masks, ShardedMaskSet):  # shards: each rank's masks are its own
         return False
     for tensor in (*masks.masks, *masks.params):
         carried = _transport(tensor.data)

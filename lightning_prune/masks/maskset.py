@@ -145,6 +145,21 @@ class MaskSet:
         :data:`SMALL_MASK_BYTES` of them, their copies in the parameters' dtypes."""
         return sum(t.numel() * t.element_size() for t in self.masks + self._multipliers)
 
+    def entry_counts(self) -> tuple[list[int], list[int]]:
+        """Per masked tensor: its entries and its pruned entries, over the whole tensor (summed over the ranks that
+        hold its shards, for a :class:`~lightning_prune.masks.sharded.ShardedMaskSet`)."""
+        return [m.numel() for m in self.masks], [m.numel() - int(torch.count_nonzero(m)) for m in self.masks]
+
+    def local_tensors(self) -> list[Tensor]:
+        """The masked entries this process holds, shaped like :attr:`masks`: the parameters themselves (detached),
+        or their local shards when sharded."""
+        return [p.detach() for p in self.params]
+
+    def selection_args(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Keyword arguments that make :func:`~lightning_prune.masks.selection.prune_lowest_` select over the whole
+        tensors ``indices`` when :meth:`local_tensors` are shards (``group``, ``offsets``); none here."""
+        return {}
+
     # ------------------------------------------------------------------ enforcement
     @torch.no_grad()
     def apply_(self) -> None:
@@ -370,11 +385,9 @@ def sparsity_rows(masks: MaskSet) -> list[tuple[str, str, str, str]]:
     """Per masked tensor, then ``total``: the name, the shape, pruned / total entries and the fraction pruned
     (the rows of :func:`sparsity_table`)."""
     rows = []
-    for name, mask in zip(masks.names, masks.masks):
-        pruned = mask.numel() - int(torch.count_nonzero(mask))
-        rows.append(
-            (name, "x".join(map(str, mask.shape)), f"{pruned} / {mask.numel()}", f"{pruned / mask.numel():.2%}")
-        )
+    numel, pruned_counts = masks.entry_counts()  # whole tensors, also when sharded
+    for name, param, total, pruned in zip(masks.names, masks.params, numel, pruned_counts):
+        rows.append((name, "x".join(map(str, param.shape)), f"{pruned} / {total}", f"{pruned / total:.2%}"))
     rows.append(("total", "", f"{masks.num_pruned()} / {masks.numel()}", f"{masks.sparsity():.2%}"))
     return rows
 

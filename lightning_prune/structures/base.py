@@ -28,6 +28,7 @@ from lightning_prune._helpers import check_sparsity, is_number
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import MaskSet, sparsity_table
 from lightning_prune.masks.params import name_matches, prunable_parameters
+from lightning_prune.masks.sharded import mask_set_for
 
 Scope = Literal["global", "layer"]
 
@@ -175,7 +176,7 @@ class Structure(ABC):
     def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
         """The masks this structure prunes in ``module``: by default, the weight of every Linear and Conv
         layer outside ``ignore``."""
-        return MaskSet(prunable_parameters(module, ignore))
+        return mask_set_for(prunable_parameters(module, ignore))
 
     def layer_names(self, masks: MaskSet) -> list[str]:
         """The layers that per-layer targets name, in the order :meth:`prune_` takes a sequence of targets: the

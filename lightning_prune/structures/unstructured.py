@@ -47,15 +47,18 @@ class Unstructured(Structure):
         indices = list(range(len(masks.params)))
         groups = [indices] if per_layer is None and scope == "global" else [[i] for i in indices]
         single = 0.0 if per_layer is not None else float(sparsity)  # type: ignore[arg-type]
+        # Over the whole tensors: with sharded masks, each rank selects among its shards, exactly over all of them.
+        numel, pruned_now = masks.entry_counts()
         for group in groups:
             target = single if per_layer is None else per_layer[group[0]]
-            total = sum(masks.masks[i].numel() for i in group)
-            pruned = sum(masks.masks[i].numel() - int(torch.count_nonzero(masks.masks[i])) for i in group)
+            total = sum(numel[i] for i in group)
+            pruned = sum(pruned_now[i] for i in group)
             k = round(target * total) - pruned
             if k <= 0:
                 continue
             if importance.pointwise:
-                scores = [masks.params[i].detach() for i in group]
+                local = masks.local_tensors()
+                scores = [local[i] for i in group]
                 transform = importance.transform_
             else:
                 scores = [_scores(importance, masks, i) for i in group]
@@ -66,6 +69,7 @@ class Unstructured(Structure):
                 k,
                 transform=transform,
                 names=[masks.names[i] for i in group],
+                **masks.selection_args(group),
             )
         masks.apply_()
 

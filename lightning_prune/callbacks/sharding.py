@@ -1,0 +1,140 @@
+"""What :class:`~lightning_prune.callbacks.PruningCallback` needs under sharded training: which strategies and
+configurations it supports, and how the masks of sharded weights travel through checkpoints.
+
+Under Lightning's ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``LightningModule.configure_model``,
+``tensor_parallel_size=1``) the masks live with the local row shards
+(:class:`~lightning_prune.masks.sharded.ShardedMaskSet`) and the global threshold is exact. Checkpoints:
+
+* a sharded checkpoint (the strategy's default, ``save_distributed_checkpoint=True``): Lightning writes the
+  model and optimizer with ``torch.distributed.checkpoint`` (DCP) and the callbacks' state from rank 0 only, so the
+  masks go with the model: each rank's mask shards are added to the checkpoint's ``state_dict`` as ``DTensor``s
+  (one byte per weight) under ``MASK_PREFIX + name``, and read back with DCP on resume;
+* a consolidated checkpoint (``save_distributed_checkpoint=False``): the whole masks are gathered into the
+  callback's state, so the file resumes in one process as well as sharded.
+
+Example:
+    >>> from lightning.pytorch.strategies import DDPStrategy
+    >>> check_strategy(object.__new__(DDPStrategy), "unstructured", "magnitude", None) is None
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+from lightning_prune.masks.sharded import ShardedMaskSet
+
+#: Where the mask shards sit in a sharded checkpoint's ``state_dict``.
+MASK_PREFIX = "lightning_prune.masks."
+
+
+def check_strategy(strategy: Strategy, structure: object, importance: object, rewind_epoch: int | None) -> None:
+    """Refuse a strategy, or a configuration under a sharding strategy, that pruning cannot follow exactly.
+
+    ``structure`` and ``importance`` are the callback's (their ``name`` and ``collects`` are read).
+
+    Raises:
+        MisconfigurationException: FSDP1 (``FSDPStrategy``) or DeepSpeed; under ``ModelParallelStrategy``, a
+            structure other than unstructured, a criterion that needs statistics, ``rewind_epoch``, or tensor
+            parallelism.
+    """
+    name = type(strategy).__name__
+    if "DeepSpeed" in name or name.startswith("FSDP"):
+        raise MisconfigurationException(
+            f"PruningCallback does not support the sharded strategy {name}: it flattens the weights into shards "
+            "masks cannot follow. Train sharded with `ModelParallelStrategy(data_parallel_size=..., "
+            "tensor_parallel_size=1)` and `fully_shard` in `configure_model` (FSDP2), which PruningCallback "
+            "supports, or use `strategy='ddp'`, which keeps a whole copy of the model on every rank."
+        )
+    if "ModelParallel" not in name:
+        return
+    tp = getattr(strategy, "_tensor_parallel_size", 1)
+    if isinstance(tp, int) and tp > 1:
+        raise MisconfigurationException(
+            f"PruningCallback under {name}: `tensor_parallel_size`={tp} splits weights along the dimensions pruning "
+            "needs whole. Use `tensor_parallel_size=1` (FSDP2 alone shards by rows, which pruning follows)."
+        )
+    structure_name = getattr(structure, "name", repr(structure))
+    if structure_name != "unstructured":
+        raise MisconfigurationException(
+            f"PruningCallback under {name} prunes single weights only (structure='unstructured'), got "
+            f"{structure!r}: channel, block and N:M masks need whole rows or channels that FSDP2 splits across "
+            "ranks. Prune them with `strategy='ddp'`, or prune single weights while sharded."
+        )
+    collects = getattr(importance, "collects", "nothing")
+    if collects != "nothing":
+        raise MisconfigurationException(
+            f"PruningCallback under {name} scores weights from their values only; {importance!r} collects "
+            f"{collects}. Use importance='magnitude' (or 'l1', 'l2'), or train with `strategy='ddp'`."
+        )
+    if rewind_epoch is not None:
+        raise MisconfigurationException(
+            f"PruningCallback under {name} does not rewind weights (`rewind_epoch`={rewind_epoch}): the stored "
+            "weights would be whole copies on every rank. Leave `rewind_epoch` unset, or use `strategy='ddp'`."
+        )
+
+
+def saves_sharded(strategy: Strategy) -> bool:
+    """True when ``strategy`` writes sharded (DCP) checkpoints."""
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+
+
+def _as_dtensor(masks: ShardedMaskSet, i: int, local: Tensor) -> DTensor:
+    param = masks.params[i]
+    return DTensor.from_local(
+        local,
+        param.device_mesh,  # type: ignore[attr-defined]
+        [Shard(0)],
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def mask_state(masks: ShardedMaskSet, sharded: bool) -> dict[str, Any]:
+    """The masks' part of the callback's state: a marker and the world size for a sharded checkpoint (the shards
+    go with the model, :func:`add_mask_shards`), or the whole masks, gathered (a collective: every rank calls it)."""
+    if sharded:
+        return {"masks": {}, "sharded_masks": {"world_size": dist.get_world_size(masks.group), "names": masks.names}}
+    whole = {}
+    for i, (name, mask) in enumerate(zip(masks.names, masks.masks)):
+        whole[name] = _as_dtensor(masks, i, mask.to(torch.uint8)).full_tensor().to(torch.bool).cpu()
+    return {"masks": whole, "sharded_masks": None}
+
+
+def add_mask_shards(masks: ShardedMaskSet, checkpoint: dict[str, Any]) -> None:
+    """Add this rank's mask shards to ``checkpoint["state_dict"]`` as ``DTensor``s, for DCP to save."""
+    state = checkpoint.setdefault("state_dict", {})
+    for i, (name, mask) in enumerate(zip(masks.names, masks.masks)):
+        state[MASK_PREFIX + name] = _as_dtensor(masks, i, mask.to(torch.uint8))
+
+
+def load_mask_shards(masks: ShardedMaskSet, path: str | Path) -> dict[str, Tensor]:
+    """This rank's mask shards from the sharded checkpoint at ``path`` (a collective), by parameter name; DCP
+    reshards them when the checkpoint was written by another number of processes.
+
+    Raises:
+        MisconfigurationException: the checkpoint holds no masks of these parameters.
+    """
+    buffers = {
+        MASK_PREFIX + name: _as_dtensor(masks, i, torch.empty(mask.shape, dtype=torch.uint8, device=mask.device))
+        for i, (name, mask) in enumerate(zip(masks.names, masks.masks))
+    }
+    state = {"state_dict": buffers}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # DCP reports a missing key as a CheckpointException from every rank
+        raise MisconfigurationException(
+            f"PruningCallback cannot resume from {str(path)!r}: its sharded checkpoint does not hold the masks of "
+            f"{masks.names} ({type(err).__name__}). Resume from a checkpoint of the same pruned run."
+        ) from err
+    return {name: buffers[MASK_PREFIX + name].to_local().to(torch.bool) for name in masks.names}

@@ -1,0 +1,267 @@
+"""Masks of sharded parameters (FSDP2's ``fully_shard``, e.g. under Lightning's ``ModelParallelStrategy``), in
+plain PyTorch.
+
+Under FSDP2 every parameter is a ``DTensor`` whose rows are split across the processes (``Shard(0)``): each rank
+holds ``param.to_local()``, its own rows. A :class:`ShardedMaskSet` keeps one boolean keep-mask per *local shard*
+(one byte per weight this rank holds, never a whole-tensor mask) and keeps pruned entries exactly zero on the
+shards:
+
+1. a pre-step hook on each optimizer masks the local gradient shards (FSDP2 writes the reduce-scattered
+   gradient into ``param.grad`` after backward, so a tensor hook on the parameter never sees it);
+2. a post-step hook re-masks the local weight shards and zeroes the optimizer state of pruned entries (the
+   state of a sharded parameter is sharded as well).
+
+The selection of what to prune is exact over the whole model: each rank streams its shards through
+:func:`~lightning_prune.masks.selection.prune_lowest_` with ``group=`` and ``offsets=``
+(:meth:`ShardedMaskSet.selection_args`), which sums the histograms over the shard group, so the masks are those
+one process computes on the gathered weights. Counts (:meth:`~ShardedMaskSet.sparsity` and friends) are over the
+whole tensors; they are summed over the group whenever the masks change (in :meth:`~ShardedMaskSet.apply_`, which
+every rank calls together), so reading them is local.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_prune.masks import prunable_parameters
+    >>> masks = mask_set_for(prunable_parameters(nn.Sequential(nn.Linear(4, 2))))  # no DTensor: a plain MaskSet
+    >>> type(masks).__name__
+    'MaskSet'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
+
+from lightning_prune.masks.maskset import MaskSet
+
+#: Entries multiplied at once: a whole bool mask times a float tensor can make a full-size float copy of the mask.
+_CHUNK = 1 << 20
+
+
+def _mask_(tensor: Tensor, mask: Tensor) -> None:
+    """``tensor *= mask`` in slices of :data:`_CHUNK` entries (in one call when ``tensor`` is not contiguous)."""
+    if not tensor.is_contiguous():
+        tensor.mul_(mask)
+        return
+    flat, keep = tensor.view(-1), mask.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        flat[start : start + _CHUNK].mul_(keep[start : start + _CHUNK])
+
+
+def is_sharded(param: Tensor) -> bool:
+    """True when ``param`` is a ``DTensor`` (a parameter FSDP2 or tensor parallelism has split across ranks)."""
+    return isinstance(param, DTensor)
+
+
+def mask_set_for(params: Mapping[str, nn.Parameter]) -> MaskSet:
+    """The mask set for ``params``: a :class:`ShardedMaskSet` when they are sharded ``DTensor`` parameters, else a
+    :class:`~lightning_prune.masks.maskset.MaskSet`.
+
+    Raises:
+        ValueError: some of the parameters are sharded and others are not, or they are sharded in a way the
+            masks cannot follow (see :class:`ShardedMaskSet`).
+    """
+    sharded = [n for n, p in params.items() if is_sharded(p)]
+    if not sharded:
+        return MaskSet(params)
+    whole = [n for n in params if n not in sharded]
+    if whole:
+        raise ValueError(
+            f"Prunable weights {whole} are whole on every rank while {sharded} are sharded (DTensors); pruning "
+            "needs one or the other. Apply `fully_shard` to every module holding a prunable weight (e.g. also "
+            "to the root module in `configure_model`), or `ignore` those layers."
+        )
+    return ShardedMaskSet(params)
+
+
+def _shard_info(name: str, param: DTensor) -> tuple[dist.ProcessGroup, int]:
+    """The process group that holds ``param``'s row shards and where this rank's shard starts in the flat order of
+    the whole tensor."""
+    placements = tuple(param.placements)
+    if param.device_mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(
+            f"The prunable weight {name!r} is a DTensor placed as {placements} on a {param.device_mesh.ndim}-D mesh; "
+            "masks follow weights sharded by rows only: one mesh dimension, `Shard(0)` (what `fully_shard` does). "
+            "Tensor parallelism splits weights along the dimensions pruning needs whole: train with "
+            "`tensor_parallel_size=1` (FSDP2 alone), or `ignore` this layer."
+        )
+    group = param.device_mesh.get_group(0)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = param.to_local()
+    rows = param.shape[0] if param.dim() else 1
+    per = -(-rows // world)  # FSDP2 cuts rows as torch.chunk does
+    start = min(rank * per, rows)
+    expected = (min(per, rows - start), *param.shape[1:])
+    if tuple(local.shape) != expected or not local.is_contiguous():
+        raise ValueError(
+            f"The prunable weight {name!r} holds a local shard of shape {tuple(local.shape)} on rank {rank}, not the "
+            f"contiguous rows {expected} FSDP2's even row sharding gives; masks cannot follow this sharding. Shard "
+            "it with `fully_shard` (dim 0), or `ignore` this layer."
+        )
+    return group, start * (param[0].numel() if param.dim() > 1 else 1)
+
+
+class ShardedMaskSet(MaskSet):
+    """Boolean keep-masks of the local row shards of FSDP2 parameters, and the hooks that enforce them.
+
+    :attr:`masks` are the local shards' masks (shaped like ``param.to_local()``); :attr:`params` stay the model's
+    ``DTensor`` parameters, so names and optimizer state match the model's. Every rank must build it, prune it
+    and load it together (they are collectives).
+
+    Args:
+        params: the sharded parameters to mask, by name: ``DTensor`` parameters placed ``Shard(0)`` on one mesh
+            dimension, all in one process group and of one dtype.
+
+    Raises:
+        ValueError: a parameter is not sharded that way, the parameters live in different process groups or have
+            different dtypes (raised on every rank alike: the placements and dtypes are the same on every rank).
+
+    Example:
+        Under ``fully_shard`` on two processes (each holds half of a ``Linear(4, 8)``'s rows)::
+
+            masks = ShardedMaskSet(prunable_parameters(model))
+            masks.masks[0].shape  # torch.Size([4, 4]): the local rows
+            Unstructured().prune_(masks, MagnitudeImportance(), 0.5)  # exact over both ranks' rows
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
+        if not params:
+            raise ValueError("ShardedMaskSet needs at least one parameter to mask.")
+        not_sharded = [n for n, p in params.items() if not is_sharded(p)]
+        if not_sharded:
+            raise ValueError(f"ShardedMaskSet masks DTensor parameters; {not_sharded} are plain tensors.")
+        dtypes = {str(p.dtype) for p in params.values()}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"The sharded prunable weights have several dtypes ({sorted(dtypes)}): "
+                f"{ {n: str(p.dtype) for n, p in params.items()} }. Keep every prunable weight in one dtype (FSDP2's "
+                "`MixedPrecisionPolicy` casts for compute and keeps the sharded weights in one dtype)."
+            )
+        self.names: list[str] = list(params)
+        self.params: list[nn.Parameter] = list(params.values())
+        info = [_shard_info(n, p) for n, p in params.items()]  # type: ignore[arg-type]
+        groups = {id(g) for g, _ in info}
+        if len(groups) > 1:
+            raise ValueError(
+                "The prunable weights are sharded over different process groups; one global threshold needs one "
+                "group. Shard every prunable module on the same device mesh."
+            )
+        #: The process group whose ranks hold the other shards.
+        self.group: dist.ProcessGroup = info[0][0]
+        #: Where each local shard starts in its whole tensor's flat order.
+        self.offsets: list[int] = [offset for _, offset in info]
+        #: The local shards of the parameters (views of the parameters' storage).
+        self.local: list[Tensor] = [p.to_local() for p in self.params]  # type: ignore[attr-defined]
+        self.masks: list[Tensor] = [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in self.local]
+        self._grad_handles = []
+        self._step_handles = []
+        self._multipliers = []
+        self._pruned: list[int] = [0] * len(self.params)
+
+    # ------------------------------------------------------------------ statistics (over the whole tensors)
+    def entry_counts(self) -> tuple[list[int], list[int]]:
+        return [p.numel() for p in self.params], list(self._pruned)
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def num_pruned(self) -> int:
+        return sum(self._pruned)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: k / p.numel() for n, p, k in zip(self.names, self.params, self._pruned)}
+
+    def local_tensors(self) -> list[Tensor]:
+        return [t.detach() for t in self.local]
+
+    def selection_args(self, indices: Sequence[int]) -> dict[str, Any]:
+        return {"group": self.group, "offsets": [self.offsets[i] for i in indices]}
+
+    @torch.no_grad()
+    def _count(self) -> None:
+        """Sum the pruned entries of every tensor over the group (a collective)."""
+        local = torch.tensor([m.numel() - int(torch.count_nonzero(m)) for m in self.masks], dtype=torch.int64)
+        dist.all_reduce(local, group=self.group)
+        self._pruned = [int(v) for v in local]
+
+    # ------------------------------------------------------------------ enforcement, on the local shards
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero every pruned local weight and refresh the global counts (a collective: call it on every rank)."""
+        for t, m in zip(self.local, self.masks):
+            _mask_(t, m)
+        self._count()
+
+    @torch.no_grad()
+    def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        for p, m in zip(self.params, self.masks):
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for value in state.values():
+                local = value.to_local() if isinstance(value, DTensor) else value
+                if isinstance(local, Tensor) and local.shape == m.shape and value.shape == p.shape:
+                    _mask_(local, m)
+
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zero the local gradient entries of pruned weights."""
+        for p, m in zip(self.params, self.masks):
+            if p.grad is not None:
+                grad = p.grad
+                _mask_(grad.to_local() if isinstance(grad, DTensor) else grad, m)
+
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Install on each optimizer a pre-step hook that masks the local gradient shards and a post-step hook that
+        re-masks the local weights and optimizer state; zero the pruned weights, pending gradients and state now
+        (a collective: call it on every rank)."""
+        self.detach()
+        for opt in optimizers:
+            self._grad_handles.append(opt.register_step_pre_hook(self._before_step))
+            self._step_handles.append(opt.register_step_post_hook(self._after_step))
+            self.zero_optimizer_state_(opt)
+        self.mask_gradients_()
+        self.apply_()
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.mask_gradients_()
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for t, m in zip(self.local, self.masks):
+            _mask_(t, m)
+        self.zero_optimizer_state_(optimizer)
+
+    # ------------------------------------------------------------------ serialisation of the local shards
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore this rank's mask shards (as saved by :meth:`state_dict` on the same rank of a run of the same
+        world size), or whole masks (a consolidated checkpoint: this rank takes its rows); a collective.
+
+        Raises:
+            ValueError: the saved masks name other parameters or fit neither the shards nor the whole tensors.
+        """
+        missing = [n for n in self.names if n not in state]
+        unexpected = [n for n in state if n not in self.names]
+        if missing or unexpected:
+            raise ValueError(
+                "Saved pruning masks do not match the model's prunable parameters: "
+                f"missing {missing}, unexpected {unexpected}. Was the checkpoint written for another model or "
+                "another `ignore` setting?"
+            )
+        for n, p, m, offset in zip(self.names, self.params, self.masks, self.offsets):
+            saved = state[n]
+            if saved.shape == p.shape:  # a whole mask: take this rank's rows
+                saved = saved.reshape(-1)[offset : offset + m.numel()].reshape(m.shape)
+            elif saved.shape != m.shape:
+                raise ValueError(
+                    f"Saved pruning mask of {n!r} has shape {tuple(saved.shape)}; this rank's shard of the parameter "
+                    f"is {tuple(m.shape)} and the whole parameter {tuple(p.shape)}."
+                )
+            m.copy_(saved.to(device=m.device, dtype=torch.bool))
+        self.apply_()

@@ -1,0 +1,186 @@
+"""PruningCallback under sharded training: FSDP2 through Lightning's ``ModelParallelStrategy`` on the CPU (gloo, two
+processes), and what it refuses, with messages that say what to do instead.
+
+The fits run ``tests/_fsdp_job.py`` in a subprocess (the strategy re-runs the command line for the other rank); each
+takes a minute or two here, so they are ``slow``. The refusals are checked on the strategy objects directly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _checks import images, tiny_trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_prune import PruningCallback
+from lightning_prune.criteria import MagnitudeImportance
+from lightning_prune.masks import MaskSet
+from lightning_prune.structures import Unstructured
+
+JOB = Path(__file__).resolve().parents[1] / "_fsdp_job.py"
+
+
+def _setup(callback: PruningCallback, tensor_parallel_size: int = 1) -> None:
+    strategy = object.__new__(ModelParallelStrategy)
+    strategy._tensor_parallel_size = tensor_parallel_size  # type: ignore[attr-defined]
+    strategy._save_distributed_checkpoint = True  # type: ignore[attr-defined]
+    trainer = SimpleNamespace(strategy=strategy, max_epochs=3)
+    callback.setup(trainer, nn.Sequential(nn.Linear(2, 2)), "fit")  # type: ignore[arg-type]
+
+
+def test_model_parallel_strategy_is_accepted_for_unstructured_magnitude():
+    callback = PruningCallback(sparsity=0.5)
+    _setup(callback)
+    assert callback._sharded_checkpoints
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"structure": "channel"}, r"prunes single weights only \(structure='unstructured'\), got ChannelStructure"),
+        ({"structure": "2:4"}, r"got NMStructure\(n=2, m=4\).*Prune them with `strategy='ddp'`"),
+        ({"importance": "taylor", "start_epoch": 1}, r"TaylorImportance\(batches=16\) collects gradients"),
+        ({"rewind_epoch": 0}, r"does not rewind weights \(`rewind_epoch`=0\)"),
+    ],
+)
+def test_model_parallel_refuses_what_shards_cannot_follow(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=rf"PruningCallback under ModelParallelStrategy.*{match}"):
+        _setup(PruningCallback(sparsity=0.5, **kwargs))
+
+
+def test_tensor_parallelism_is_refused():
+    with pytest.raises(MisconfigurationException, match=r"`tensor_parallel_size`=2 splits weights.*=1"):
+        _setup(PruningCallback(sparsity=0.5), tensor_parallel_size=2)
+
+
+def run_job(out: Path, *args: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(JOB), str(out), *args], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def check_steps_equal_one_process(result: dict, scope: str = "global") -> None:
+    """Every pruning step's gathered masks are what one process selects on the same gathered weights."""
+    for step in result["steps"]:
+        params = {n: nn.Parameter(w.clone()) for n, w in step["weights"].items()}
+        single = MaskSet(params)
+        for mask, name in zip(single.masks, single.names):
+            mask.copy_(step["masks_before"][name])
+        Unstructured().prune_(single, MagnitudeImportance(), step["target"], scope)
+        for mask, name in zip(single.masks, single.names):
+            assert torch.equal(step["masks_after"][name], mask), (step["target"], name)
+
+
+@pytest.mark.slow
+def test_fsdp2_fit_prunes_exactly_as_one_process_on_the_same_weights(tmp_path):
+    result = run_job(tmp_path / "fit.pt", "--optimizer", "adamw", "--clip", "0.05")
+    assert result["world_size"] == 2
+    assert len(result["steps"]) == 3
+    check_steps_equal_one_process(result)
+    first = result["steps"][0]  # on the initial grid weights: the threshold cuts through ties
+    w = torch.cat([v.abs().flatten() for v in first["weights"].values()])
+    kept = torch.cat([m.flatten() for m in first["masks_after"].values()])
+    assert bool(w[kept].min() == w[~kept].max())
+    assert result["zero_after_steps"]  # pruned local weights and AdamW's moments stayed zero after every step
+    assert result["masked_before_clipping"]  # the clipping norm counts kept entries only, as in one process
+    for rank_shapes in result["shapes"]:  # one byte per local weight
+        assert all(mask == local and dtype == "torch.bool" for mask, dtype, local in rank_shapes)
+    assert [s[0] for s, _, _ in result["shapes"][1]] == [2, 3, 1]
+    total = 16 * 5 + 5 * 7 + 7 * 3
+    assert result["sparsity"] == round(0.8 * total) / total
+    for name, mask in result["final_masks"].items():
+        assert not bool(result["final_weights"][name][~mask].any())
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_resumes_bit_exact(tmp_path):
+    full = run_job(tmp_path / "full.pt", "--ckpt-dir", str(tmp_path / "ckpt"))
+    checkpoint = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
+    assert (checkpoint / "meta.pt").is_file()  # a DCP directory: the mask shards are saved with the model's
+    resumed = run_job(tmp_path / "resumed.pt", "--resume", str(checkpoint))
+    check_steps_equal_one_process(resumed)
+    for name, mask in full["final_masks"].items():
+        assert torch.equal(resumed["final_masks"][name], mask), name
+    for name, value in full["final_weights"].items():
+        assert torch.equal(resumed["final_weights"][name], value), name
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
+    # DCP reshards the mask shards as it does the model's: 2 processes save, 1 resumes with the same masks.
+    full = run_job(tmp_path / "full.pt", "--ckpt-dir", str(tmp_path / "ckpt"))
+    resumed = run_job(tmp_path / "one.pt", "--devices", "1", "--resume", str(tmp_path / "ckpt" / "epoch=1-step=8.ckpt"))
+    assert resumed["world_size"] == 1
+    for name, mask in full["steps"][1]["masks_after"].items():
+        assert torch.equal(resumed["steps"][0]["masks_before"][name], mask), name
+    check_steps_equal_one_process(resumed)
+    assert resumed["zero_after_steps"]
+
+
+@pytest.mark.slow
+def test_consolidated_checkpoint_resumes_sharded_and_in_one_process(tmp_path):
+    full = run_job(tmp_path / "full.pt", "--ckpt-dir", str(tmp_path / "ckpt"), "--consolidated")
+    checkpoint = tmp_path / "ckpt" / "epoch=2-step=12.ckpt"
+    assert checkpoint.is_file()
+    state = torch.load(checkpoint, weights_only=False)
+    (pruning,) = [v for k, v in state["callbacks"].items() if k.startswith("PruningCallback")]
+    assert {n: tuple(m.shape) for n, m in pruning["masks"].items()} == {
+        "body.0.weight": (5, 16),
+        "body.2.weight": (7, 5),
+        "head.weight": (3, 7),
+    }
+    resumed = run_job(tmp_path / "resumed.pt", "--resume", str(checkpoint))
+    for name, mask in full["final_masks"].items():
+        assert torch.equal(resumed["final_masks"][name], mask), name
+    # One process, no strategy: the whole masks load into a plain model and keep its pruned weights zero.
+    from _fsdp_job import Net
+
+    class Plain(Net):
+        def configure_model(self) -> None:
+            pass
+
+    callback = PruningCallback(sparsity=0.8, schedule="iterative", start_epoch=0, end_epoch=2)
+    model = Plain()
+    model.load_state_dict(state["state_dict"])
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=4)
+    loader = images(n=32, shape=(16,), classes=3, batch_size=8)
+    trainer.fit(model, loader, ckpt_path=str(checkpoint))
+    for name, mask, param in zip(callback.masks.names, callback.masks.masks, callback.masks.params):
+        assert torch.equal(mask, pruning["masks"][name]), name  # the schedule ended at epoch 2: nothing more pruned
+        assert not bool(param[~mask].any())
+    assert callback.achieved_sparsity == full["sparsity"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy needs CUDA")
+def test_fsdp1_strategy_is_refused_in_a_real_fit(tmp_path):
+    from _fsdp_job import Net
+
+    class Plain(Net):
+        def configure_model(self) -> None:
+            pass
+
+    callback = PruningCallback(sparsity=0.5)
+    trainer = pl.Trainer(
+        accelerator="cuda",
+        devices=1,
+        strategy="fsdp",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(MisconfigurationException, match=r"sharded strategy FSDPStrategy: .*ModelParallelStrategy"):
+        trainer.fit(Plain(), images(n=8, shape=(16,), classes=3))
