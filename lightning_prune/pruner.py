@@ -42,7 +42,7 @@ from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_, is_rank_zero
 from lightning_prune.masks.maskset import MaskSet, non_finite_parameters
-from lightning_prune.masks.params import pattern_list
+from lightning_prune.masks.params import Prunable, pattern_list
 from lightning_prune.rewinding import rewind_, snapshot
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.base import SCOPES, Scope, Structure, resolve_layer_targets
@@ -81,6 +81,11 @@ class Pruner:
         scope: ``"global"`` (one ranking across layers) or ``"layer"`` (each layer to the target on its own).
             ``None``: ``"layer"`` with per-layer targets, else ``"global"``.
         ignore: module-name patterns whose weights stay dense (``fnmatch``, matching a name or a dotted suffix).
+        prunable: what is prunable, when not the default weight matrices (Linear, convolution, Hugging Face
+            ``Conv1D`` and ``nn.MultiheadAttention`` projections): a
+            :class:`~lightning_prune.masks.params.Prunable` that adds or restricts by module type, parameter-name
+            pattern or predicate, and opts embeddings in. For the structures that mask parameters (unstructured,
+            block, N:M); channels and heads find their own groups.
 
     Raises:
         ValueError: a bad sparsity, scope, structure, importance or pattern, or an importance the structure
@@ -94,8 +99,22 @@ class Pruner:
         importance: str | Importance = "magnitude",
         scope: Scope | None = None,
         ignore: Sequence[str] = (),
+        prunable: Prunable | None = None,
     ) -> None:
         self.structure: Structure = build_structure(structure)
+        if prunable is not None and not isinstance(prunable, Prunable):
+            raise TypeError(
+                f"`prunable` must be a lightning_prune.masks.Prunable or None, got {type(prunable).__name__} "
+                f"{prunable!r}."
+            )
+        if prunable is not None and not self.structure.selects_parameters:
+            raise ValueError(
+                f"`prunable`={prunable!r} selects the parameters of structures that mask parameters ('unstructured', "
+                f"'block', 'N:M'), but {self.structure!r} finds its own groups. Leave `prunable` unset, or use "
+                "`ignore` to keep layers whole."
+            )
+        #: What is prunable, when not the defaults (see :class:`~lightning_prune.masks.params.Prunable`).
+        self.prunable: Prunable | None = prunable
         self.importance: Importance = build_importance(importance)
         self.structure.check_importance(self.importance)
         #: Per-layer final targets ``{pattern: sparsity}``, or None for one sparsity for all layers.
@@ -137,7 +156,8 @@ class Pruner:
         sparsity = self.layer_targets if self.layer_targets is not None else self.sparsity
         return (
             f"Pruner(sparsity={sparsity!r}, structure={self.structure!r}, importance={self.importance!r}, "
-            f"scope={self.scope!r}, ignore={list(self.ignore)!r})"
+            f"scope={self.scope!r}, ignore={list(self.ignore)!r}"
+            + (f", prunable={self.prunable!r})" if self.prunable is not None else ")")
         )
 
     # ------------------------------------------------------------------ binding
@@ -169,7 +189,10 @@ class Pruner:
             self.rewind_point = None
             self.importance.reset()
         self.detach()
-        masks = self.structure.bind(module, self.ignore, example_inputs)
+        if self.prunable is None:
+            masks = self.structure.bind(module, self.ignore, example_inputs)
+        else:
+            masks = self.structure.bind(module, self.ignore, example_inputs, prunable=self.prunable)
         self._final_per_layer = None
         if self.layer_targets is not None:
             self._final_per_layer = self._resolve(masks, self.layer_targets)

@@ -23,6 +23,7 @@ from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_,
 from lightning_prune.masks.maskset import MaskSet, non_finite_parameters, sparsity_table
 from lightning_prune.masks.params import (
     PRUNABLE_TYPES,
+    Prunable,
     check_patterns,
     matching_modules,
     name_matches,
@@ -36,6 +37,7 @@ __all__ = [
     "ChannelMaskSet",
     "ChannelSlice",
     "MaskSet",
+    "Prunable",
     "all_reduce_sum_",
     "broadcast_masks_",
     "check_patterns",

@@ -27,7 +27,7 @@ from torch import nn
 from lightning_prune._helpers import check_sparsity, is_number
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import MaskSet, sparsity_table
-from lightning_prune.masks.params import name_matches, prunable_parameters
+from lightning_prune.masks.params import Prunable, name_matches, prunable_parameters
 
 Scope = Literal["global", "layer"]
 
@@ -166,16 +166,25 @@ class Structure(ABC):
     name: str = ""
     #: True when :meth:`bind` needs example inputs to trace the model.
     needs_example_inputs: bool = False
+    #: True when :meth:`bind` masks the parameters a :class:`~lightning_prune.masks.params.Prunable` selects (it
+    #: takes ``prunable=``); structures that find their own groups (channels, heads) do not.
+    selects_parameters: bool = False
 
     @property
     def default_sparsity(self) -> float | None:
         """The sparsity a pruner aims at when none is given (``None``: the pruner's default); N:M has ``n / m``."""
         return None
 
-    def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
-        """The masks this structure prunes in ``module``: by default, the weight of every Linear and Conv
-        layer outside ``ignore``."""
-        return MaskSet(prunable_parameters(module, ignore))
+    def bind(
+        self,
+        module: nn.Module,
+        ignore: Sequence[str] = (),
+        example_inputs: Any = None,
+        prunable: Prunable | None = None,
+    ) -> MaskSet:
+        """The masks this structure prunes in ``module``: by default, every prunable parameter outside ``ignore``
+        (see :func:`~lightning_prune.masks.params.prunable_parameters`; ``prunable`` selects others)."""
+        return MaskSet(prunable_parameters(module, ignore, select=prunable))
 
     def layer_names(self, masks: MaskSet) -> list[str]:
         """The layers that per-layer targets name, in the order :meth:`prune_` takes a sequence of targets: the

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.params import Prunable
 from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.structures._patterns import (
     check_entry_importance,
@@ -102,8 +103,16 @@ class BlockStructure(Structure):
     def __repr__(self) -> str:
         return f"BlockStructure(block_shape={self.block_shape})"
 
-    def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
-        masks = super().bind(module, ignore, example_inputs)
+    selects_parameters = True
+
+    def bind(
+        self,
+        module: nn.Module,
+        ignore: Sequence[str] = (),
+        example_inputs: Any = None,
+        prunable: Prunable | None = None,
+    ) -> MaskSet:
+        masks = super().bind(module, ignore, example_inputs, prunable)
         self._check_layers(masks)
         return masks
 

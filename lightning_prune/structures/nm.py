@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import SPARSITY_HEADER, MaskSet, sparsity_rows
+from lightning_prune.masks.params import Prunable
 from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.structures._patterns import (
     check_entry_importance,
@@ -115,8 +116,16 @@ class NMStructure(Structure):
     def __repr__(self) -> str:
         return f"NMStructure(n={self.n}, m={self.m})"
 
-    def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
-        masks = super().bind(module, ignore, example_inputs)
+    selects_parameters = True
+
+    def bind(
+        self,
+        module: nn.Module,
+        ignore: Sequence[str] = (),
+        example_inputs: Any = None,
+        prunable: Prunable | None = None,
+    ) -> MaskSet:
+        masks = super().bind(module, ignore, example_inputs, prunable)
         owners = {f"{name}.weight": m for name, m in module.named_modules() if name}
         for name in masks.names:
             if isinstance(owners.get(name), nn.modules.conv._ConvTransposeNd):
