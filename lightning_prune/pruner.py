@@ -192,7 +192,7 @@ class Pruner:
         if self.prunable is None:
             masks = self.structure.bind(module, self.ignore, example_inputs)
         else:
-            masks = self.structure.bind(module, self.ignore, example_inputs, prunable=self.prunable)
+            masks = self.structure.bind_prunable(module, self.prunable, self.ignore)
         self._final_per_layer = None
         if self.layer_targets is not None:
             self._final_per_layer = self._resolve(masks, self.layer_targets)

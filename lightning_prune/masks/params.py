@@ -105,7 +105,7 @@ class Prunable:
         defaults: bool = True,
         embeddings: bool = False,
     ) -> None:
-        types = tuple(types) if isinstance(types, Iterable) else (types,)  # type: ignore[unreachable]
+        types = tuple(types) if isinstance(types, Iterable) else (types,)
         bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
         if bad:
             raise TypeError(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,6 @@ from torch import Tensor, nn
 from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import MaskSet
-from lightning_prune.masks.params import Prunable
 from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.structures._patterns import (
     check_entry_importance,
@@ -103,18 +101,8 @@ class BlockStructure(Structure):
     def __repr__(self) -> str:
         return f"BlockStructure(block_shape={self.block_shape})"
 
-    selects_parameters = True
-
-    def bind(
-        self,
-        module: nn.Module,
-        ignore: Sequence[str] = (),
-        example_inputs: Any = None,
-        prunable: Prunable | None = None,
-    ) -> MaskSet:
-        masks = super().bind(module, ignore, example_inputs, prunable)
+    def check_bound(self, module: nn.Module, masks: MaskSet) -> None:
         self._check_layers(masks)
-        return masks
 
     def _check_layers(self, masks: MaskSet) -> None:
         bh, bw = self.block_shape

@@ -15,16 +15,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from lightning_prune._helpers import is_int, text_table
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import SPARSITY_HEADER, MaskSet, sparsity_rows
-from lightning_prune.masks.params import Prunable
 from lightning_prune.masks.selection import prune_lowest_
 from lightning_prune.structures._patterns import (
     check_entry_importance,
@@ -116,16 +112,7 @@ class NMStructure(Structure):
     def __repr__(self) -> str:
         return f"NMStructure(n={self.n}, m={self.m})"
 
-    selects_parameters = True
-
-    def bind(
-        self,
-        module: nn.Module,
-        ignore: Sequence[str] = (),
-        example_inputs: Any = None,
-        prunable: Prunable | None = None,
-    ) -> MaskSet:
-        masks = super().bind(module, ignore, example_inputs, prunable)
+    def check_bound(self, module: nn.Module, masks: MaskSet) -> None:
         owners = {f"{name}.weight": m for name, m in module.named_modules() if name}
         for name in masks.names:
             if isinstance(owners.get(name), nn.modules.conv._ConvTransposeNd):
@@ -135,7 +122,6 @@ class NMStructure(Structure):
                     f"{layer_name(name)!r} to `ignore`."
                 )
         self._check_layers(masks)
-        return masks
 
     def _check_layers(self, masks: MaskSet) -> None:
         for name, param in zip(masks.names, masks.params):

@@ -31,7 +31,6 @@ class Unstructured(Structure):
     """
 
     name = "unstructured"
-    selects_parameters = True
 
     def check_importance(self, importance: Importance) -> None:
         """Refuse criteria that score whole channels only (``apoz``, ``activation``)."""
