@@ -46,7 +46,9 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     """A copy of ``model`` without the heads and neurons that ``masks`` prune; ``model`` is left as it is.
 
     Args:
-        model: the model the masks were bound to (:meth:`HeadStructure.bind`), pruned weights zero.
+        model: the model the masks were bound to (:meth:`HeadStructure.bind`), pruned weights zero, or a submodule
+            holding every masked parameter (the network inside the ``LightningModule`` a ``PruningCallback``
+            pruned: ``compact_heads(module.model, callback.masks)``).
         masks: the :class:`~lightning_prune.structures.heads.HeadMaskSet`.
 
     Returns:
@@ -60,10 +62,8 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     """
     if not isinstance(masks, HeadMaskSet):
         raise TypeError(f"`masks` must be a HeadMaskSet (from HeadStructure.bind), got {type(masks).__name__}.")
-    named = dict(model.named_parameters())
-    strangers = [n for n, p in zip(masks.names, masks.params) if named.get(n) is not p]
-    if strangers:
-        raise ValueError(f"The masks are not this model's: {strangers[:3]} are not its parameters.")
+    prefix = _prefix(model, masks)
+    cut = len(prefix)
     for unit in masks.units:
         if unit.style == "mha" and not bool(masks.kept(unit.group).all()):
             raise ValueError(
@@ -78,9 +78,9 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     kept_units: dict[str, Tensor] = {}
     for unit in masks.units:
         kept = masks.kept(unit.group)
-        kept_units[unit.group.name] = kept
+        kept_units[unit.group.name[cut:]] = kept
         for s in unit.group.slices:
-            removed[(s.param, s.dim)].update(s.index[~kept[s.root]].tolist())
+            removed[(s.param[cut:], s.dim)].update(s.index[~kept[s.root]].tolist())
     for (name, dim), drop in removed.items():
         if not drop:
             continue
@@ -93,8 +93,22 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     for m in small.modules():
         _refresh_widths(m)
     for unit in masks.units:
-        _rewrite_heads(unit, modules[unit.group.name], kept_units[unit.group.name])
+        _rewrite_heads(unit, modules[unit.group.name[cut:]], kept_units[unit.group.name[cut:]])
     return small
+
+
+def _prefix(model: nn.Module, masks: MaskSet) -> str:
+    """The prefix of the masks' names that ``model``'s parameter names lack (``"model."`` for the network inside a
+    LightningModule; ``""`` when the masks are the model's own)."""
+    named = dict(model.named_parameters())
+    first = masks.names[0]
+    parts = first.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i]) + "." if i else ""
+        if all(n.startswith(prefix) and named.get(n[len(prefix) :]) is p for n, p in zip(masks.names, masks.params)):
+            return prefix
+    strangers = [n for n, p in zip(masks.names, masks.params) if named.get(n) is not p]
+    raise ValueError(f"The masks are not this model's: {strangers[:3]} are not its parameters.")
 
 
 def _refresh_widths(m: nn.Module) -> None:
