@@ -109,7 +109,10 @@ def main() -> None:
     if args.quick:
         args.dense_epochs, args.prune_epochs, args.finetune_epochs, args.samples_per_epoch = 1, 1, 1, 64
     quiet_lightning(r".*val_dataloader.*", r".*validation_step.*")
-    results = [run(seed, args) for seed in args.seeds]
+    results = []
+    for seed in args.seeds:
+        results.append(run(seed, args))
+        print(f"seed {seed}: {results[-1]}", flush=True)  # each seed as it ends: a long run can be cut short
     print(environment())
     rows = [
         [
