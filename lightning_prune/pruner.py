@@ -42,7 +42,7 @@ from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_, is_rank_zero
 from lightning_prune.masks.maskset import REMASK_POLICIES, MaskSet, RemaskPolicy, non_finite_parameters
-from lightning_prune.masks.params import pattern_list
+from lightning_prune.masks.params import Prunable, pattern_list
 from lightning_prune.rewinding import rewind_, snapshot
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.base import SCOPES, Scope, Structure, resolve_layer_targets
@@ -86,6 +86,11 @@ class Pruner:
             ``"auto"`` after every step only of optimizers that can move a weight without its gradient (any
             outside :data:`~lightning_prune.masks.maskset.GRADIENT_ONLY_OPTIMIZERS`), ``"always"`` after every
             step, ``"pruning_steps"`` never (see :meth:`~lightning_prune.masks.maskset.MaskSet.attach`).
+        prunable: what is prunable, when not the default weight matrices (Linear, convolution, Hugging Face
+            ``Conv1D`` and ``nn.MultiheadAttention`` projections): a
+            :class:`~lightning_prune.masks.params.Prunable` that adds or restricts by module type, parameter-name
+            pattern or predicate, and opts embeddings in. For the structures that mask parameters (unstructured,
+            block, N:M); channels and heads find their own groups.
 
     Raises:
         ValueError: a bad sparsity, scope, structure, importance, pattern or ``remask``, or an importance the
@@ -100,8 +105,22 @@ class Pruner:
         scope: Scope | None = None,
         ignore: Sequence[str] = (),
         remask: RemaskPolicy = "auto",
+        prunable: Prunable | None = None,
     ) -> None:
         self.structure: Structure = build_structure(structure)
+        if prunable is not None and not isinstance(prunable, Prunable):
+            raise TypeError(
+                f"`prunable` must be a lightning_prune.masks.Prunable or None, got {type(prunable).__name__} "
+                f"{prunable!r}."
+            )
+        if prunable is not None and not self.structure.selects_parameters:
+            raise ValueError(
+                f"`prunable`={prunable!r} selects the parameters of structures that mask parameters ('unstructured', "
+                f"'block', 'N:M'), but {self.structure!r} finds its own groups. Leave `prunable` unset, or use "
+                "`ignore` to keep layers whole."
+            )
+        #: What is prunable, when not the defaults (see :class:`~lightning_prune.masks.params.Prunable`).
+        self.prunable: Prunable | None = prunable
         self.importance: Importance = build_importance(importance)
         self.structure.check_importance(self.importance)
         #: Per-layer final targets ``{pattern: sparsity}``, or None for one sparsity for all layers.
@@ -150,7 +169,8 @@ class Pruner:
         sparsity = self.layer_targets if self.layer_targets is not None else self.sparsity
         return (
             f"Pruner(sparsity={sparsity!r}, structure={self.structure!r}, importance={self.importance!r}, "
-            f"scope={self.scope!r}, ignore={list(self.ignore)!r})"
+            f"scope={self.scope!r}, ignore={list(self.ignore)!r}"
+            + (f", prunable={self.prunable!r})" if self.prunable is not None else ")")
         )
 
     # ------------------------------------------------------------------ binding
@@ -182,7 +202,10 @@ class Pruner:
             self.rewind_point = None
             self.importance.reset()
         self.detach()
-        masks = self.structure.bind(module, self.ignore, example_inputs)
+        if self.prunable is None:
+            masks = self.structure.bind(module, self.ignore, example_inputs)
+        else:
+            masks = self.structure.bind_prunable(module, self.prunable, self.ignore)
         self._final_per_layer = None
         if self.layer_targets is not None:
             self._final_per_layer = self._resolve(masks, self.layer_targets)

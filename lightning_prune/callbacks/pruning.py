@@ -34,7 +34,7 @@ from lightning_prune.deploy.compact import compact, save_compact
 from lightning_prune.deploy.profile import compaction_report
 from lightning_prune.masks.distributed import world_size
 from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
-from lightning_prune.masks.params import prunable_parameters
+from lightning_prune.masks.params import Prunable, prunable_parameters
 from lightning_prune.masks.sharded import ShardedMaskSet
 from lightning_prune.pruner import NonFiniteWeightsError, Pruner
 from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
@@ -121,6 +121,10 @@ class PruningCallback(Callback):
             with rewinding (Frankle et al., 2020); with the ``"iterative"`` schedule this is iterative magnitude
             pruning with rewinding. At most the first pruning epoch (``0``: the initial weights). The weights are
             stored at that epoch and kept in the checkpoint.
+        prunable: what is prunable, when not the default weight matrices (Linear, convolution, Hugging Face
+            ``Conv1D`` and ``nn.MultiheadAttention``'s projections): a
+            :class:`~lightning_prune.masks.params.Prunable` selecting by module type, parameter-name pattern or
+            predicate, and opting embeddings in (unstructured, block and N:M structures).
         finetune_lr_scale: multiply every optimizer group's learning rate by this factor once, right after the
             schedule's last pruning step (at the start of its ``end_epoch``), to fine-tune the pruned network at a
             lower rate; Han et al. (2015) retrained at a tenth of the original rate: ``0.1``. The default 1.0
@@ -183,6 +187,7 @@ class PruningCallback(Callback):
         block_shape: int | Sequence[int] | None = None,
         rewind_epoch: int | None = None,
         remask: RemaskPolicy = "auto",
+        prunable: Prunable | None = None,
     ) -> None:
         super().__init__()
         # Structure and criterion options are pass-throughs to the objects they configure.
@@ -197,7 +202,14 @@ class PruningCallback(Callback):
             sparsity = schedule.final_sparsity
         #: The engine: masks, structure, importance, targets, rewinding.
         self.pruner: Pruner = _misconfig(
-            Pruner, sparsity, built, _resolve_importance(importance, importance_batches), scope, ignore, remask
+            Pruner,
+            sparsity,
+            built,
+            _resolve_importance(importance, importance_batches),
+            scope,
+            ignore,
+            remask,
+            prunable,
         )
         #: The schedule: the target at each epoch (an open ``end_epoch`` is the Trainer's last epoch, set in ``setup``).
         self.schedule: SparsitySchedule | None = None
@@ -358,7 +370,8 @@ class PruningCallback(Callback):
             return
         check_strategy(trainer.strategy, self.structure, self.importance, self.rewind_epoch)
         self._sharded_checkpoints = saves_sharded(trainer.strategy)
-        _misconfig(prunable_parameters, pl_module, self.ignore)  # fail early on bad `ignore` patterns
+        prunable = self.pruner.prunable
+        _misconfig(prunable_parameters, pl_module, self.ignore, select=prunable)  # fail early on bad patterns
         if self.compact and trainer.is_global_zero:  # a path that cannot hold the file fails now, not after the fit
             try:
                 prepare_folder(self._compact_target(trainer))

@@ -53,6 +53,15 @@ _WIDTH_ATTRS = (
     "num_features",
     "num_parameters",
     "groups",
+    # attention bookkeeping of head-pruned transformers (lightning_prune.deploy.transformer)
+    "num_heads",
+    "num_kv_heads",
+    "num_key_value_groups",
+    "split_size",
+    "nf",
+    "nx",
+    "num_attention_heads",
+    "all_head_size",
 )
 
 
@@ -193,7 +202,7 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         Linear(in_features=5, out_features=2, bias=True)
     """
     widths = {
-        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a)}
+        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a) and not callable(getattr(m, a))}
         for name, m in model.named_modules()
     }
     return {

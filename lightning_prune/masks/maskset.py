@@ -116,6 +116,10 @@ class MaskSet:
         self.masks: list[Tensor] = [
             torch.ones(local_shard(p).shape, dtype=torch.bool, device=local_shard(p).device) for p in self.params
         ]
+        self._init_enforcement()
+
+    def _init_enforcement(self) -> None:
+        """The state of the hooks (none installed yet)."""
         #: The re-mask policy of the last :meth:`attach`.
         self.remask: RemaskPolicy = "auto"
         self._handles: list[RemovableHandle] = []
