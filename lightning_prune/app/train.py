@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +38,8 @@ from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.deploy.profile import count_macs
 from lightning_prune.deploy.report import run_export
 from lightning_prune.masks.params import PRUNABLE_TYPES
+
+_log = logging.getLogger(__name__)
 
 register_configs()
 
@@ -65,6 +68,15 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
     path = Path(output_dir) if output_dir else Path.cwd()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _report(text: str) -> None:
+    """Under Hydra, log ``text`` (its job logging writes the console and the run's ``train.log``); from Python,
+    print it."""
+    if HydraConfig.initialized():
+        _log.info(text)
+    else:
+        print(text)
 
 
 def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -531,9 +543,9 @@ def train(cfg: DictConfig) -> float:
         f"  wall time        {metrics['wall_time_s']:.1f} s",
         f"  metrics          {output_dir / 'metrics.json'}",
     ]
-    print("\n".join(lines))
+    _report("\n".join(lines))
     if export_text:
-        print(export_text)
+        _report(export_text)
     if cfg.get("objective") == "max_sparsity":
         return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc
