@@ -12,6 +12,7 @@ whether or not Hydra found the ``lightning_prune_searchpath`` plugin (editable i
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +39,8 @@ from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.deploy.profile import count_macs
 from lightning_prune.deploy.report import run_export
 from lightning_prune.masks.params import PRUNABLE_TYPES
+
+_log = logging.getLogger(__name__)
 
 register_configs()
 
@@ -71,6 +74,15 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
             f"Invalid config:\n  output_dir={str(path)!r}: cannot hold the run's files: {err.reason}"
         ) from err
     return path
+
+
+def _report(text: str) -> None:
+    """Under Hydra, log ``text`` (its job logging writes the console and the run's ``train.log``); from Python,
+    print it."""
+    if HydraConfig.initialized():
+        _log.info(text)
+    else:
+        print(text)
 
 
 def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -544,9 +556,9 @@ def train(cfg: DictConfig) -> float:
         f"  wall time        {metrics['wall_time_s']:.1f} s",
         f"  metrics          {output_dir / 'metrics.json'}",
     ]
-    print("\n".join(lines))  # before writing anything more, so that the figures survive a failed write
+    _report("\n".join(lines))  # before writing anything more, so that the figures survive a failed write
     if export_text:
-        print(export_text)
+        _report(export_text)
     atomic_write_json(output_dir / "metrics.json", metrics)
     if save_error:
         raise OSError(f"{metrics['error']} The metrics are in {output_dir / 'metrics.json'}.")

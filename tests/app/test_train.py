@@ -308,6 +308,9 @@ def test_script_runs_under_hydra(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["overrides"] == overrides[:-1]  # hydra.* overrides are not task overrides
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    # The run's log file holds the summary, not only the console.
+    log = (tmp_path / "train.log").read_text()
+    assert "Summary (SmallCNN, seed 0)" in log and f"pruned test acc  {metrics['pruned_test_acc']:.4f}" in log
 
 
 class _AccuracyAtEpochEnd(L.Callback):
