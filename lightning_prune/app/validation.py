@@ -115,7 +115,7 @@ def validate(cfg: DictConfig) -> None:
         _validate_distillation(check, distillation, has_pruning, max_epochs)
     allocation = cfg.get("allocation")
     if isinstance(allocation, DictConfig) and allocation.get("_target_"):
-        oneshot = has_pruning and bool(pruning.get("oneshot"))  # type: ignore[union-attr]
+        oneshot = has_pruning and bool(pruning.get("oneshot"))
         _validate_allocation(check, allocation, has_pruning, oneshot)
     export = cfg.get("export")
     if isinstance(export, DictConfig) and "forms" in export:

@@ -109,7 +109,7 @@ class OneShotPruning(Callback):
         try:
             self.method: OneShotMethod = build_method(method)
             self.allocation: Allocation | None = build_allocation(allocation)
-            self.structure = build_oneshot_structure(pruning.structure)
+            self.structure = build_oneshot_structure(pruning.structure)  # type: ignore[arg-type]  # others refused
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(f"OneShotPruning: {err}") from err
         if self.allocation is not None and pruning.structure.name != "unstructured":
