@@ -1,6 +1,6 @@
 """Training-throughput overhead of pruning at 90% sparsity: PruningCallback against Lightning's ModelPruning.
 
-    .venv/bin/python benchmarks/overhead.py            # MLP and CNN, 30 blocks of 1 + 3 epochs each
+    .venv/bin/python benchmarks/overhead.py            # MLP, CNN and transformer, 30 blocks of 1 + 3 epochs each
     .venv/bin/python benchmarks/overhead.py --quick    # 3 blocks of 1 + 1 epochs: a smoke test
 
 Three variants train the same network (same seed within a block) on the 8x8 digits, one after another in
@@ -8,7 +8,8 @@ one process, block after block:
 
 * ``none``: no pruning callback;
 * ``PruningCallback``: ``lightning_prune.PruningCallback(sparsity=0.9, schedule="one_shot", start_epoch=0)``,
-  which prunes to 90% at the start of epoch 0 and keeps the masks (gradient and optimizer-step hooks);
+  which prunes to 90% at the start of epoch 0 and keeps the masks (one in-place gradient pass per optimizer step
+  in ``on_before_optimizer_step``; SGD needs no re-mask after its steps);
 * ``ModelPruning``: ``lightning.pytorch.callbacks.ModelPruning("l1_unstructured", amount=0.9,
   use_global_unstructured=True, make_pruning_permanent=False, apply_pruning=lambda epoch: epoch == 0)``
   on the same (module, "weight") pairs our callback prunes (Linear and Conv weights). ModelPruning prunes in
@@ -29,7 +30,7 @@ paused during, each fit. Per block, each pruning variant's throughput over ``non
 ``(1 - ratio) * 100``; the table reports the median over blocks with [min, max]. Two further estimates are
 printed beside it: the same overhead from each fit's *median* step time (robust to stalls inside a fit), and
 the time spent inside the pruning hooks themselves, measured in separate instrumented fits (ours: the
-gradient-mask hooks and the optimizer post-step hook; ModelPruning: its forward pre-hooks only, the backward
+gradient pass and the optimizer post-step hook; ModelPruning: its forward pre-hooks only, the backward
 of ``weight_orig * weight_mask`` is not included). Last, the same training step runs in a plain PyTorch loop
 with the three variants interleaved step by step (the per-step work each callback leaves on the model, without
 Lightning's own per-step cost), which cancels the machine's drifts best; it is repeated, like a block, when
@@ -66,12 +67,34 @@ VARIANTS = ("none", "PruningCallback", "ModelPruning")
 SPARSITY = 0.9
 
 
+def _transformer() -> Any:
+    """A small transformer stack on the digits: the 8 rows of an image as 8 tokens, 2 encoder layers of width 64."""
+    import torch
+    from torch import nn
+
+    class RowTransformer(nn.Module):
+        def __init__(self, width: int = 64, layers: int = 2, heads: int = 4, classes: int = 10) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, width)
+            self.position = nn.Parameter(torch.zeros(8, width))
+            layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.head = nn.Linear(width, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.embed(x.reshape(x.shape[0], 8, 8)) + self.position
+            return self.head(self.encoder(tokens).mean(1))
+
+    return RowTransformer()
+
+
 def _models() -> dict[str, tuple[str, Callable[[], Any]]]:
     from lightning_prune.models import MLP, SmallCNN
 
     return {
         "mlp": ("MLP 64-300-100-10", lambda: MLP(input_shape=(1, 8, 8), num_classes=10, hidden=(300, 100))),
         "cnn": ("SmallCNN conv32-conv64-fc128", lambda: SmallCNN(in_channels=1, num_classes=10)),
+        "transformer": ("Transformer 8 tokens x 64, 2 layers, 4 heads", _transformer),
     }
 
 
@@ -94,7 +117,7 @@ def _instrument(variant: str, clock: HookClock) -> Iterator[None]:
     if variant == "PruningCallback":
         targets = [
             (getattr(masking, "MaskSet", None), "_after_step"),
-            (getattr(masking, "_GradMask", None), "__call__"),
+            (getattr(masking, "MaskSet", None), "mask_gradients_"),
         ]
     elif variant == "ModelPruning":
         targets = [(prune.BasePruningMethod, "__call__")]
@@ -163,7 +186,7 @@ def _timer_class() -> type:
 def _prunable(net: Any) -> list[tuple[Any, str]]:
     from torch import nn
 
-    return [(m, "weight") for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [(m, "weight") for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # what we prune too
 
 
 def _sparsity(pairs: list[tuple[Any, str]], variant: str) -> float:
@@ -223,10 +246,10 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
     """The same training step in a plain PyTorch loop, the three variants interleaved step by step.
 
     Three copies of one initialised network, each with its own SGD optimizer: plain; pruned to 90% with
-    ``MaskSet`` + ``Unstructured`` and the masks attached (the per-step work ``PruningCallback`` adds: the
-    gradient hooks and the optimizer post-step hook); pruned to 90% with ``torch.nn.utils.prune`` (what
-    ``ModelPruning`` leaves on the model). Each round times one step of each, in rotating order, on the same
-    batch, so drifts of the machine's speed cancel in the per-round ratios.
+    ``MaskSet`` + ``Unstructured`` and the masks attached (the per-step work ``PruningCallback`` adds: one
+    in-place gradient pass before the step and the optimizer post-step hook); pruned to 90% with
+    ``torch.nn.utils.prune`` (what ``ModelPruning`` leaves on the model). Each round times one step of each, in
+    rotating order, on the same batch, so drifts of the machine's speed cancel in the per-round ratios.
     """
     import copy
 
@@ -296,7 +319,9 @@ def main() -> None:
     parser.add_argument("--instrumented", type=int, default=None, help="instrumented fits per variant (default 3)")
     parser.add_argument("--rounds", type=int, default=None, help="plain-loop rounds (default 3000; 200 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"])
+    parser.add_argument(
+        "--models", nargs="+", choices=["mlp", "cnn", "transformer"], default=["mlp", "cnn", "transformer"]
+    )
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads (default 2)")
     add_contention_arguments(parser, unit="block", quiet_timeout=120.0, max_attempts=4)
     args = parser.parse_args()

@@ -36,6 +36,7 @@ _FIRST: dict[str, str] = {
     "L1RegularizationMixin": "lightning_prune.training.regularization",
     "DistillationCallback": "lightning_prune.callbacks.distillation",
     "prune_one_shot": "lightning_prune.oneshot.runner",
+    "OneShotPruning": "lightning_prune.callbacks.oneshot",
 }
 
 #: Names that were importable from here before the package had subpackages; they keep working.
@@ -94,6 +95,7 @@ __all__ = [
     "DistillationCallback",
     "L1RegularizationMixin",
     "MaskSet",
+    "OneShotPruning",
     "Pruner",
     "PruningCallback",
     "Unstructured",
@@ -125,6 +127,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from lightning_prune.callbacks.distillation import DistillationCallback
+    from lightning_prune.callbacks.oneshot import OneShotPruning
     from lightning_prune.callbacks.pruning import PruningCallback
     from lightning_prune.deploy.archive import load_sparse, save_sparse
     from lightning_prune.deploy.compact import compact, load_compact, save_compact

@@ -41,8 +41,8 @@ from lightning_prune._helpers import check_sparsity
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_, is_rank_zero
-from lightning_prune.masks.maskset import MaskSet, non_finite_parameters
-from lightning_prune.masks.params import pattern_list
+from lightning_prune.masks.maskset import REMASK_POLICIES, MaskSet, RemaskPolicy, non_finite_parameters
+from lightning_prune.masks.params import Prunable, pattern_list
 from lightning_prune.rewinding import rewind_, snapshot
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.base import SCOPES, Scope, Structure, resolve_layer_targets
@@ -81,10 +81,20 @@ class Pruner:
         scope: ``"global"`` (one ranking across layers) or ``"layer"`` (each layer to the target on its own).
             ``None``: ``"layer"`` with per-layer targets, else ``"global"``.
         ignore: module-name patterns whose weights stay dense (``fnmatch``, matching a name or a dotted suffix).
+            Frozen weights (``requires_grad=False``) are pruned like the others unless ignored.
+        remask: when pruned weights are re-masked and their optimizer state zeroed besides pruning steps:
+            ``"auto"`` after every step only of optimizers that can move a weight without its gradient (any
+            outside :data:`~lightning_prune.masks.maskset.GRADIENT_ONLY_OPTIMIZERS`), ``"always"`` after every
+            step, ``"pruning_steps"`` never (see :meth:`~lightning_prune.masks.maskset.MaskSet.attach`).
+        prunable: what is prunable, when not the default weight matrices (Linear, convolution, Hugging Face
+            ``Conv1D`` and ``nn.MultiheadAttention`` projections): a
+            :class:`~lightning_prune.masks.params.Prunable` that adds or restricts by module type, parameter-name
+            pattern or predicate, and opts embeddings in. For the structures that mask parameters (unstructured,
+            block, N:M); channels and heads find their own groups.
 
     Raises:
-        ValueError: a bad sparsity, scope, structure, importance or pattern, or an importance the structure
-            cannot use.
+        ValueError: a bad sparsity, scope, structure, importance, pattern or ``remask``, or an importance the
+            structure cannot use.
     """
 
     def __init__(
@@ -94,8 +104,23 @@ class Pruner:
         importance: str | Importance = "magnitude",
         scope: Scope | None = None,
         ignore: Sequence[str] = (),
+        remask: RemaskPolicy = "auto",
+        prunable: Prunable | None = None,
     ) -> None:
         self.structure: Structure = build_structure(structure)
+        if prunable is not None and not isinstance(prunable, Prunable):
+            raise TypeError(
+                f"`prunable` must be a lightning_prune.masks.Prunable or None, got {type(prunable).__name__} "
+                f"{prunable!r}."
+            )
+        if prunable is not None and not self.structure.selects_parameters:
+            raise ValueError(
+                f"`prunable`={prunable!r} selects the parameters of structures that mask parameters ('unstructured', "
+                f"'block', 'N:M'), but {self.structure!r} finds its own groups. Leave `prunable` unset, or use "
+                "`ignore` to keep layers whole."
+            )
+        #: What is prunable, when not the defaults (see :class:`~lightning_prune.masks.params.Prunable`).
+        self.prunable: Prunable | None = prunable
         self.importance: Importance = build_importance(importance)
         self.structure.check_importance(self.importance)
         #: Per-layer final targets ``{pattern: sparsity}``, or None for one sparsity for all layers.
@@ -122,6 +147,12 @@ class Pruner:
             )
         self.scope: Scope = scope
         self.ignore: tuple[str, ...] = pattern_list(ignore)
+        if remask not in REMASK_POLICIES:
+            raise ValueError(
+                f"`remask` must be one of {list(REMASK_POLICIES)}, got {remask!r}: 'auto' re-masks after every step "
+                "only for optimizers that can move a weight without a gradient, 'always' after every step."
+            )
+        self.remask: RemaskPolicy = remask
         #: The masks, once bound (:meth:`bind`).
         self.masks: MaskSet | None = None
         #: The module the masks belong to, once bound.
@@ -131,13 +162,15 @@ class Pruner:
         #: The weights surviving weights are rewound to after every pruning step (:meth:`remember`), or None.
         self.rewind_point: dict[str, torch.Tensor] | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
+        self._step_hook = True
         self._final_per_layer: list[float] | None = None  # the per-layer targets, matched in `bind`
 
     def __repr__(self) -> str:
         sparsity = self.layer_targets if self.layer_targets is not None else self.sparsity
         return (
             f"Pruner(sparsity={sparsity!r}, structure={self.structure!r}, importance={self.importance!r}, "
-            f"scope={self.scope!r}, ignore={list(self.ignore)!r})"
+            f"scope={self.scope!r}, ignore={list(self.ignore)!r}"
+            + (f", prunable={self.prunable!r})" if self.prunable is not None else ")")
         )
 
     # ------------------------------------------------------------------ binding
@@ -169,7 +202,10 @@ class Pruner:
             self.rewind_point = None
             self.importance.reset()
         self.detach()
-        masks = self.structure.bind(module, self.ignore, example_inputs)
+        if self.prunable is None:
+            masks = self.structure.bind(module, self.ignore, example_inputs)
+        else:
+            masks = self.structure.bind_prunable(module, self.prunable, self.ignore)
         self._final_per_layer = None
         if self.layer_targets is not None:
             self._final_per_layer = self._resolve(masks, self.layer_targets)
@@ -219,12 +255,26 @@ class Pruner:
         return [value * scale for value in self._final_per_layer]
 
     # ------------------------------------------------------------------ training
-    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    def attach(self, optimizers: Iterable[torch.optim.Optimizer], step_hook: bool = True) -> None:
         """Keep pruned weights exact while ``optimizers`` train: from the first pruning step on (now, if some are
-        pruned already), gradients are masked and every step re-masks the weights and the optimizer state."""
+        pruned already), gradients are masked before every step and the weights and optimizer state re-masked as
+        :attr:`remask` says.
+
+        Args:
+            optimizers: the optimizers that train the model.
+            step_hook: mask the gradients in a step pre-hook of each optimizer; False when the training loop calls
+                :meth:`mask_gradients` once per step itself (after unscaling, before clipping).
+        """
         self._optimizers = list(optimizers)
+        self._step_hook = step_hook
         if self.masks is not None and self.masks.num_pruned() > 0:
-            self.masks.attach(self._optimizers)
+            self.masks.attach(self._optimizers, self.remask, step_hook)
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned entries in place, once masks are attached (for loops that attach with
+        ``step_hook=False``: call it after accumulating and unscaling, before clipping and ``optimizer.step()``)."""
+        if self.masks is not None and self.masks.attached:
+            self.masks.mask_gradients_()
 
     def detach(self) -> None:
         """Remove every hook (the masks stay) and close a statistics window."""
@@ -277,7 +327,7 @@ class Pruner:
             )
         if self.rewind_point is not None:
             rewind_(self.module, self.rewind_point, masks, self._optimizers)  # type: ignore[arg-type]
-        masks.attach(self._optimizers)  # (re)installs hooks and zeroes the new entries' state
+        masks.attach(self._optimizers, self.remask, self._step_hook)  # (re)installs hooks, zeroes new entries
         return True
 
     # ------------------------------------------------------------------ statistics of the data-driven criteria
@@ -295,7 +345,8 @@ class Pruner:
 
     def observe(self) -> bool:
         """Record one optimizer step's statistics (call it right before ``optimizer.step()``, with final
-        gradients); True when recorded."""
+        gradients); True when recorded. Gradients of pruned entries are masked first."""
+        self.mask_gradients()
         return self.importance.observe(self._bound())
 
     def stop_collecting(self) -> None:

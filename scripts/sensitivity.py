@@ -15,18 +15,14 @@ An invalid config stops with one message naming the key and exit status 1 (``HYD
 traceback instead).
 """
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
 import yaml
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lightning_prune.app.config import ConfigError
+from lightning_prune.app.errors import exit_with_message
 from lightning_prune.app.sensitivity import run_sensitivity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -47,11 +43,8 @@ def main(cfg: DictConfig) -> None:
     """Analyse, allocate and write the report as ``cfg`` says."""
     try:
         run_sensitivity(cfg)
-    except (ConfigError, ValueError) as error:
-        single_run = HydraConfig.get().mode == RunMode.RUN
-        if single_run and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"Error: {error}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-            sys.exit(1)
+    except Exception as error:
+        exit_with_message(error)  # a mistake in the input: its message alone, exit status 1
         raise
 
 

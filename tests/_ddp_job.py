@@ -1,17 +1,19 @@
 """A pruning run under Lightning's ``strategy="ddp"`` on the CPU, which tests start in a subprocess.
 
 ``python tests/_ddp_job.py OUT.json [--devices 2] [--batch-size 16] [--structure unstructured|channel]
-[--importance magnitude|rank|apoz] [--epochs 4] [--samples 128]``
+[--importance magnitude|rank|apoz] [--epochs 4] [--samples 128] [--optimizer sgd|adamw] [--accumulate 1]``
 
 ``strategy="ddp"`` re-runs this command line for every other rank, as it does for a user's script. After every
 optimizer step and every pruning step, each rank's masks and weights are hashed and the hashes gathered; rank 0
-writes them with the final sparsity and accuracy to ``OUT.json``. ``--importance rank`` scores differently on
+writes them with the final sparsity and accuracy to ``OUT.json``, and whether every rank's pruned weights and their
+optimizer state were exactly zero. ``--importance rank`` scores differently on
 every rank (magnitude plus rank-seeded noise), so that ranks which computed their masks separately would differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,12 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudeImportance, PruningCallback
-from lightning_prune.masks.distributed import rank_digest
 
 
 class Net(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, optimizer: str = "sgd") -> None:
         super().__init__()
+        self.optimizer_name = optimizer
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten())
@@ -43,7 +45,20 @@ class Net(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.1)
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def pruned_entries_zero(masks, optimizer: torch.optim.Optimizer) -> bool:
+    """Pruned weights and every optimizer state entry shaped like its parameter are exactly zero."""
+    for p, m in zip(masks.params, masks.masks):
+        if not bool((p[~m] == 0).all()):
+            return False
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.shape == p.shape and not bool((value[~m] == 0).all()):
+                return False
+    return True
 
 
 class RankDependentImportance(MagnitudeImportance):
@@ -55,6 +70,17 @@ class RankDependentImportance(MagnitudeImportance):
         rank = dist.get_rank() if dist.is_initialized() else 0
         g = torch.Generator().manual_seed(1000 + rank)
         return param.detach().abs() + torch.rand(param.shape, generator=g)
+
+
+def digest(tensors: list[Tensor]) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes, written here rather than taken from the library: a test of
+    the library's rank agreement must not trust the library's own digest."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class RankRecorder(pl.Callback):
@@ -70,7 +96,11 @@ class RankRecorder(pl.Callback):
         masks = self.pruning.masks
         if masks is None:
             return
-        digests = {"masks": rank_digest(masks.masks), "weights": rank_digest(list(pl_module.parameters()))}
+        digests = {
+            "masks": digest(list(masks.masks)),
+            "weights": digest(list(pl_module.parameters())),
+            "zeros": pruned_entries_zero(masks, trainer.optimizers[0]),
+        }
         gathered: list = [digests] * trainer.world_size
         if trainer.world_size > 1:
             dist.all_gather_object(gathered, digests)
@@ -81,6 +111,7 @@ class RankRecorder(pl.Callback):
                 "pruned": masks.num_pruned(),
                 "masks_agree": len({g["masks"] for g in gathered}) == 1,
                 "weights_agree": len({g["weights"] for g in gathered}) == 1,
+                "pruned_zero": all(g["zeros"] for g in gathered),
             }
         )
 
@@ -123,6 +154,8 @@ def main() -> None:
     parser.add_argument("--importance", default="rank")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--accumulate", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
     channel = args.structure == "channel"
@@ -149,8 +182,9 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        accumulate_grad_batches=args.accumulate,
     )
-    trainer.fit(Net(), DataLoader(dataset(args.samples), batch_size=args.batch_size))
+    trainer.fit(Net(args.optimizer), DataLoader(dataset(args.samples), batch_size=args.batch_size))
 
 
 if __name__ == "__main__":

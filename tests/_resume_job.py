@@ -15,7 +15,6 @@ that exact resumption needs the optimizer, scheduler, random and pruning states 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 from pathlib import Path
@@ -26,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_prune.callbacks.checkpointing as checkpointing
+import lightning_prune._files as files
 from lightning_prune import PruningCallback
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
 from lightning_prune.data import EpochShuffleSampler
@@ -77,18 +76,14 @@ class Killer(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.kind == "saving" and trainer.current_epoch == self.numbers[0]:
-            save = torch.save
+            write = files._os_write
 
-            def half_save(obj, f, *args, **kwargs):  # writes half of the checkpoint, then the process dies
-                buffer = io.BytesIO()
-                save(obj, buffer, *args, **kwargs)
-                data = buffer.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
+            def half_write(fd, data):  # writes half of the checkpoint to disk, then the process dies
+                write(fd, bytes(data[: len(data) // 2]))
+                os.fsync(fd)
                 self._die()
 
-            checkpointing.torch.save = half_save  # type: ignore[attr-defined]
+            files._os_write = half_write
 
 
 def main() -> None:

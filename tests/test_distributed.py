@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+import torch
+import torch.distributed as dist
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -41,6 +45,7 @@ def check_ranks_agree(result: dict, epochs: int = 4, steps_per_epoch: int = 128 
     assert sum(r["when"] == "optimizer step" for r in records) == epochs * steps_per_epoch
     assert all(r["masks_agree"] for r in records), [r for r in records if not r["masks_agree"]]
     assert all(r["weights_agree"] for r in records), [r for r in records if not r["weights_agree"]]
+    assert all(r["pruned_zero"] for r in records), [r for r in records if not r["pruned_zero"]]
     return steps
 
 
@@ -51,6 +56,13 @@ def test_ranks_hold_identical_masks_and_weights_after_every_step(tmp_path):
     total = 6 * 9 + 384 * 32 + 32 * 4
     assert steps[-1]["pruned"] == round(0.8 * total)
     assert result["sparsity"] == pytest.approx(round(0.8 * total) / total)
+
+
+@pytest.mark.slow
+def test_pruned_entries_stay_zero_under_ddp_with_adamw_and_accumulation(tmp_path):
+    # Gradients are masked once per optimizer step, after DDP's all-reduce of the accumulated gradients.
+    result = run_job(tmp_path / "adamw.json", "--importance", "magnitude", "--optimizer", "adamw", "--accumulate", "2")
+    check_ranks_agree(result)  # records after every batch: mid-accumulation too
 
 
 @pytest.mark.slow
@@ -70,6 +82,41 @@ def test_flattening_sharded_strategies_are_refused_with_a_clear_message(strategy
         MisconfigurationException, match=rf"sharded strategy {strategy.__name__}: .*ModelParallelStrategy.*'ddp'"
     ):
         PruningCallback(sparsity=0.5).setup(trainer, nn.Linear(2, 2), "fit")  # type: ignore[arg-type]
+
+
+def test_channel_pruning_under_a_sharded_strategy_is_refused_through_trainer_fit(tmp_path):
+    # ModelParallelStrategy builds on the CPU (one gloo process): the refusal of a structure FSDP2 splits comes from a
+    # real Trainer.fit, before any step. (FSDP needs a GPU and DeepSpeed its package: checked on the class above.)
+    environ = dict(os.environ)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=ModelParallelStrategy(),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[PruningCallback(sparsity=0.5, structure="channel")],
+    )
+    model = BoringModel()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        with pytest.raises(
+            MisconfigurationException,
+            match=r"PruningCallback under ModelParallelStrategy prunes single weights only "
+            r"\(structure='unstructured'\), got .*Prune them with `strategy='ddp'`, or prune single weights while "
+            r"sharded\.",
+        ):
+            trainer.fit(model)
+    finally:  # the strategy initialised a process group and set MASTER_ADDR/PORT: leave neither to later tests
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.slow

@@ -235,7 +235,8 @@ def test_invariants_hold_after_every_step_of_a_trainer_run_many_examples(
     trainer_property(net, schedule, optimizer, accumulate, scope, seed)
 
 
-def channel_property(net, schedule, optimizer, accumulate, scope, seed):
+def channel_property(net, schedule, optimizer, accumulate, scope, seed) -> bool:
+    """Run one example; True when it trained and the invariants held, False for a documented refusal."""
     torch.set_num_threads(1)
     try:
         _, checker = run_trainer(net, schedule, optimizer, accumulate, scope, "channel", seed)
@@ -243,25 +244,36 @@ def channel_property(net, schedule, optimizer, accumulate, scope, seed):
         # Only the documented refusals: nothing prunable (every group reaches the output), or a target beyond the
         # per-layer cap of 90% of a layer's channels.
         assert re.search(r"no channel group to prune|Cannot prune", str(err)), err
-        return
+        return False
     CHECKS["steps"] += checker.checks
     CHECKS["examples"] += 1
+    return True
 
 
 channel_cases = {**trainer_cases, "net": models(conv=True), "schedule": schedules(max_sparsity=0.85)}
 
 
-@settings(max_examples=10, **TRAINER_SETTINGS)
-@given(**channel_cases)
-def test_channel_invariants_hold_after_every_step(net, schedule, optimizer, accumulate, scope, seed):
-    channel_property(net, schedule, optimizer, accumulate, scope, seed)
+def check_channel_examples(max_examples: int) -> None:
+    """Run the channel property on ``max_examples`` draws and require that most of them trained: a property whose
+    examples are all refused checks nothing."""
+    outcomes: list[bool] = []
+
+    @settings(max_examples=max_examples, **TRAINER_SETTINGS)
+    @given(**channel_cases)
+    def run(net, schedule, optimizer, accumulate, scope, seed):
+        outcomes.append(channel_property(net, schedule, optimizer, accumulate, scope, seed))
+
+    run()
+    assert sum(outcomes) >= len(outcomes) // 2 >= 1, f"{sum(outcomes)} of {len(outcomes)} examples trained"
+
+
+def test_channel_invariants_hold_after_every_step():
+    check_channel_examples(10)
 
 
 @pytest.mark.slow
-@settings(max_examples=150, **TRAINER_SETTINGS)
-@given(**channel_cases)
-def test_channel_invariants_hold_after_every_step_many_examples(net, schedule, optimizer, accumulate, scope, seed):
-    channel_property(net, schedule, optimizer, accumulate, scope, seed)
+def test_channel_invariants_hold_after_every_step_many_examples():
+    check_channel_examples(150)
 
 
 # ---------------------------------------------------------------------------------------------- plain PyTorch

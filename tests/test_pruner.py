@@ -84,7 +84,7 @@ def test_pruned_weights_and_their_optimizer_state_stay_exactly_zero_after_every_
     schedule = LinearSchedule(final_sparsity=0.8, start_epoch=1, end_epoch=3)
     checked, backwards = [], []
 
-    def gradients_masked() -> None:  # accumulated gradients of pruned entries are zero before every step too
+    def gradients_masked(*_) -> None:  # the accumulated gradients the step used: pruned entries masked in place
         for p, m in zip(pruner.masks.params, pruner.masks.masks):
             assert bool((p.grad[~m] == 0).all())
         backwards.append(1)
@@ -92,10 +92,11 @@ def test_pruned_weights_and_their_optimizer_state_stay_exactly_zero_after_every_
     def exact() -> None:
         checked.append(assert_exact(pruner, opt))
 
+    opt.register_step_post_hook(gradients_masked)
     for epoch in range(6):
         pruner.prune(schedule.sparsity_at(epoch))
-        train_epoch(model, opt, pruner, epoch, accumulate, on_step=exact, on_backward=gradients_masked)
-    assert len(checked) == 6 * 4 and len(backwards) == 6 * 4 * accumulate
+        train_epoch(model, opt, pruner, epoch, accumulate, on_step=exact)
+    assert len(checked) == 6 * 4 and len(backwards) == 6 * 4
     per_param = 1 if optimizer == "sgd" else 2  # momentum; or Adam's two moments
     assert min(checked) == per_param * len(SIZES)  # every state tensor was there to check
     total = sum(SIZES.values())

@@ -58,7 +58,10 @@ def test_iterative_follows_its_list(values, start, every):
     assert s.final_sparsity == values[-1]
     for i, v in enumerate(values):
         assert s.sparsity_at(start + i * every) == v
-    assert s.sparsity_at(start - 1) == 0.0 if start else True
+    if start:
+        assert s.sparsity_at(start - 1) == 0.0
+    for i, v in enumerate(values[:-1]):  # between two steps the previous target holds
+        assert s.sparsity_at(start + i * every + every - 1) == v
     assert s.pruning_epochs() == [start + i * every for i in range(len(values))]
 
 
@@ -100,8 +103,18 @@ def test_open_end_is_resolved_by_with_end_epoch():
 def test_build_by_name_reaches_the_final_sparsity(name):
     end = 2 if name == "one_shot" else 6
     s = build_schedule(name, sparsity=0.75, start_epoch=2, end_epoch=end, every_n_epochs=2)
-    assert s.sparsity_at(6) == 0.75 and s.sparsity_at(1) == 0.0
-    assert s.sparsity_at(2) > 0.0 or name in {"linear", "cubic", "exponential"}
+    # Each schedule's own formula at epochs 0..7 (start 2, end 6, every 2): the gradual ones start from 0 at
+    # `start_epoch`, iterative keeps the same fraction of the remaining weights at each of its 3 steps.
+    kept_per_step = 0.25 ** (1 / 3)
+    expected = {
+        "one_shot": [0, 0, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75],
+        "linear": [0, 0, 0, 0, 0.375, 0.375, 0.75, 0.75],
+        "cubic": [0, 0, 0, 0, 0.75 * (1 - 0.5**3), 0.75 * (1 - 0.5**3), 0.75, 0.75],
+        "exponential": [0, 0, 0, 0, 1 - 0.25**0.5, 1 - 0.25**0.5, 0.75, 0.75],
+        "iterative": [0, 0, *[1 - kept_per_step] * 2, *[1 - kept_per_step**2] * 2, 0.75, 0.75],
+    }[name]
+    assert [s.sparsity_at(e) for e in range(8)] == pytest.approx(expected, abs=1e-12)
+    assert s.pruning_epochs() == ([2] if name == "one_shot" else [2, 4, 6])
 
 
 @pytest.mark.parametrize(

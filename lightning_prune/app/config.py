@@ -69,6 +69,8 @@ class PruningConfig:
     importance_batches: int | None = None  # taylor, fisher, apoz, activation: steps of statistics per pruning step
     block_shape: list[int] | None = None  # structure=block only: [rows, columns]
     rewind_epoch: int | None = None  # rewind surviving weights to this epoch after every pruning step
+    # pruning=wanda|sparsegpt|magnitude_oneshot: OneShotPruning's arguments (one-shot pruning when fitting starts)
+    oneshot: Any = None
 
 
 @dataclass

@@ -144,7 +144,8 @@ def run_sensitivity(cfg: DictConfig) -> SensitivityRun:
 
     Raises:
         ConfigError: an invalid config, before anything trains.
-        ValueError: a target that cannot be met (the message says how far the analysis gets).
+        ValueError: a target that cannot be met (the message says how far the analysis gets); the table and
+            plot are written first, and the message lists them.
 
     Example:
         >>> run = run_sensitivity(cfg)  # doctest: +SKIP
@@ -178,7 +179,13 @@ def run_sensitivity(cfg: DictConfig) -> SensitivityRun:
         ignore=pruning.ignore if pruning is not None else (),
         example_inputs=getattr(pruning, "example_inputs", None),
     )
-    allocation = allocate(table, target_sparsity=target, macs_budget=options.macs_budget, max_drop=options.max_drop)
+    try:
+        allocation = allocate(table, target_sparsity=target, macs_budget=options.macs_budget, max_drop=options.max_drop)
+    except ValueError as err:  # the finished analysis is kept: the table and plot are written before failing
+        paths = write_report(table, output_dir, None, plot=options.plot)
+        print(sensitivity_markdown(table, None))
+        saved = ", ".join(str(path) for path in paths.values())
+        raise ValueError(f"{err} The analysis is saved ({saved}); no allocation.yaml was written.") from err
     paths = write_report(
         table,
         output_dir,

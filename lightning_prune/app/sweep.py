@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import io
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from typing_extensions import override
 
+from lightning_prune._files import atomic_write, atomic_write_text, verify_json_digest
 from lightning_prune._helpers import is_number, markdown_table
 
 log = logging.getLogger(__name__)
@@ -232,6 +234,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise SweepResultsError(f"Could not read `{path}`: {e}") from e
     if not isinstance(data, dict):
         raise SweepResultsError(f"`{path}` must hold a JSON object, got {type(data).__name__}.")
+    try:
+        verify_json_digest(data, path)
+    except ValueError as e:
+        raise SweepResultsError(str(e)) from e
+    data.pop("digest", None)
     return data
 
 
@@ -338,11 +345,12 @@ def results_table(runs: Sequence[RunResult]) -> str:
 
 
 def _write_csv(runs: Sequence[RunResult], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        for run in runs:
-            writer.writerow({k: "" if v is None else v for k, v in run.row().items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({k: "" if v is None else v for k, v in run.row().items()})
+    atomic_write_text(path, text.getvalue())
 
 
 def _write_markdown(
@@ -373,7 +381,7 @@ def _write_markdown(
         lines += [f"- job {r.job} (`{' '.join(r.overrides)}`): {r.error}" for r in failed]
     if plot_path is not None:
         lines += ["", f"![accuracy against sparsity]({plot_path.name})"]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _plot(runs: Sequence[RunResult], path: Path, max_drop: float | None) -> None:
@@ -412,7 +420,9 @@ def _plot(runs: Sequence[RunResult], path: Path, max_drop: float | None) -> None
     ax.grid(True, alpha=0.3)
     if points or dense:
         ax.legend(loc="lower left")
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
+    atomic_write(path, image.getbuffer())
 
 
 def summarize_sweep(
@@ -496,7 +506,9 @@ class SweepSummaryCallback(Callback):
             error = job_return._return_value  # `.return_value` re-raises a failed job's exception
             record = failure_record(error) if isinstance(error, BaseException) else {"error": repr(error)}
             record["status"] = "failed"
-            failure_path.write_text(json.dumps({**record, "overrides": list(job_return.overrides or [])}, indent=2))
+            atomic_write_text(
+                failure_path, json.dumps({**record, "overrides": list(job_return.overrides or [])}, indent=2)
+            )
             log.error(f"Job {job_dir} failed: {record['error']} (recorded in {failure_path})")
         elif job_return.status == JobStatus.COMPLETED:
             failure_path.unlink(missing_ok=True)  # left by an earlier attempt in the same directory

@@ -12,7 +12,6 @@ whether or not Hydra found the ``lightning_prune_searchpath`` plugin (editable i
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,8 +27,10 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from typing_extensions import override
 
+from lightning_prune._files import ArtifactWriteError, atomic_write_json, prepare_folder
 from lightning_prune._helpers import check_int, eval_mode
 from lightning_prune.app.config import ConfigError, register_configs
+from lightning_prune.app.oneshot import instantiate_oneshot, pruning_arguments
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
@@ -63,7 +64,12 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
         with contextlib.suppress(MissingMandatoryValue):
             output_dir = HydraConfig.get().runtime.output_dir
     path = Path(output_dir) if output_dir else Path.cwd()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_folder(path / "metrics.json")
+    except ArtifactWriteError as err:
+        raise ConfigError(
+            f"Invalid config:\n  output_dir={str(path)!r}: cannot hold the run's files: {err.reason}"
+        ) from err
     return path
 
 
@@ -261,6 +267,8 @@ def instantiate_pruning(cfg: DictConfig) -> PruningCallback | None:
     pruning_cfg = cfg.get("pruning")
     if not pruning_cfg or "_target_" not in pruning_cfg:
         return None
+    if "oneshot" in pruning_cfg:  # pruning=wanda etc.: the OneShotPruning arguments (instantiate_oneshot)
+        pruning_cfg = OmegaConf.create(pruning_arguments(pruning_cfg))
     pruning = instantiate(pruning_cfg, _convert_="all")
     if not isinstance(pruning, PruningCallback):
         raise ConfigError(
@@ -448,8 +456,10 @@ def train(cfg: DictConfig) -> float:
     start_epoch = pruning.start_epoch if pruning else 0
     # The pruning callback runs the probe and the sensitivity analysis right before its pruning step.
     dense_probe = AccuracyAtEpochStart(epoch=start_epoch, pruning=pruning)
-    allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning else None
-    callbacks: list[L.Callback] = [pruning, dense_probe, *([allocation] if allocation else [])] if pruning else []
+    oneshot = instantiate_oneshot(cfg, pruning)  # pruning=wanda|sparsegpt: prunes right after the probe
+    allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning and oneshot is None else None
+    extra = [c for c in (allocation, oneshot) if c is not None]
+    callbacks: list[L.Callback] = [pruning, dense_probe, *extra] if pruning else []
     distillation = instantiate_distillation(cfg, pruning)
     if distillation is not None:
         callbacks.append(distillation)
@@ -513,7 +523,10 @@ def train(cfg: DictConfig) -> float:
     }
     if export is not None:
         metrics["export"] = export
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_error = getattr(pruning, "compact_save_error", None)
+    if save_error:  # the run finished; a file it could not write makes it a failed run, with everything else kept
+        metrics["status"] = "failed"
+        metrics["error"] = f"the compact model could not be saved: {save_error}"
     dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
     lines = [
         f"Summary ({type(net).__name__}, seed {cfg.seed})",
@@ -531,9 +544,12 @@ def train(cfg: DictConfig) -> float:
         f"  wall time        {metrics['wall_time_s']:.1f} s",
         f"  metrics          {output_dir / 'metrics.json'}",
     ]
-    print("\n".join(lines))
+    print("\n".join(lines))  # before writing anything more, so that the figures survive a failed write
     if export_text:
         print(export_text)
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    if save_error:
+        raise OSError(f"{metrics['error']} The metrics are in {output_dir / 'metrics.json'}.")
     if cfg.get("objective") == "max_sparsity":
         return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc

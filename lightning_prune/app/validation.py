@@ -115,7 +115,8 @@ def validate(cfg: DictConfig) -> None:
         _validate_distillation(check, distillation, has_pruning, max_epochs)
     allocation = cfg.get("allocation")
     if isinstance(allocation, DictConfig) and allocation.get("_target_"):
-        _validate_allocation(check, allocation, has_pruning)
+        oneshot = has_pruning and bool(pruning.get("oneshot"))  # type: ignore[union-attr]
+        _validate_allocation(check, allocation, has_pruning, oneshot)
     export = cfg.get("export")
     if isinstance(export, DictConfig) and "forms" in export:
         _validate_export(check, export)
@@ -389,7 +390,15 @@ def _validate_criterion(check: _Checker, pruning: DictConfig, start: int) -> Non
         )
 
 
-def _validate_allocation(check: _Checker, allocation: DictConfig, has_pruning: bool) -> None:
+def _validate_allocation(check: _Checker, allocation: DictConfig, has_pruning: bool, oneshot: bool = False) -> None:
+    if str(allocation.get("_target_")).startswith("lightning_prune.oneshot"):  # allocation=owl
+        if not oneshot:
+            check.fail(
+                "allocation",
+                allocation.get("_target_"),
+                "sets the layer sparsities of one-shot pruning: use pruning=wanda or pruning=sparsegpt",
+            )
+        return
     if not has_pruning:
         check.fail(
             "allocation",

@@ -3,6 +3,8 @@
 * :class:`PruningCallback` (:mod:`~lightning_prune.callbacks.pruning`): gradual pruning on a schedule, driving a
   :class:`~lightning_prune.pruner.Pruner`;
 * :class:`DistillationCallback`: distillation from the dense model while pruning and fine-tuning;
+* :class:`OneShotPruning`: one-shot pruning from calibration data (Wanda, SparseGPT, OWL) when fitting starts,
+  handing the masks to a :class:`PruningCallback` for recovery fine-tuning;
 * :class:`SensitivityCallback`: per-layer targets from a sensitivity analysis when pruning starts;
 * :class:`MaskInvariantChecker`: checks pruning's invariants after every step (tests, soak runs);
 * :class:`AtomicCheckpointIO` and :class:`RandomStateCheckpoint`: checkpoints that survive a crash and resume
@@ -16,6 +18,7 @@ Example:
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
 from lightning_prune.callbacks.distillation import DistillationCallback
 from lightning_prune.callbacks.invariants import InvariantViolation, MaskInvariantChecker
+from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.callbacks.sensitivity import SensitivityCallback
 
@@ -24,6 +27,7 @@ __all__ = [
     "DistillationCallback",
     "InvariantViolation",
     "MaskInvariantChecker",
+    "OneShotPruning",
     "PruningCallback",
     "RandomStateCheckpoint",
     "SensitivityCallback",

@@ -22,7 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import pickle
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,14 +38,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_prune._files import atomic_save
+from lightning_prune._files import atomic_save, tensor_digest
 from lightning_prune.masks.distributed import world_size
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO`` with atomic writes to local paths (see :func:`atomic_save`).
+    """Lightning's ``TorchCheckpointIO`` with atomic, verified writes to local paths (see :func:`atomic_save`).
 
-    Remote paths (``s3://``, ...) are written by Lightning's own writer.
+    Each checkpoint carries a SHA-256 digest of its tensors and values (key ``lightning_prune_digest``), which
+    loading checks: flipped bytes stop with a ``ValueError`` naming the file instead of resuming from other
+    weights. Empty, truncated and foreign files get a message naming the file too; a write that fails (disk full,
+    read-only file system, a parent that is a file) raises an ``OSError`` naming the path and leaves the
+    previous checkpoint whole. Remote paths (``s3://``, ...) are read and written by Lightning's own code.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -63,7 +69,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path)
             return
-        atomic_save(checkpoint, path)
+        atomic_save({**checkpoint, CHECKPOINT_DIGEST_KEY: tensor_digest(checkpoint, skip=None)}, path)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        _check_checkpoint_file(Path(path))
+        try:
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (FileNotFoundError, pickle.UnpicklingError):
+            raise  # a missing file, or objects that only `weights_only=False` loads: Lightning's own message
+        except Exception as err:
+            raise ValueError(
+                f"The checkpoint {str(path)!r} is damaged or truncated ({Path(path).stat().st_size} bytes; "
+                f"torch.load failed: {_first_line(err)}). Resume from another checkpoint."
+            ) from err
+        if not isinstance(checkpoint, dict):
+            raise ValueError(
+                f"{str(path)!r} holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict); check the "
+                "path."
+            )
+        stored = checkpoint.pop(CHECKPOINT_DIGEST_KEY, None)
+        if stored is not None and stored != tensor_digest(checkpoint, skip=None):
+            raise ValueError(
+                f"The checkpoint {str(path)!r} is damaged: its content does not match the digest written with it. "
+                "Resume from another checkpoint."
+            )
+        return checkpoint
+
+
+#: Top-level key of the digest :class:`AtomicCheckpointIO` writes into each checkpoint (removed on load).
+CHECKPOINT_DIGEST_KEY = "lightning_prune_digest"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """Messages for what torch reports as ``EOFError`` or ``UnpicklingError``: an empty or a non-zip file."""
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"The checkpoint path {str(path)!r} is a folder; give the .ckpt file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(
+            f"The checkpoint {str(path)!r} is empty (0 bytes): it was not written completely. Resume from another "
+            "checkpoint."
+        )
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            raise ValueError(
+                f"{str(path)!r} is not a checkpoint written by torch.save (not a zip archive; {size} bytes); check "
+                "the path."
+            )
 
 
 def _random_states() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_prune._files import prepare_folder
 from lightning_prune._helpers import is_int, is_number
 from lightning_prune.callbacks.sharding import (
     add_mask_shards,
@@ -32,8 +33,8 @@ from lightning_prune.criteria.base import Importance
 from lightning_prune.deploy.compact import compact, save_compact
 from lightning_prune.deploy.profile import compaction_report
 from lightning_prune.masks.distributed import world_size
-from lightning_prune.masks.maskset import MaskSet
-from lightning_prune.masks.params import prunable_parameters
+from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
+from lightning_prune.masks.params import Prunable, prunable_parameters
 from lightning_prune.masks.sharded import ShardedMaskSet
 from lightning_prune.pruner import NonFiniteWeightsError, Pruner
 from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
@@ -55,10 +56,12 @@ class PruningCallback(Callback):
     A thin adapter: at the start of every training epoch the callback asks its schedule for the target sparsity
     and hands it to its :class:`~lightning_prune.pruner.Pruner` (:attr:`pruner`), which does the pruning. When the
     target has grown, the pruner scores the prunable weights, grows the masks to exactly that fraction of zeros and
-    zeroes the pruned weights and their optimizer state. From the first pruning on, gradient hooks mask the
-    gradients and a post-step hook on every optimizer re-masks weights and optimizer state, so pruned weights
-    stay exactly zero under SGD with momentum, Adam(W) with weight decay, gradient accumulation and mixed
-    precision. Masks and the schedule position are saved in the checkpoint (``state_dict``), so a run resumed
+    zeroes the pruned weights and their optimizer state. From the first pruning on, the gradients are masked in
+    place once per optimizer step (in ``on_before_optimizer_step``: after accumulation, AMP unscaling and the DDP
+    all-reduce, before gradient clipping), and weights and optimizer state are re-masked after the steps that need
+    it (``remask``), so pruned weights and their optimizer state stay exactly zero under every optimizer of
+    ``torch.optim``, gradient accumulation, mixed precision, clipping and DDP. Masks cost one byte per weight.
+    Masks and the schedule position are saved in the checkpoint (``state_dict``), so a run resumed
     with ``ckpt_path`` continues with exactly the same masks; the model itself is never reparametrised, and its
     ``state_dict()`` loads with ``strict=True`` into a fresh, never-pruned model.
 
@@ -118,6 +121,10 @@ class PruningCallback(Callback):
             with rewinding (Frankle et al., 2020); with the ``"iterative"`` schedule this is iterative magnitude
             pruning with rewinding. At most the first pruning epoch (``0``: the initial weights). The weights are
             stored at that epoch and kept in the checkpoint.
+        prunable: what is prunable, when not the default weight matrices (Linear, convolution, Hugging Face
+            ``Conv1D`` and ``nn.MultiheadAttention``'s projections): a
+            :class:`~lightning_prune.masks.params.Prunable` selecting by module type, parameter-name pattern or
+            predicate, and opting embeddings in (unstructured, block and N:M structures).
         finetune_lr_scale: multiply every optimizer group's learning rate by this factor once, right after the
             schedule's last pruning step (at the start of its ``end_epoch``), to fine-tune the pruned network at a
             lower rate; Han et al. (2015) retrained at a tenth of the original rate: ``0.1``. The default 1.0
@@ -125,6 +132,15 @@ class PruningCallback(Callback):
             ``max_lr``/``min_lr`` of one-cycle schedules) are scaled with them, so the scheduler continues from the
             lower rate instead of undoing it. Applied once per run: the checkpoint records it, and a resumed run
             does not apply it again.
+        remask: when the weights and the optimizer state of pruned entries are re-masked besides pruning steps and
+            resuming: ``"auto"`` (default) after every step only of optimizers that can move a weight without its
+            gradient (any optimizer outside
+            :data:`~lightning_prune.masks.maskset.GRADIENT_ONLY_OPTIMIZERS`, e.g. LBFGS, Adafactor, Muon or a
+            custom class), ``"always"`` after every step (the safety net, for an optimizer you are unsure of),
+            ``"pruning_steps"`` never.
+
+    Frozen layers (``requires_grad=False``, e.g. a fine-tuned model's backbone) are pruned like the others (their
+    weights are masked; they have no gradient to mask); to keep them dense, name them in ``ignore``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -170,6 +186,8 @@ class PruningCallback(Callback):
         importance_batches: int | None = None,
         block_shape: int | Sequence[int] | None = None,
         rewind_epoch: int | None = None,
+        remask: RemaskPolicy = "auto",
+        prunable: Prunable | None = None,
     ) -> None:
         super().__init__()
         # Structure and criterion options are pass-throughs to the objects they configure.
@@ -184,7 +202,14 @@ class PruningCallback(Callback):
             sparsity = schedule.final_sparsity
         #: The engine: masks, structure, importance, targets, rewinding.
         self.pruner: Pruner = _misconfig(
-            Pruner, sparsity, built, _resolve_importance(importance, importance_batches), scope, ignore
+            Pruner,
+            sparsity,
+            built,
+            _resolve_importance(importance, importance_batches),
+            scope,
+            ignore,
+            remask,
+            prunable,
         )
         #: The schedule: the target at each epoch (an open ``end_epoch`` is the Trainer's last epoch, set in ``setup``).
         self.schedule: SparsitySchedule | None = None
@@ -218,6 +243,8 @@ class PruningCallback(Callback):
         #: (on rank zero).
         self.compact_model: torch.nn.Module | None = None
         self.compaction_report: dict[str, float] = {}
+        #: Why the compact model could not be saved (it is still in :attr:`compact_model`), or None.
+        self.compact_save_error: str | None = None
         self._example: Any = None
         self._pending_state: dict[str, Any] | None = None
         self._window_from: int | None = None  # the batch of this epoch from which statistics are collected
@@ -343,7 +370,13 @@ class PruningCallback(Callback):
             return
         check_strategy(trainer.strategy, self.structure, self.importance, self.rewind_epoch)
         self._sharded_checkpoints = saves_sharded(trainer.strategy)
-        _misconfig(prunable_parameters, pl_module, self.ignore)  # fail early on bad `ignore` patterns
+        prunable = self.pruner.prunable
+        _misconfig(prunable_parameters, pl_module, self.ignore, select=prunable)  # fail early on bad patterns
+        if self.compact and trainer.is_global_zero:  # a path that cannot hold the file fails now, not after the fit
+            try:
+                prepare_folder(self._compact_target(trainer))
+            except OSError as err:
+                raise MisconfigurationException(f"PruningCallback: `compact_path` cannot be written: {err}") from err
         schedule = self.schedule
         if schedule is None or schedule.end_epoch is None:
             max_epochs = trainer.max_epochs
@@ -363,7 +396,16 @@ class PruningCallback(Callback):
                 "later (`start_epoch`), or use importance='magnitude'."
             )
         end = schedule.end_epoch
-        if trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs:
+        start = self._schedule_args["start_epoch"]
+        if trainer.max_epochs is not None and 1 <= trainer.max_epochs <= start:
+            rank_zero_warn(
+                f"PruningCallback: `start_epoch`={start}, but the Trainer stops after epoch {trainer.max_epochs - 1} "
+                f"(`max_epochs`={trainer.max_epochs}): nothing will be pruned. Lower `start_epoch` or raise "
+                "`max_epochs`."
+            )
+        elif (
+            trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs
+        ):
             rank_zero_warn(
                 f"PruningCallback: the schedule ends at epoch {end} but the Trainer stops after epoch "
                 f"{trainer.max_epochs - 1}; the final sparsity {self.sparsity} will not be reached."
@@ -391,7 +433,7 @@ class PruningCallback(Callback):
                 pruner.load_state_dict(state)
             except ValueError as err:
                 raise MisconfigurationException(f"PruningCallback cannot resume: {err}") from err
-        pruner.attach(trainer.optimizers)
+        pruner.attach(trainer.optimizers, step_hook=False)  # gradients are masked in on_before_optimizer_step
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -447,10 +489,10 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if isinstance(self.masks, ShardedMaskSet):
-            self.masks.mask_gradients_()  # before Lightning clips: the norm counts kept entries only
+        # Gradients are final here: accumulated, unscaled, all-reduced; gradient clipping comes next.
+        self.pruner.mask_gradients()
         if self.pruner.collecting:
-            self.pruner.observe()  # gradients are final here: accumulated, unscaled, all-reduced
+            self.pruner.observe()
 
     @override
     def on_train_batch_end(
@@ -497,9 +539,25 @@ class PruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masks is None:
             return
+        self._warn_if_stopped_early(trainer)
         rank_zero_info(self.pruner.summary())
         if self.compact and trainer.is_global_zero:
             self._compact(trainer, pl_module)
+
+    def _warn_if_stopped_early(self, trainer: pl.Trainer) -> None:
+        """Training that stopped before the schedule's last pruning step (``max_steps``, early stopping, ...)."""
+        end = self._schedule().end_epoch
+        if self.pruner.target >= self.sparsity - 1e-12 or end is None:
+            return
+        if trainer.max_epochs is not None and end >= trainer.max_epochs >= 1:
+            return  # said in `setup`
+        limited = trainer.max_steps not in (None, -1)
+        why = f"`max_steps`={trainer.max_steps}" if limited else "a stop before `max_epochs`"
+        rank_zero_warn(
+            f"PruningCallback: training stopped after {trainer.global_step} steps ({why}), before the schedule's last "
+            f"pruning step at epoch {end}: the sparsity reached is {self.achieved_sparsity:.4f}, not the target "
+            f"{self.sparsity:g}. Raise the training length or end the schedule earlier (`end_epoch`)."
+        )
 
     # ------------------------------------------------------------------ channels: inputs and compaction
     def _resolve_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -532,12 +590,23 @@ class PruningCallback(Callback):
         self.compaction_report = report
         for logger in trainer.loggers:
             logger.log_metrics(report, step=trainer.global_step)
-        path = self.compact_path
-        if path is None:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "compact.pt"
-        save_compact(small, path)
+        path = self._compact_target(trainer)
+        self.compact_model = small.cpu()  # kept whether or not the file can be written
+        try:
+            save_compact(small, path)
+        except OSError as err:  # the fit is finished: warn and keep the model rather than lose the run
+            self.compact_save_error = str(err)
+            rank_zero_warn(
+                f"PruningCallback could not save the compact model: {err} It is kept in memory as "
+                "`PruningCallback.compact_model`; save it with lightning_prune.save_compact(model, path)."
+            )
+            return
         rank_zero_info(f"Compact model saved to {path}; reload it with lightning_prune.load_compact(model, path).")
-        self.compact_model = small.cpu()
+
+    def _compact_target(self, trainer: pl.Trainer) -> Path:
+        if self.compact_path is not None:
+            return self.compact_path
+        return Path(trainer.log_dir or trainer.default_root_dir) / "compact.pt"
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -563,6 +632,12 @@ class PruningCallback(Callback):
     def _check_resumable(self, state: dict[str, Any], epoch: int) -> None:
         """Refuse saved masks that this schedule cannot continue from; warn where it continues differently (the pruner
         refuses masks of another structure)."""
+        saved = state.get("target")
+        if not is_number(saved) or not 0.0 <= saved < 1.0:
+            raise MisconfigurationException(
+                f"PruningCallback cannot resume: the checkpoint's pruning state has the target {saved!r}, not a "
+                "sparsity in [0, 1); the checkpoint was edited or damaged. Resume from another checkpoint."
+            )
         saved_target = float(state["target"])
         schedule = self._schedule()
         target_now = schedule.sparsity_at(epoch)

@@ -2,6 +2,8 @@
 
 * :mod:`~lightning_prune.deploy.compact`: remove pruned channels (:func:`compact`), save and reload the smaller
   model (:func:`save_compact`, :func:`load_compact`);
+* :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`),
+  save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
 * :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
@@ -22,12 +24,13 @@ Example:
 
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
-from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model
+from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
 from lightning_prune.deploy.fold import deployable, relative_error
 from lightning_prune.deploy.kernels import sparse_inference
 from lightning_prune.deploy.profile import ModelProfile, count_macs, count_parameters, measure_latency, profile_model
 from lightning_prune.deploy.report import ExportReport, export_model
 from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
+from lightning_prune.deploy.transformer import compact_heads, save_pretrained_compact
 
 __all__ = [
     "ExportError",
@@ -37,6 +40,7 @@ __all__ = [
     "SparseLinear",
     "check_masks_applied",
     "compact",
+    "compact_heads",
     "compact_state",
     "count_macs",
     "count_parameters",
@@ -46,12 +50,14 @@ __all__ = [
     "export_program",
     "inference_model",
     "load_compact",
+    "load_program",
     "load_sparse",
     "load_sparse_state_dict",
     "measure_latency",
     "profile_model",
     "relative_error",
     "save_compact",
+    "save_pretrained_compact",
     "save_sparse",
     "sparse_inference",
 ]

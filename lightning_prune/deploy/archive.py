@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
 from lightning_prune._helpers import check_flag
 
 SPARSE_FORMAT = "lightning_prune.sparse_state_dict"
@@ -354,7 +355,10 @@ def save_sparse(
     masks: Any = None,
     signed_zeros: bool = True,
 ) -> Path:
-    """Write :func:`sparse_archive` of ``model`` to ``path`` with ``torch.save``; returns the path.
+    """Write :func:`sparse_archive` of ``model`` to ``path``; returns the path.
+
+    The file is written atomically (a failure leaves the previous file as it was) and holds a digest of its
+    content, which :func:`load_sparse` checks.
 
     Args:
         model: A network or a state dict.
@@ -364,6 +368,10 @@ def save_sparse(
 
     Returns:
         ``path``.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        ArtifactWriteError: The file could not be written (an ``OSError`` naming the path and the reason).
 
     Example:
         >>> import tempfile
@@ -376,11 +384,9 @@ def save_sparse(
         ...     sparse.stat().st_size < 0.2 * dense.stat().st_size
         True
     """
+    path = check_path(path)
     archive = sparse_archive(model, masks=masks, signed_zeros=signed_zeros)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(archive, path)
-    return path
+    return atomic_save(with_digest(archive), path)
 
 
 def _read(archive: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
@@ -388,10 +394,9 @@ def _read(archive: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
         path = Path(archive)
         if not path.is_file():
             raise ValueError(f"No sparse archive at {str(path)!r}: the file does not exist.")
-        try:
-            archive = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a sparse archive (torch.load failed: {err}).") from err
+        archive = load_torch_file(path, "sparse archive")
+        if isinstance(archive, Mapping):
+            verify_digest(archive, str(path))
     if not isinstance(archive, Mapping) or archive.get("format") != SPARSE_FORMAT:
         raise ValueError(
             "`archive` is not a sparse archive written by lightning_prune.save_sparse / sparse_archive (no "

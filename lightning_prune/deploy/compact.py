@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
+from lightning_prune._helpers import check_flag, eval_mode, forward, is_number, output_tensors
 from lightning_prune.masks.channels import ChannelGroup
-from lightning_prune.structures.tracing import ExampleInputs, trace_groups
+from lightning_prune.structures.tracing import ExampleInputs, Traced, pruning_group, trace_groups
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -52,6 +53,15 @@ _WIDTH_ATTRS = (
     "num_features",
     "num_parameters",
     "groups",
+    # attention bookkeeping of head-pruned transformers (lightning_prune.deploy.transformer)
+    "num_heads",
+    "num_kv_heads",
+    "num_key_value_groups",
+    "split_size",
+    "nf",
+    "nx",
+    "num_attention_heads",
+    "all_head_size",
 )
 
 
@@ -82,8 +92,11 @@ def compact(
         The compact model, in ``model``'s training mode.
 
     Raises:
-        ValueError: the model does not run on ``example_inputs``, cannot be traced, or has no channel group.
-        RuntimeError: the surgery failed or the compact model computes something else (``model`` is then
+        ValueError: the model does not run on ``example_inputs``, cannot be traced, or has no channel group;
+            ``rtol`` is not a finite number >= 0.
+        TypeError: ``verify`` is not a bool.
+        RuntimeError: the surgery failed, the outputs are not finite (NaN weights), or the compact model
+            computes something else (``model`` is then
             unchanged all the same: only the copy was touched).
 
     Example:
@@ -98,20 +111,24 @@ def compact(
           (2): Linear(in_features=5, out_features=2, bias=True)
         )
     """
+    check_flag("verify", verify)
+    if not is_number(rtol, finite=True) or rtol < 0:
+        raise ValueError(f"`rtol` must be a finite number >= 0 (e.g. 1e-4), got {rtol!r}.")
     small = copy.deepcopy(model)
-    graph, groups = trace_groups(small, example_inputs, ignore)  # checks the example inputs on the copy
+    groups = trace_groups(small, example_inputs, ignore)  # checks the example inputs on the copy
     named = dict(small.named_parameters())
-    plan: list[tuple[tp.Group, list[int]]] = []
-    for tp_group, group in groups:
-        zero = _zero_channels(group, named)
-        if len(zero) == group.channels:
-            zero = zero[1:]  # an all-zero group keeps one channel so that the layer stays valid
+    plan: list[tuple[Traced, tp.Group, list[int]]] = []
+    for traced, tp_group, group in groups:
+        zero = _removable_channels(group, named)
         if zero:
-            plan.append((tp_group, zero))
+            plan.append((traced, tp_group, zero))
     try:
-        for tp_group, zero in plan:
+        for traced, tp_group, zero in plan:
             root = tp_group[0].dep
-            graph.get_pruning_group(root.target.module, root.handler, zero).prune()
+            surgery = pruning_group(traced, root.target.module, root.handler, zero)
+            if isinstance(surgery, str):
+                raise RuntimeError(f"the group of {root.target.module} could not be followed again: {surgery}")
+            surgery.prune()
     except Exception as err:
         raise RuntimeError(
             f"Compacting {type(model).__name__} failed in the layer surgery ({type(err).__name__}: {err}); "
@@ -123,23 +140,43 @@ def compact(
     return small
 
 
-def _zero_channels(group: ChannelGroup, params: Mapping[str, Tensor]) -> list[int]:
+def _removable_channels(group: ChannelGroup, params: Mapping[str, Tensor]) -> list[int]:
+    """The all-zero channels of ``group``, less one channel of every layer (and of the group) that would be
+    emptied otherwise, so that every layer keeps a valid width."""
     nonzero = torch.zeros(group.channels, dtype=torch.long)
     for s in group.slices:
         nonzero.index_add_(0, s.root, s.rows(params[s.param].detach()).ne(0).any(1).long().cpu())
-    return torch.nonzero(nonzero == 0).flatten().tolist()
+    zero = nonzero == 0
+    for part in (*group.parts, torch.arange(group.channels)):
+        if bool(zero[part].all()):
+            zero[part[0]] = False
+    return torch.nonzero(zero).flatten().tolist()
 
 
 def _verify(model: nn.Module, small: nn.Module, example_inputs: ExampleInputs, rtol: float) -> None:
     with eval_mode(model), eval_mode(small), torch.no_grad():
         expected = output_tensors(forward(model, example_inputs))
-        got = output_tensors(forward(small, example_inputs))
+        try:
+            got = output_tensors(forward(small, example_inputs))
+        except Exception as err:
+            raise RuntimeError(
+                f"The compact model does not run ({type(err).__name__}: {err}); a layer was resized that its "
+                "neighbours do not follow. The original model is unchanged."
+            ) from err
     shapes = [tuple(t.shape) for t in expected], [tuple(t.shape) for t in got]
     if shapes[0] != shapes[1]:
         raise RuntimeError(f"The compact model's outputs have shapes {shapes[1]}, the original's {shapes[0]}.")
     for e, g in zip(expected, got):
         if not e.is_floating_point():
             continue
+        if not bool(torch.isfinite(e).all()):  # NaN compares as not greater than any tolerance
+            raise RuntimeError(
+                "The original model's outputs on `example_inputs` are not finite (NaN or inf), so the compact "
+                "model cannot be checked against them; fix the weights (e.g. NaN after a diverged run) or pass "
+                "`verify=False`."
+            )
+        if not bool(torch.isfinite(g).all()):
+            raise RuntimeError("The compact model's outputs are not finite (NaN or inf) where the original's are.")
         scale = float(e.abs().max()) if e.numel() else 0.0
         error = float((e - g).abs().max()) if e.numel() else 0.0
         if error > rtol * max(scale, 1e-12) and error > 1e-6:
@@ -165,7 +202,7 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         Linear(in_features=5, out_features=2, bias=True)
     """
     widths = {
-        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a)}
+        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a) and not callable(getattr(m, a))}
         for name, m in model.named_modules()
     }
     return {
@@ -178,11 +215,25 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
 
 
 def save_compact(model: nn.Module, path: str | Path) -> Path:
-    """Save :func:`compact_state` of ``model`` to ``path`` with ``torch.save``; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(compact_state(model), path)
-    return path
+    """Save :func:`compact_state` of ``model`` to ``path``; returns the path.
+
+    The file is written atomically (a failure leaves the previous file as it was) and holds a digest of its
+    content, which :func:`load_compact` checks.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        ArtifactWriteError: The file could not be written (an ``OSError`` naming the path and the reason).
+
+    Example:
+        >>> import tempfile
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = save_compact(net, Path(folder) / "compact.pt")
+        ...     load_compact(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), path)[0].out_features
+        8
+    """
+    path = check_path(path)
+    return atomic_save(with_digest(compact_state(model)), path)
 
 
 @torch.no_grad()
@@ -197,10 +248,15 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
         ``model``, now compact.
 
     Raises:
-        ValueError: ``state`` is not a compact model, or was saved from another architecture.
+        FileNotFoundError: The file ``state`` names does not exist.
+        ValueError: ``state`` is not a compact model (or a damaged, truncated or edited file), or was saved from
+            another architecture.
     """
     if isinstance(state, (str, Path)):
-        state = torch.load(state, map_location="cpu", weights_only=True)
+        path = str(state)
+        state = load_torch_file(state, "compact model")
+        if isinstance(state, Mapping):
+            verify_digest(state, path)
     if not isinstance(state, Mapping) or state.get("format") != _COMPACT_FORMAT:
         raise ValueError("`state` is not a compact model saved by lightning_prune.save_compact / compact_state.")
     if state.get("version") != _COMPACT_VERSION:

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import warnings
@@ -43,6 +44,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from lightning_prune._files import (
+    atomic_write,
+    atomic_write_files,
+    check_path,
+    prepare_folder,
+    verify_sidecar,
+    write_sidecar,
+)
 from lightning_prune._helpers import batched, check_flag, eval_mode, is_int, is_number, positional_tensors
 from lightning_prune.deploy.archive import check_masks_applied
 from lightning_prune.deploy.fold import deployable, relative_error
@@ -58,6 +67,22 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+#: The lowest ONNX opset that ``torch.onnx.export(dynamo=True)`` writes.
+MIN_ONNX_OPSET = 18
+
+
+def _check_runs(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """A ``ValueError`` naming ``example_inputs`` when ``model`` does not run on them (wrong rank, dtype, ...)."""
+    try:
+        _reference_outputs(model, inputs)
+    except Exception as err:
+        described = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        raise ValueError(
+            f"`example_inputs` ({described}) do not run through {type(model).__name__}: {_first_lines(err)}. "
+            "Pass one batch (batch first) of the inputs the model takes."
+        ) from err
+
+
 def _check_rtol(rtol: object) -> float:
     if not is_number(rtol) or not 0 <= rtol < math.inf:
         raise ValueError(f"`rtol` must be a number >= 0 (e.g. 1e-5), got {rtol!r}.")
@@ -217,6 +242,12 @@ def _diagnose(
         if failed is None:
             break
         name, module, reason = failed
+    if "specialized it to be a constant" in str(error):
+        return ExportError(
+            f"{exporter} cannot export {type(model).__name__} with a dynamic batch: the model treats the first "
+            f"dimension of `example_inputs` (shape {tuple(inputs[0].shape)}) as a fixed size, not as the batch. "
+            "Pass the inputs batch first (e.g. x.unsqueeze(0) for one sample), or `dynamic_batch=False`."
+        )
     where = (
         f"layer {name!r} ({type(module).__name__}) fails on its own"
         if name
@@ -275,6 +306,7 @@ def _export_setup(
     check_flag("dynamic_batch", dynamic_batch)
     check_flag("check", check)
     rtol = _check_rtol(rtol)
+    _check_runs(model, inputs)
     if prepared is None:
         prepared = inference_model(model, inputs, masks=masks, compact=compact, fold_bn=fold_bn)
     else:
@@ -324,7 +356,10 @@ def export_program(
 
     Raises:
         ExportError: ``torch.export`` fails; the message names the layer and why.
-        ValueError: The masks were not applied (see :func:`inference_model`).
+        ValueError: The masks were not applied (see :func:`inference_model`), or ``model`` does not run on
+            ``example_inputs`` (wrong rank or dtype).
+        ArtifactWriteError: ``path`` could not be written (an ``OSError`` naming it and the reason; the previous
+            file is unchanged).
         RuntimeError: The program computes something else than ``model``.
 
     Example:
@@ -333,6 +368,9 @@ def export_program(
         >>> program.module()(torch.randn(5, 4)).shape
         torch.Size([5, 2])
     """
+    if path is not None:
+        path = check_path(path)
+        prepare_folder(path)  # a folder that cannot hold the file fails before the export, not after
     inputs, prepared, trace, shapes, rtol = _export_setup(
         model, example_inputs, masks, compact, fold_bn, dynamic_batch, check, rtol, prepared
     )
@@ -346,10 +384,11 @@ def export_program(
     except Exception as err:
         raise _diagnose("torch.export", prepared, trace, attempt, err) from err
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, path)
-        program = torch.export.load(path)
+        buffer = io.BytesIO()  # torch's file writer aborts the process on a full disk; Python's write raises
+        torch.export.save(program, buffer)
+        atomic_write(path, buffer.getbuffer())
+        write_sidecar(path)
+        program = load_program(path)
     if check:
         batches = [inputs, _other_batch(inputs)] if dynamic_batch else [inputs]
         _check_outputs("ExportedProgram", program.module(), model, batches, rtol)
@@ -395,6 +434,7 @@ def onnx_runner(path: str | Path, *, threads: int | None = None) -> Callable[...
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"No ONNX file at {str(path)!r}.")
+    verify_sidecar(path)
     if threads is not None and (not is_int(threads) or threads < 1):
         raise ValueError(f"`threads` must be None or an integer >= 1, got {threads!r}.")
     options = ort.SessionOptions()
@@ -453,7 +493,10 @@ def export_onnx(
     Raises:
         ImportError: ``onnx`` or ``onnxruntime`` is missing (``pip install "lightning-prune[export]"``).
         ExportError: The exporter fails; the message names the layer and why.
-        ValueError: The masks were not applied.
+        ValueError: The masks were not applied, ``model`` does not run on ``example_inputs`` (wrong rank or
+            dtype), or ``opset_version`` is below 18.
+        ArtifactWriteError: ``path`` could not be written (an ``OSError`` naming it and the reason; the previous
+            files are unchanged).
         RuntimeError: ONNX Runtime computes something else than ``model``.
 
     Example:
@@ -465,8 +508,15 @@ def export_onnx(
         ['net.onnx']
     """
     onnx, _ = _require_onnx()
+    path = check_path(path)
+    prepare_folder(path)  # a folder that cannot hold the file fails before the export, not after
     if opset_version is not None and not is_int(opset_version):
         raise TypeError(f"`opset_version` must be None or an integer, got {opset_version!r}.")
+    if opset_version is not None and opset_version < MIN_ONNX_OPSET:
+        raise ValueError(
+            f"`opset_version` must be at least {MIN_ONNX_OPSET} (the lowest the exporter writes; it would silently "
+            f"write opset {MIN_ONNX_OPSET} instead), got {opset_version}. Pass None for the exporter's default."
+        )
     inputs, prepared, trace, shapes, rtol = _export_setup(
         model, example_inputs, masks, compact, fold_bn, dynamic_batch, check, rtol, prepared
     )
@@ -489,17 +539,47 @@ def export_onnx(
             program = export(prepared, trace, None, shapes)
     except Exception as err:
         raise _diagnose("torch.onnx.export", prepared, trace, lambda m, a, k: export(m, a, k, None), err) from err
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
-    if data.exists():
+    atomic_write_files(path, lambda staged: program.save(str(staged), external_data=None))
+    if data.exists() and not _uses_external_data(onnx, path):
         data.unlink()  # a stale file beside a new model that keeps its weights inside would mislead
-    program.save(str(path), external_data=None)
+    write_sidecar(path, [data] if data.exists() else [])
     if check:
         onnx.checker.check_model(str(path))
         batches = [inputs, _other_batch(inputs)] if dynamic_batch else [inputs]
         _check_outputs("ONNX model (ONNX Runtime)", onnx_runner(path), model, batches, rtol, flat=True)
     return path
+
+
+def _uses_external_data(onnx: Any, path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """``torch.export.load`` of a program :func:`export_program` saved, checked against its digest first.
+
+    Raises:
+        ValueError: No file at ``path``, or its bytes differ from the digest written beside it (``.sha256``).
+
+    Example:
+        >>> import tempfile
+        >>> net = nn.Linear(3, 1)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = export_program(net, torch.randn(2, 3), Path(folder) / "net.pt2")
+        ...     load_program(Path(folder) / "net.pt2").module()(torch.randn(4, 3)).shape
+        torch.Size([4, 1])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"No exported program at {str(path)!r}: the file does not exist.")
+    verify_sidecar(path)
+    try:
+        return torch.export.load(path)
+    except Exception as err:
+        raise ValueError(
+            f"{str(path)!r} is not a program saved by torch.export.save, or it is damaged ({_first_lines(err)})."
+        ) from err
 
 
 def onnx_files(path: str | Path) -> list[Path]:

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune._helpers import check_int, eval_mode, is_int, num_threads, text_table, time_call
+from lightning_prune.deploy.timing import TimingVerdict, judge_timing, time_side_by_side, warn_if_slower
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -245,6 +246,7 @@ def compare_profiles(
     *,
     labels: tuple[str, str] = ("before", "after"),
     title: str | None = None,
+    verdicts: Mapping[int, TimingVerdict] | None = None,
 ) -> str:
     """A plain-text table of two profiles with the ratio ``before / after`` of each figure.
 
@@ -256,6 +258,8 @@ def compare_profiles(
         after: The model compared with it, e.g. the pruned and compacted one.
         labels: Column titles for the two.
         title: A line to put above the table.
+        verdicts: For each batch size timed side by side, :func:`~lightning_prune.deploy.timing.judge_timing`'s
+            verdict: its median per-block ratio is printed, or "unstable (machine busy)" instead of any ratio.
 
     Returns:
         The table (after ``title``, if any), lines joined with newlines, without a trailing newline.
@@ -287,45 +291,82 @@ def compare_profiles(
     ]
     for size in (b for b in before.latency_ms if b in after.latency_ms):
         a, b = before.latency_ms[size], after.latency_ms[size]
-        rows.append((f"latency b{size}", f"{a:.2f} ms", f"{b:.2f} ms", ratio(a, b)))
+        verdict = (verdicts or {}).get(size)
+        rows.append((f"latency b{size}", f"{a:.2f} ms", f"{b:.2f} ms", verdict.text() if verdict else ratio(a, b)))
     header = ("", labels[0], labels[1], f"{labels[0]}/{labels[1]}")
     return text_table([header, *rows], title, rule=False, strip=True)
 
 
 def compaction_report(
-    masked: nn.Module, small: nn.Module, example: Any, *, latency: bool = True
+    masked: nn.Module,
+    small: nn.Module,
+    example: Any,
+    *,
+    latency: bool = True,
+    blocks: int = 5,
+    repeats: int = 10,
 ) -> tuple[dict[str, float], str]:
     """Parameters, MACs and CPU latency of a masked model and its compact copy, as figures and as a table.
 
-    Both are timed on the CPU (a copy of ``masked`` when it lives on an accelerator). MACs and latency need a single
-    input tensor to repeat; for other inputs only the parameters are counted.
+    Both are timed on the CPU (a copy of ``masked`` when it lives on an accelerator), side by side in ``blocks``
+    alternating blocks: batch 1 on one thread (where a busy machine does least harm) and batch 64 on torch's
+    current threads. The ratio is the median of the per-block ratios; when other processes kept the cores busy or
+    the blocks disagree (:func:`~lightning_prune.deploy.timing.judge_timing`), the table prints
+    "unstable (machine busy)" instead, and a stable slow-down of the compact copy is warned about. MACs and
+    latency need a single input tensor to repeat; for other inputs only the parameters are counted.
 
     Args:
         masked: the model as training left it (pruned channels masked, full width).
         small: its compact copy (:func:`lightning_prune.deploy.compact`).
         example: inputs of ``masked``; a tensor's first sample is repeated to batches of 1 and 64.
         latency: time both at batch 1 and 64.
+        blocks: timed blocks per batch size, at least 1.
+        repeats: forwards of each model per block, at least 1.
 
     Returns:
         ``{"compact/<figure>_before": value, "compact/<figure>_after": value}`` for each figure of
-        :meth:`ModelProfile.as_dict`, and :func:`compare_profiles`'s table.
+        :meth:`ModelProfile.as_dict` (latencies are the medians over the blocks), plus
+        ``compact/latency_b<batch>_stable`` (1.0 or 0.0), and :func:`compare_profiles`'s table.
 
     Example:
         >>> figures, text = compaction_report(nn.Linear(8, 4), nn.Linear(8, 2), torch.zeros(1, 8), latency=False)
         >>> figures["compact/params_before"], figures["compact/params_after"]
         (36, 18)
     """
+    check_int("blocks", blocks, 1)
+    check_int("repeats", repeats, 1)
     small = small.cpu()
+    verdicts: dict[int, TimingVerdict] = {}
     if isinstance(example, torch.Tensor):
-        batch_sizes = (1, 64) if latency else ()
         on_cpu = all(p.device.type == "cpu" for p in masked.parameters())
         masked = masked if on_cpu else copy.deepcopy(masked).cpu()
-        before = profile_model(masked, example[:1].cpu(), batch_sizes=batch_sizes)
-        after = profile_model(small, example[:1].cpu(), batch_sizes=batch_sizes)
+        sample = example[:1].cpu()
+        before = profile_model(masked, sample, batch_sizes=())
+        after = profile_model(small, sample, batch_sizes=())
+        times: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        if latency:
+            for size, threads in ((1, 1), (64, None)):
+                batch = sample.expand(size, *sample.shape[1:]).contiguous()
+                calls = [functools.partial(masked, batch), functools.partial(small, batch)]
+                with num_threads(threads), eval_mode(masked), eval_mode(small), torch.inference_mode():
+                    medians, per_block, load = time_side_by_side(calls, blocks=blocks, repeats=repeats)
+                times[0][size], times[1][size] = 1e3 * medians[0], 1e3 * medians[1]
+                verdicts[size] = judge_timing([a / b for a, b in per_block], load)
+                warn_if_slower(verdicts[size], f"The compact model at batch {size}")
+        before, after = before._replace(latency_ms=times[0]), after._replace(latency_ms=times[1])
     else:
         before = ModelProfile(count_parameters(masked), 0, {})
         after = ModelProfile(count_parameters(small), 0, {})
-    text = compare_profiles(before, after, labels=("masked", "compact"), title="Compaction (MACs = FLOPs / 2)")
+    text = compare_profiles(
+        before, after, labels=("masked", "compact"), title="Compaction (MACs = FLOPs / 2)", verdicts=verdicts
+    )
+    if verdicts:
+        text += (
+            f"\n(latency: median of {blocks} blocks alternating, {repeats} calls each; b1 on 1 thread, b64 on "
+            f"{torch.get_num_threads()}; ratio: median of per-block ratios)"
+        )
+        text += "".join(f"\nb{b} unstable: {v.reason}" for b, v in verdicts.items() if not v.stable)
     figures = {f"compact/{key}_before": value for key, value in before.as_dict().items()}
     figures.update({f"compact/{key}_after": value for key, value in after.as_dict().items()})
+    figures.update({f"compact/latency_b{b}_stable": float(v.stable) for b, v in verdicts.items()})
     return figures, text

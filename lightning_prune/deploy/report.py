@@ -69,6 +69,7 @@ from lightning_prune.deploy.export import (
     onnx_runner,
 )
 from lightning_prune.deploy.kernels import sparse_inference
+from lightning_prune.deploy.timing import UNSTABLE, OtherLoad, judge_timing, warn_if_slower
 
 #: The files :func:`export_model` can write, by form.
 FILE_NAMES: dict[str, str] = {
@@ -114,6 +115,9 @@ class ExportReport:
     """Median milliseconds per forward of each variant, by batch size."""
     speedup: dict[str, dict[int, float]] = field(default_factory=dict)
     """Dense time over each variant's time, the median of per-block ratios, by batch size."""
+    stable: dict[str, dict[int, bool]] = field(default_factory=dict)
+    """Whether each speed-up can be trusted (:func:`~lightning_prune.deploy.timing.judge_timing`): False when other
+    processes kept the cores busy or the blocks disagreed; the table then prints "unstable (machine busy)"."""
     sparse_layers: list[dict[str, Any]] = field(default_factory=list)
     """One :meth:`~lightning_prune.deploy.kernels.LayerChoice.as_dict` per layer considered for sparse kernels."""
     settings: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +133,7 @@ class ExportReport:
             {'dense': {'1': 0.5}}
         """
         values = asdict(self)
-        for key in ("latency_ms", "speedup"):
+        for key in ("latency_ms", "speedup", "stable"):
             values[key] = {v: {str(b): x for b, x in by.items()} for v, by in values[key].items()}
         return values
 
@@ -158,11 +162,15 @@ class ExportReport:
             rows = [tuple(header)]
             for variant, by in self.latency_ms.items():
                 ups = self.speedup.get(variant, {})
+                stable = self.stable.get(variant, {})
                 rows.append(
                     (
                         _DESCRIPTIONS.get(variant, variant),
                         *(f"{by[b]:.3f}" for b in sizes),
-                        *(f"{ups[b]:.2f}x" if b in ups else "-" for b in sizes),
+                        *(
+                            ("-" if b not in ups else f"{ups[b]:.2f}x" if stable.get(b, True) else UNSTABLE)
+                            for b in sizes
+                        ),
                     )
                 )
             lines.append(text_table(rows, rule=False, strip=True, indent="  "))
@@ -171,6 +179,8 @@ class ExportReport:
                 f"  (median of {s.get('repeats')} calls per block, {s.get('blocks')} blocks alternating, "
                 f"{s.get('threads')} threads; x dense: median of per-block ratios)"
             )
+            if s.get("unstable_reason"):
+                lines.append(f"  unstable: {s['unstable_reason']}")
         converted = [c for c in self.sparse_layers if c["kernel"] != "dense"]
         if self.sparse_layers:
             lines.append(
@@ -408,14 +418,29 @@ def export_model(
         if sparse_model is not None:
             variants["sparse_kernels"] = _caller(sparse_model)
         batches = {size: batched(tuple(x[:1] for x in inputs), size) for size in sizes}
-        with num_threads(threads_used), eval_mode(dense), eval_mode(cpu_model):
+        with num_threads(threads_used), eval_mode(dense), eval_mode(cpu_model), OtherLoad() as load:
             per_block = _timed_blocks(variants, batches, blocks, repeats)
+        reasons = []
         for name in variants:
             report.latency_ms[name] = {b: 1e3 * statistics.median(r[(name, b)] for r in per_block) for b in sizes}
-            report.speedup[name] = {
-                b: statistics.median(r[("dense", b)] / r[(name, b)] for r in per_block) for b in sizes
-            }
-        report.settings = {"batch_sizes": list(sizes), "threads": threads_used, "blocks": blocks, "repeats": repeats}
+            verdicts = {b: judge_timing([r[("dense", b)] / r[(name, b)] for r in per_block], load.cores) for b in sizes}
+            report.speedup[name] = {b: v.ratio for b, v in verdicts.items()}
+            report.stable[name] = {b: v.stable for b, v in verdicts.items()}
+            for b, v in verdicts.items():  # the load once, each disagreement of blocks with its variant
+                for part in v.reason.split("; ") if v.reason else []:
+                    item = part if part.startswith("other processes") else f"{name} b{b}: {part}"
+                    reasons += [] if item in reasons else [item]
+            if name != "dense":
+                for b, v in verdicts.items():
+                    warn_if_slower(v, f"The {_DESCRIPTIONS.get(name, name)} at batch {b}")
+        report.settings = {
+            "batch_sizes": list(sizes),
+            "threads": threads_used,
+            "blocks": blocks,
+            "repeats": repeats,
+            "other_load_cores": load.cores,
+            "unstable_reason": "; ".join(reasons),
+        }
         if reference is None:
             report.notes.append(
                 "dense model: the model with its zero weights refilled (same shapes; dense kernels take as long "

@@ -24,6 +24,7 @@ from lightning_prune.masks.distributed import all_reduce_sum_, broadcast_masks_,
 from lightning_prune.masks.maskset import MaskSet, non_finite_parameters, sparsity_table
 from lightning_prune.masks.params import (
     PRUNABLE_TYPES,
+    Prunable,
     check_patterns,
     matching_modules,
     name_matches,
@@ -38,6 +39,7 @@ __all__ = [
     "ChannelMaskSet",
     "ChannelSlice",
     "MaskSet",
+    "Prunable",
     "ShardedMaskSet",
     "all_reduce_sum_",
     "broadcast_masks_",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,6 +68,21 @@ class ChannelGroup:
 
     def params(self) -> list[str]:
         return list(dict.fromkeys(s.param for s in self.slices))
+
+    @cached_property
+    def parts(self) -> tuple[Tensor, ...]:
+        """The channel subsets that one layer owns alone, when it owns fewer than all the group's channels.
+
+        A concatenation that feeds a residual sum makes one group of its producers' channels: producer ``a``
+        owns channels 0-7, producer ``b`` channels 8-63. Each part must keep a channel of its own, or its layer
+        would be emptied. Each part is a sorted tensor of channel indices; a plain group has none.
+        """
+        seen: dict[tuple[int, ...], Tensor] = {}
+        for s in self.slices:
+            root = torch.unique(s.root)
+            if 0 < len(root) < self.channels:
+                seen.setdefault(tuple(root.tolist()), root)
+        return tuple(seen.values())
 
 
 # ---------------------------------------------------------------------------------------------- masks

@@ -4,12 +4,10 @@ plain PyTorch.
 Under FSDP2 every parameter is a ``DTensor`` whose rows are split across the processes (``Shard(0)``): each rank
 holds ``param.to_local()``, its own rows. A :class:`ShardedMaskSet` keeps one boolean keep-mask per *local shard*
 (one byte per weight this rank holds, never a whole-tensor mask) and keeps pruned entries exactly zero on the
-shards:
-
-1. a pre-step hook on each optimizer masks the local gradient shards (FSDP2 writes the reduce-scattered
-   gradient into ``param.grad`` after backward, so a tensor hook on the parameter never sees it);
-2. a post-step hook re-masks the local weight shards and zeroes the optimizer state of pruned entries (the
-   state of a sharded parameter is sharded as well).
+shards: the gradient pass, the re-mask and the zeroing of optimizer state are
+:class:`~lightning_prune.masks.maskset.MaskSet`'s, acting on the local shards of the parameters, of their gradients
+(FSDP2 writes the reduce-scattered gradient into ``param.grad`` after backward, before the optimizer step that
+masks it) and of their sharded optimizer state.
 
 The selection of what to prune is exact over the whole model: each rank streams its shards through
 :func:`~lightning_prune.masks.selection.prune_lowest_` with ``group=`` and ``offsets=``
@@ -29,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,19 +36,6 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from lightning_prune.masks.maskset import MaskSet
-
-#: Entries multiplied at once: a whole bool mask times a float tensor can make a full-size float copy of the mask.
-_CHUNK = 1 << 20
-
-
-def _mask_(tensor: Tensor, mask: Tensor) -> None:
-    """``tensor *= mask`` in slices of :data:`_CHUNK` entries (in one call when ``tensor`` is not contiguous)."""
-    if not tensor.is_contiguous():
-        tensor.mul_(mask)
-        return
-    flat, keep = tensor.view(-1), mask.view(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        flat[start : start + _CHUNK].mul_(keep[start : start + _CHUNK])
 
 
 def is_sharded(param: Tensor) -> bool:
@@ -158,9 +143,7 @@ class ShardedMaskSet(MaskSet):
         #: The local shards of the parameters (views of the parameters' storage).
         self.local: list[Tensor] = [p.to_local() for p in self.params]  # type: ignore[attr-defined]
         self.masks: list[Tensor] = [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in self.local]
-        self._grad_handles = []
-        self._step_handles = []
-        self._multipliers = []
+        self._init_enforcement()
         self._pruned: list[int] = [0] * len(self.params)
 
     # ------------------------------------------------------------------ statistics (over the whole tensors)
@@ -193,49 +176,8 @@ class ShardedMaskSet(MaskSet):
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero every pruned local weight and refresh the global counts (a collective: call it on every rank)."""
-        for t, m in zip(self.local, self.masks):
-            _mask_(t, m)
+        super().apply_()
         self._count()
-
-    @torch.no_grad()
-    def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
-        for p, m in zip(self.params, self.masks):
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            for value in state.values():
-                local = value.to_local() if isinstance(value, DTensor) else value
-                if isinstance(local, Tensor) and local.shape == m.shape and value.shape == p.shape:
-                    _mask_(local, m)
-
-    @torch.no_grad()
-    def mask_gradients_(self) -> None:
-        """Zero the local gradient entries of pruned weights."""
-        for p, m in zip(self.params, self.masks):
-            if p.grad is not None:
-                grad = p.grad
-                _mask_(grad.to_local() if isinstance(grad, DTensor) else grad, m)
-
-    def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Install on each optimizer a pre-step hook that masks the local gradient shards and a post-step hook that
-        re-masks the local weights and optimizer state; zero the pruned weights, pending gradients and state now
-        (a collective: call it on every rank)."""
-        self.detach()
-        for opt in optimizers:
-            self._grad_handles.append(opt.register_step_pre_hook(self._before_step))
-            self._step_handles.append(opt.register_step_post_hook(self._after_step))
-            self.zero_optimizer_state_(opt)
-        self.mask_gradients_()
-        self.apply_()
-
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.mask_gradients_()
-
-    @torch.no_grad()
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for t, m in zip(self.local, self.masks):
-            _mask_(t, m)
-        self.zero_optimizer_state_(optimizer)
 
     # ------------------------------------------------------------------ serialisation of the local shards
     @torch.no_grad()

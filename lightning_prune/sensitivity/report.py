@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from lightning_prune._files import atomic_write, atomic_write_text
 from lightning_prune._helpers import markdown_table
 from lightning_prune.sensitivity.table import SensitivityTable
 
@@ -86,13 +88,12 @@ def write_csv(table: SensitivityTable, path: str | Path) -> Path:
         ...     write_csv(table, Path(directory) / "s.csv").read_text().splitlines()[0]
         'layer,size,macs,ratio,sparsity,metric,baseline,drop,note'
     """
-    path = Path(path)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in table_rows(table):
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in table_rows(table):
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return atomic_write_text(path, text.getvalue())
 
 
 def _drop_text(table: SensitivityTable, drop: float) -> str:
@@ -198,8 +199,9 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path, allocation: Mapp
         fontsize="x-small" if many else "small",
         ncol=max(1, math.ceil(len(table.layers) / 30)),
     )
-    fig.savefig(path, dpi=120)
-    return path
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
+    return atomic_write(path, image.getbuffer())
 
 
 def _metric_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -282,7 +284,7 @@ def write_allocation(
     record = allocation_record(
         table, allocation, target_sparsity=target_sparsity, macs_budget=macs_budget, max_drop=max_drop
     )
-    path.write_text(_ALLOCATION_HEADER + yaml.safe_dump(record, sort_keys=False))
+    atomic_write_text(path, _ALLOCATION_HEADER + yaml.safe_dump(record, sort_keys=False))
     return path
 
 
@@ -319,7 +321,7 @@ def write_report(
         paths["plot"] = plot_sensitivity(table, directory / PLOT_FILE, allocation)
         markdown += f"\n\n![metric against sparsity, per layer]({PLOT_FILE})"
     paths["markdown"] = directory / MARKDOWN_FILE
-    paths["markdown"].write_text(markdown + "\n")
+    atomic_write_text(paths["markdown"], markdown + "\n")
     if allocation is not None:
         paths["allocation"] = write_allocation(
             directory / ALLOCATION_FILE,

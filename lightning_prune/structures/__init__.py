@@ -4,7 +4,8 @@ and a target sparsity become masks.
 The base class is in :mod:`~lightning_prune.structures.base`; the structures are ``unstructured``
 (:mod:`~lightning_prune.structures.unstructured`), ``channel`` (:mod:`~lightning_prune.structures.channel`, with the
 tracing of coupled groups in :mod:`~lightning_prune.structures.tracing`), ``block``
-(:mod:`~lightning_prune.structures.block`) and ``N:M`` (:mod:`~lightning_prune.structures.nm`). :data:`STRUCTURES`
+(:mod:`~lightning_prune.structures.block`), ``N:M`` (:mod:`~lightning_prune.structures.nm`) and ``heads``
+(attention heads and MLP neurons, :mod:`~lightning_prune.structures.heads`). :data:`STRUCTURES`
 maps each name to its class; :func:`build_structure` resolves a name, with the structure's own options.
 
 Example:
@@ -31,6 +32,7 @@ from lightning_prune.structures.base import (
 )
 from lightning_prune.structures.block import BlockStructure
 from lightning_prune.structures.channel import ChannelStructure, prune_channels_
+from lightning_prune.structures.heads import HeadStructure
 from lightning_prune.structures.nm import NMStructure
 from lightning_prune.structures.tracing import channel_groups
 from lightning_prune.structures.unstructured import Unstructured
@@ -40,6 +42,7 @@ __all__ = [
     "STRUCTURES",
     "BlockStructure",
     "ChannelStructure",
+    "HeadStructure",
     "NMStructure",
     "Scope",
     "Structure",
@@ -60,11 +63,13 @@ STRUCTURES: dict[str, type[Structure]] = {
     "channel": ChannelStructure,
     "block": BlockStructure,
     "2:4": NMStructure,
+    "heads": HeadStructure,
 }
 #: The options each structure takes by name: what :func:`build_structure` passes to its constructor.
 _OPTIONS: dict[type[Structure], tuple[str, ...]] = {
     ChannelStructure: ("round_to", "max_layer_sparsity"),
     BlockStructure: ("block_shape",),
+    HeadStructure: ("units", "gqa", "round_to", "head_round_to", "max_layer_sparsity"),
 }
 
 
@@ -87,7 +92,7 @@ def build_structure(structure: str | Structure, **options: Any) -> Structure:
         >>> build_structure("unstructured", round_to=8)
         Traceback (most recent call last):
         ...
-        ValueError: `round_to` applies to structure='channel' only, got structure='unstructured'.
+        ValueError: `round_to` applies to structure='channel' only (or 'heads'), got structure='unstructured'.
     """
     given = {key: value for key, value in options.items() if value is not None}
     if isinstance(structure, Structure):
@@ -128,7 +133,9 @@ def _check_options(cls: type[Structure], name: str, given: dict[str, Any]) -> No
         return
     owners = {key: [n for n, c in STRUCTURES.items() if key in _OPTIONS.get(c, ())] for key in wrong}
     detail = "; ".join(
-        f"`{key}` applies to structure={owner[0]!r} only" if len(owner) == 1 else f"`{key}` is not an option"
+        f"`{key}` applies to structure={owner[0]!r} only{''.join(f' (or {o!r})' for o in owner[1:])}"
+        if owner
+        else f"`{key}` is not an option"
         for key, owner in owners.items()
     )
     raise ValueError(f"{detail}, got structure={name!r}.")

@@ -27,7 +27,7 @@ from torch import nn
 from lightning_prune._helpers import check_sparsity, is_number
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.maskset import MaskSet, sparsity_table
-from lightning_prune.masks.params import name_matches, prunable_parameters
+from lightning_prune.masks.params import Prunable, name_matches, prunable_parameters
 from lightning_prune.masks.sharded import mask_set_for
 
 Scope = Literal["global", "layer"]
@@ -173,10 +173,34 @@ class Structure(ABC):
         """The sparsity a pruner aims at when none is given (``None``: the pruner's default); N:M has ``n / m``."""
         return None
 
+    @property
+    def selects_parameters(self) -> bool:
+        """True when the structure masks the parameters a :class:`~lightning_prune.masks.params.Prunable` selects
+        (:meth:`bind_prunable`): it keeps this base :meth:`bind`. Structures that override :meth:`bind` find their
+        own groups (channels, heads)."""
+        return type(self).bind is Structure.bind
+
     def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
-        """The masks this structure prunes in ``module``: by default, the weight of every Linear and Conv
-        layer outside ``ignore``."""
-        return mask_set_for(prunable_parameters(module, ignore))
+        """The masks this structure prunes in ``module``: by default, every prunable parameter outside ``ignore``
+        (see :func:`~lightning_prune.masks.params.prunable_parameters`)."""
+        return self.bind_prunable(module, None, ignore)
+
+    def bind_prunable(self, module: nn.Module, prunable: Prunable | None, ignore: Sequence[str] = ()) -> MaskSet:
+        """Like :meth:`bind`, masking the parameters ``prunable`` selects (for structures that
+        :attr:`selects_parameters`).
+
+        Raises:
+            ValueError: the structure finds its own groups, or a pattern or a parameter does not suit it.
+        """
+        if not self.selects_parameters:
+            raise ValueError(f"{self!r} finds its own groups: it takes no `prunable` selection.")
+        masks = mask_set_for(prunable_parameters(module, ignore, select=prunable))
+        self.check_bound(module, masks)
+        return masks
+
+    def check_bound(self, module: nn.Module, masks: MaskSet) -> None:
+        """Raise ``ValueError`` when the parameters of ``masks`` do not suit this structure (all do by default)."""
+        return None
 
     def layer_names(self, masks: MaskSet) -> list[str]:
         """The layers that per-layer targets name, in the order :meth:`prune_` takes a sequence of targets: the

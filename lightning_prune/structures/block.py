@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,10 +101,8 @@ class BlockStructure(Structure):
     def __repr__(self) -> str:
         return f"BlockStructure(block_shape={self.block_shape})"
 
-    def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
-        masks = super().bind(module, ignore, example_inputs)
+    def check_bound(self, module: nn.Module, masks: MaskSet) -> None:
         self._check_layers(masks)
-        return masks
 
     def _check_layers(self, masks: MaskSet) -> None:
         bh, bw = self.block_shape

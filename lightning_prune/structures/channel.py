@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,8 +142,15 @@ class ChannelStructure(Structure):
                 f"`round_to`={r} would empty layer {group.name!r}, which has {group.channels} channels. "
                 f"Lower `round_to` or add {group.name!r} to `ignore`."
             )
-        keep = max(1, math.ceil((1.0 - self.max_layer_sparsity) * group.channels - 1e-9))
+        keep = self._floor(group.channels)
         return min(math.ceil(keep / r) * r, group.channels)
+
+    def _floor(self, channels: int) -> int:
+        """The fewest of ``channels`` that ``max_layer_sparsity`` lets stay (at least one)."""
+        return max(1, math.ceil((1.0 - self.max_layer_sparsity) * channels - 1e-9))
+
+    def _part_room(self, group: ChannelGroup, kept: Tensor) -> _PartRoom | None:
+        return _PartRoom(group, kept, self._floor) if group.parts else None
 
     def _rounded(self, group: ChannelGroup, wanted: int, kept: int) -> int:
         """The channel count to keep: ``wanted`` rounded to a multiple of ``round_to``, within the cap and
@@ -177,9 +184,18 @@ class ChannelStructure(Structure):
             if excess <= 0:
                 continue
             candidates = torch.nonzero(k).flatten()
-            order = torch.sort(s[candidates], stable=True).indices[:excess]
+            order = candidates[torch.sort(s[candidates], stable=True).indices]
             drop = torch.zeros(g.channels, dtype=torch.bool)
-            drop[candidates[order]] = True
+            room = self._part_room(g, k)
+            if room is None:
+                drop[order[:excess]] = True
+            else:  # every layer that owns part of the group keeps its own share (a concatenation's producers)
+                for c in order.tolist():
+                    if room.take(c):
+                        drop[c] = True
+                        excess -= 1
+                        if excess == 0:
+                            break
             masks.prune_channels_(g, drop)
         masks.apply_()
 
@@ -196,17 +212,41 @@ class ChannelStructure(Structure):
         floors = [self._min_keep(g) for g in groups]
         values = torch.cat([s[k] for s, k in zip(scores, kept)])
         owner = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
+        channel = torch.cat([torch.nonzero(k).flatten() for k in kept]).tolist()
+        rooms = [self._part_room(g, k) for g, k in zip(groups, kept)]
         order = torch.sort(values, stable=True).indices.tolist()
         remaining = list(counts)
         taken = 0
         for j in order:
             i = int(owner[j])
-            if remaining[i] > floors[i]:
+            room = rooms[i]
+            if remaining[i] > floors[i] and (room is None or room.take(channel[j])):
                 remaining[i] -= 1
                 taken += 1
                 if taken == to_prune:
                     break
         return [self._rounded(g, want, c) for g, want, c in zip(groups, remaining, counts)]
+
+
+class _PartRoom:
+    """How many more channels each part of a group (:attr:`ChannelGroup.parts`) may lose before reaching its
+    floor: the cap holds for every layer that owns part of the group, not only for the group as a whole."""
+
+    def __init__(self, group: ChannelGroup, kept: Tensor, floor: Callable[[int], int]) -> None:
+        self.room = [int(kept[p].sum()) - floor(len(p)) for p in group.parts]
+        self.member: dict[int, list[int]] = {}
+        for i, p in enumerate(group.parts):
+            for c in p.tolist():
+                self.member.setdefault(c, []).append(i)
+
+    def take(self, channel: int) -> bool:
+        """Count ``channel`` as pruned if every part that holds it has room; whether it was."""
+        parts = self.member.get(channel, [])
+        if any(self.room[i] <= 0 for i in parts):
+            return False
+        for i in parts:
+            self.room[i] -= 1
+        return True
 
 
 def channel_table(masks: ChannelMaskSet) -> str:

@@ -15,9 +15,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -115,8 +112,7 @@ class NMStructure(Structure):
     def __repr__(self) -> str:
         return f"NMStructure(n={self.n}, m={self.m})"
 
-    def bind(self, module: nn.Module, ignore: Sequence[str] = (), example_inputs: Any = None) -> MaskSet:
-        masks = super().bind(module, ignore, example_inputs)
+    def check_bound(self, module: nn.Module, masks: MaskSet) -> None:
         owners = {f"{name}.weight": m for name, m in module.named_modules() if name}
         for name in masks.names:
             if isinstance(owners.get(name), nn.modules.conv._ConvTransposeNd):
@@ -126,7 +122,6 @@ class NMStructure(Structure):
                     f"{layer_name(name)!r} to `ignore`."
                 )
         self._check_layers(masks)
-        return masks
 
     def _check_layers(self, masks: MaskSet) -> None:
         for name, param in zip(masks.names, masks.params):

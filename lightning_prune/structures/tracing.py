@@ -11,6 +11,12 @@ A group is left whole when its channels reach the model's output (the classifier
 output layers is under ``ignore``, or when it runs through a layer whose channels cannot be masked exactly
 (GroupNorm and LayerNorm pool statistics across channels; general grouped convolutions): a warning names it.
 
+Tracing never fails from inside Torch-Pruning and is bounded (:mod:`lightning_prune.structures._depgraph`): a group
+that runs through an op moving or mixing the channel axis (ShuffleNet's channel shuffle, Swin's shifted windows:
+``transpose``, ``permute``, ``roll``, batched matrix products), through a mapping Torch-Pruning cannot make, or that
+is not followed within :data:`TRACE_BUDGET_S` seconds stays whole, and the warning names it with the reason; a
+module Torch-Pruning cannot trace at all is traced child by child from the inputs each child received.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -21,16 +27,19 @@ Example:
 
 from __future__ import annotations
 
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_prune._helpers import eval_mode, forward, output_tensors
+from lightning_prune._helpers import eval_mode, forward
 from lightning_prune.masks.channels import ChannelGroup, ChannelSlice
 from lightning_prune.masks.params import matching_modules
+from lightning_prune.structures import _depgraph
+from lightning_prune.structures._depgraph import Traced
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -89,51 +98,111 @@ def _describe(example_inputs: ExampleInputs) -> str:
     return type(example_inputs).__name__
 
 
-def trace_groups(
-    model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str]
-) -> tuple[tp.DependencyGraph, list[tuple[tp.Group, ChannelGroup]]]:
-    """Torch-Pruning's dependency graph of ``model`` and its prunable groups, each with our slices."""
-    import torch_pruning as tp
+#: CPU seconds (``time.process_time``: the same work gives the same groups however busy the machine is) that
+#: tracing one model may take, its forward passes included; groups not followed by then stay whole.
+TRACE_BUDGET_S = 60.0
 
+
+def trace_groups(
+    model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str], budget_s: float = TRACE_BUDGET_S
+) -> list[tuple[Traced, tp.Group, ChannelGroup]]:
+    """The prunable groups of ``model``, each with the Torch-Pruning graph and group it came from and our slices.
+
+    Tracing never raises from inside Torch-Pruning: a group it cannot follow (an op that moves the channel axis,
+    a mapping that fails, the time budget spent) stays whole and a warning names it; a module that cannot be
+    traced at all is traced child by child.
+    """
     _check_example(model, example_inputs)
     ignored = matching_modules(model, ignore)
     names = {m: n for n, m in model.named_modules()}
-    outputs: list[Tensor] = []
-
-    def keep_outputs(out: Any) -> Any:
-        outputs.extend(output_tensors(out))
-        return out
-
+    deadline = time.process_time() + budget_s
+    skipped: list[str] = []
+    untraced: list[str] = []  # modules Torch-Pruning could not trace, with the reason
+    groups: list[tuple[Traced, tp.Group, ChannelGroup]] = []
     # Torch-Pruning follows autograd's graph: gradients must be on, even inside a caller's no_grad().
     with eval_mode(model), torch.enable_grad():
-        try:
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, output_transform=keep_outputs, verbose=False
-            )
-            tp_groups = list(graph.get_all_groups(ignored_layers=ignored))
-        except Exception as err:
-            raise ValueError(
-                f"Torch-Pruning could not trace the channel couplings of {type(model).__name__}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-    groups: list[tuple[tp.Group, ChannelGroup]] = []
-    skipped: list[str] = []
-    returned = {t.grad_fn for t in outputs if t.grad_fn is not None}
-    for tp_group in tp_groups:
-        group = _channel_group(graph, tp_group, names, returned, skipped)
-        if group is not None:
-            groups.append((tp_group, group))
+        for traced in _trace_parts(model, example_inputs, names, deadline, skipped, untraced, depth=0):
+            for root, tp_group in _depgraph.all_groups(traced, ignored, deadline):
+                if isinstance(tp_group, str):
+                    skipped.append(f"{names.get(root, '?')} ({tp_group})")
+                    continue
+                group = _channel_group(traced.graph, tp_group, names, traced.returned, skipped)
+                if group is not None:
+                    groups.append((traced, tp_group, group))
     if skipped:
         warnings.warn(
-            "Channel pruning leaves these layers' channel groups whole: " + "; ".join(skipped) + ".",
+            "Channel pruning leaves these layers' channel groups whole: " + _by_reason(skipped) + ".",
             stacklevel=3,
+        )
+    if not groups and untraced:
+        raise ValueError(
+            f"{type(model).__name__} has no channel group to prune: Torch-Pruning could not trace the channel "
+            f"couplings of {untraced[0]}, and no part of it that could be traced has a group to prune."
         )
     if not groups:
         raise ValueError(
             f"{type(model).__name__} has no channel group to prune: every group reaches the model's output, "
-            f"is under `ignore`={list(ignore)!r}, or runs through a layer that cannot be masked."
+            f"is under `ignore`={list(ignore)!r}, runs through a layer that cannot be masked, or could not be "
+            "traced (see the warning)."
         )
-    return graph, groups
+    return groups
+
+
+def _by_reason(skipped: Sequence[str]) -> str:
+    """``"a (why); b (why)"`` entries with the same reason joined: ``"a, b (why)"``, in first-seen order."""
+    names: dict[str, list[str]] = {}
+    for entry in skipped:
+        name, _, reason = entry.partition(" (")
+        names.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(n)} ({reason}" if reason else ", ".join(n) for reason, n in names.items())
+
+
+def _trace_parts(
+    module: nn.Module,
+    example_inputs: ExampleInputs,
+    names: Mapping[nn.Module, str],
+    deadline: float,
+    skipped: list[str],
+    untraced: list[str],
+    depth: int,
+) -> Iterator[Traced]:
+    """The traced graph of ``module``, or where Torch-Pruning cannot trace it, of each of its children."""
+    label = names.get(module) or type(module).__name__
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list, Mapping)) else (example_inputs,)
+    try:
+        yield _depgraph.build(module, inputs, deadline)
+        return
+    except Exception as err:  # whatever Torch-Pruning raises, the groups stay whole instead
+        reason = f"{type(err).__name__}: {err}"
+    children = [c for c in module.children() if any(True for _ in c.parameters())]
+    if not children or depth >= _depgraph.MAX_DEPTH or time.process_time() > deadline:
+        untraced.append(f"{label} ({reason})")
+        skipped.append(f"{label} (could not be traced: {reason})")
+        return
+    try:
+        received = _depgraph.child_inputs(module, inputs, forward)
+    except Exception as err:
+        skipped.append(f"{label} (could not be traced: {reason}; nor run: {type(err).__name__}: {err})")
+        return
+    untraced.append(f"{label} ({reason})")
+    skipped.append(f"{label} as a whole (could not be traced: {reason}; its parts were traced one by one)")
+    for name, child in module.named_children():
+        if child not in set(children):
+            continue
+        if name not in received:
+            skipped.append(f"{names.get(child, name)} (not called with inputs that can be traced)")
+            continue
+        yield from _trace_parts(child, received[name], names, deadline, skipped, untraced, depth + 1)
+
+
+def pruning_group(
+    traced: Traced, module: nn.Module, handler: Any, idxs: list[int], budget_s: float = TRACE_BUDGET_S
+) -> tp.Group | str:
+    """The Torch-Pruning group of ``idxs`` rooted at ``module`` in a graph from :func:`trace_groups`, ready for
+    its layer surgery (``.prune()``), or a string saying why it cannot be followed."""
+    deadline = time.process_time() + budget_s
+    _depgraph.remap(traced, deadline, sizes_only=True)  # a surgery before this one may have moved an offset
+    return _depgraph.group(traced, module, handler, idxs, deadline)
 
 
 def _channel_group(
@@ -202,5 +271,4 @@ def channel_groups(model: nn.Module, example_inputs: ExampleInputs, ignore: Sequ
         >>> [(g.name, g.channels, g.params()) for g in channel_groups(net, torch.randn(2, 4))]
         [('0', 8, ['0.weight', '0.bias', '2.weight'])]
     """
-    _, groups = trace_groups(model, example_inputs, ignore)
-    return [g for _, g in groups]
+    return [g for _, _, g in trace_groups(model, example_inputs, ignore)]

@@ -34,7 +34,7 @@ from lightning_prune.app.validation import channel_importances, validate
 from lightning_prune.criteria import IMPORTANCES
 from lightning_prune.criteria.base import Importance
 from lightning_prune.criteria.magnitude import LpNormImportance
-from lightning_prune.schedules import SCHEDULES, IterativeSchedule
+from lightning_prune.schedules import SCHEDULES, IterativeSchedule, build_schedule
 from lightning_prune.structures.channel import ChannelStructure
 
 
@@ -89,7 +89,9 @@ def test_groups_are_discovered():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_validates_and_instantiates(group, option, tmp_path):
     language = (group, option) in LANGUAGE_OPTIONS
-    cfg = _compose([_override(group, option), *(LANGUAGE if language else [])], hydra=group.startswith("hydra/"))
+    extra = ["pruning=wanda"] if (group, option) == ("allocation", "owl") else []  # OWL allocates one-shot pruning
+    overrides = [_override(group, option), *(LANGUAGE if language else []), *extra]
+    cfg = _compose(overrides, hydra=group.startswith("hydra/"))
     if language:
         cfg = as_language_model(cfg)
     validate(cfg)
@@ -130,12 +132,15 @@ def test_schedule_group_sets_the_shape_and_pruning_the_targets(schedule):
     callback = instantiate_pruning(cfg)
     assert isinstance(callback, PruningCallback)
     assert isinstance(callback.schedule, SCHEDULES[schedule])
-    assert callback.sparsity == pytest.approx(0.8)
-    assert callback.schedule.start_epoch == 2
     # One-shot pruning ends where it starts, and the learning-rate drop follows.
     end = 2 if schedule == "one_shot" else 20
     assert callback.schedule.end_epoch == end == cfg.optimizer.lr_milestones[0]
-    assert callback.schedule.sparsity_at(end) == pytest.approx(0.8)
+    # The composed schedule is the one the schedule's own constructor builds from these bounds, epoch by epoch
+    # (not only the echoed overrides): the group's shape, steps and final target all reach the callback.
+    direct = build_schedule(schedule, sparsity=0.8, start_epoch=2, end_epoch=end, every_n_epochs=1)
+    epochs = range(cfg.trainer.max_epochs)
+    assert [callback.schedule.sparsity_at(e) for e in epochs] == [direct.sparsity_at(e) for e in epochs]
+    assert callback.schedule.sparsity_at(1) == 0.0 and callback.schedule.sparsity_at(end) == pytest.approx(0.8)
     if schedule == "iterative":
         assert isinstance(callback.schedule, IterativeSchedule) and len(callback.schedule.sparsities) == 19
 
@@ -317,8 +322,12 @@ MALFORMED = [
 ]
 
 
-def test_malformed_overrides_are_counted():
-    assert len(MALFORMED) == 55
+def test_malformed_overrides_are_distinct_and_cover_every_group():
+    ids = [" ".join(overrides) for overrides, _, _ in MALFORMED]
+    assert len(set(ids)) == len(ids), "a case is listed twice"
+    groups = {o.lstrip("+").split(".")[0].split("=")[0] for overrides, _, _ in MALFORMED for o in overrides}
+    expected = {"data", "distillation", "logger", "model", "optimizer", "pruning", "regularization", "trainer", "seed"}
+    assert expected <= groups, f"no malformed case for {sorted(expected - groups)}"
 
 
 @pytest.mark.parametrize(("overrides", "error", "match"), MALFORMED, ids=[" ".join(o) for o, _, _ in MALFORMED])

@@ -6,7 +6,8 @@ The cases are derived from the configs themselves: every key of every schema'd g
 override and as a ``+`` addition), a value of the wrong type, and the out-of-range values of :data:`OUT_OF_RANGE`;
 every group gets an option that does not exist; every numeric key of every ``data`` and ``model`` option gets a value
 of the wrong type and an out-of-range one; and schedule bounds are combined into contradictions. A case passes
-when ``train(cfg)`` raises before ``Trainer.fit`` is reached, and the error (with its cause) names the key.
+when ``train(cfg)`` raises one of :data:`CLEAR_ERRORS` before ``Trainer.fit`` is reached, and its own message (not
+only a cause deep in its chain) names the key.
 """
 
 import dataclasses
@@ -17,11 +18,13 @@ import lightning.pytorch as pl
 import pytest
 from _checks import CONF
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from omegaconf import OmegaConf
 
 import lightning_prune.app.train as train_module
 from lightning_prune.app.config import (
     AllocationConfig,
+    ConfigError,
     CSVLoggerConfig,
     DistillationConfig,
     OptimizerConfig,
@@ -202,22 +205,21 @@ def hydra_conf():
         yield
 
 
+#: The errors a user may see for a malformed override: the app's own, and Hydra's for composition and instantiation
+#: (whose message carries the key and the cause). A raw ``TypeError`` or ``KeyError`` from deep inside is a failure.
+CLEAR_ERRORS = (ConfigError, ConfigCompositionException, InstantiationException, MissingConfigException)
+
+
 def check_fails_clearly_before_training(overrides: list[str], key: str, monkeypatch, tmp_path: Path) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
     monkeypatch.setattr(pl.Trainer, "fit", no_training)
-    with pytest.raises(Exception) as info:  # any type, as long as it is clear: checked below
+    with pytest.raises(CLEAR_ERRORS) as info:  # a type a user can read; the message is checked below
         cfg = compose(config_name="config", overrides=[*overrides, f"output_dir={tmp_path}"])
         train_module.train(cfg)
-    error: BaseException | None = info.value
-    assert not isinstance(error, AssertionError), f"{overrides}: no error before training"
-    messages = []
-    while error is not None:
-        messages.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    text = "\n".join(messages)
-    assert key in text, f"{overrides}: the error does not name {key!r}:\n{text}"
+    error = info.value
+    assert key in str(error), f"{overrides}: the message does not name {key!r}: {type(error).__name__}: {error}"
 
 
 @pytest.mark.parametrize(("overrides", "key"), QUICK, ids=[" ".join(o) for o, _ in QUICK])

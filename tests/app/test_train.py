@@ -42,6 +42,7 @@ METRIC_KEYS = {
     "compact",
     "wall_time_s",
     "overrides",
+    "digest",
 }
 # A small, fast version of the main job: 3 epochs, pruning at the starts of epochs 0 and 1.
 FAST = [
@@ -84,13 +85,34 @@ def test_options_cover_the_documented_choices():
     assert _compose(["pruning=magnitude_layerwise"]).pruning.scope == "layer"
 
 
+def _accuracy_from_checkpoint(cfg, path: Path) -> tuple[float, float]:
+    """Test accuracy and weight sparsity of the model saved in ``path``, computed here by hand (a fresh model, the
+    saved weights, a plain argmax count): a figure that ``train()`` reads from elsewhere than the trained model
+    differs from it."""
+    net = SmallCNN(in_channels=1, num_classes=10, channels=tuple(cfg.model.channels), hidden=cfg.model.hidden)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    data = DigitsDataModule(batch_size=64, seed=cfg.seed)
+    data.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            correct += int((net.eval()(x).argmax(1) == y).sum())
+            total += len(y)
+    weights = [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return correct / total, zeros
+
+
 def test_train_prunes_and_writes_metrics(tmp_path):
     cfg = _compose([*FAST, "pruning.start_epoch=0", "pruning.end_epoch=1", f"output_dir='{tmp_path}'"])
     accuracy = train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == METRIC_KEYS
     assert metrics["status"] == "ok"
-    assert metrics["pruned_test_acc"] == pytest.approx(accuracy)
+    saved_accuracy, saved_sparsity = _accuracy_from_checkpoint(cfg, tmp_path / "checkpoints" / "last.ckpt")
+    assert accuracy == pytest.approx(saved_accuracy) and metrics["pruned_test_acc"] == pytest.approx(saved_accuracy)
+    assert metrics["weight_sparsity"] == pytest.approx(saved_sparsity)
     assert accuracy > 0.5
     # Unstructured pruning: the nonzero MACs shrink roughly with the weights, the dense count stays.
     assert 0 < metrics["macs"] < 0.3 * metrics["dense_macs"]
@@ -127,6 +149,8 @@ def test_train_without_pruning(tmp_path):
     assert "_target_" not in cfg.pruning
     accuracy = train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    saved_accuracy, saved_sparsity = _accuracy_from_checkpoint(cfg, tmp_path / "checkpoints" / "last.ckpt")
+    assert accuracy == pytest.approx(saved_accuracy) and saved_sparsity == 0.0
     assert metrics["sparsity"] == metrics["weight_sparsity"] == 0.0 and metrics["layer_sparsity"] == {}
     assert metrics["compact"] is None
     assert metrics["nonzero_params"] == metrics["total_params"]

@@ -127,15 +127,22 @@ def test_a_criterion_that_needs_training_cannot_prune_at_epoch_zero(tmp_path):
         ({"importance": "magnitude", "importance_batches": 8}, r"`importance_batches` applies to the criteria"),
         ({"importance": TaylorImportance(), "importance_batches": 8}, r"set it on TaylorImportance\(batches=16\)"),
         ({"importance": "taylor", "importance_batches": 0}, r"`batches` must be an integer >= 1"),
-        ({"importance": "apoz"}, r"apoz|channel"),
-        ({"structure": "block", "block_shape": (0, 4)}, r"block"),
+        (
+            {"importance": "apoz"},
+            r"structure='unstructured' scores single weights, but APoZImportance\(batches=16\) scores whole channels"
+            r".*Use structure='channel' with it",
+        ),
+        (
+            {"structure": "block", "block_shape": (0, 4)},
+            r"`block_shape` must be two positive integers \(rows, columns\) such as \(4, 4\).*got \(0, 4\)\.",
+        ),
         ({"structure": "channel", "block_shape": (4, 4)}, r"`block_shape` applies to structure='block' only"),
         ({"sparsity": {"head": 1.0}}, r"`sparsity\['head'\]` must be a number in \[0, 1\), got 1\.0"),
         ({"sparsity": {}}, r"non-empty mapping"),
         ({"sparsity": {"head": 0.5}, "scope": "global"}, r"contradicts `scope`='global'"),
         ({"rewind_epoch": 5, "start_epoch": 2}, r"`rewind_epoch`=5 is after the first pruning step \(epoch 2\)"),
         ({"rewind_epoch": -1}, r"`rewind_epoch` must be an integer >= 0"),
-        ({"structure": "5:4"}, r"5:4|n"),
+        ({"structure": "5:4"}, r"`n` must satisfy 1 <= n < m \(n zeros in every group of m weights\), got 5:4\."),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

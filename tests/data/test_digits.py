@@ -49,13 +49,16 @@ def test_split_is_stratified():
 
 
 def test_train_loader_shuffles_reproducibly_without_global_seed():
-    def first_labels(seed: int) -> torch.Tensor:
-        dm = DigitsDataModule(seed=seed)
-        dm.setup()
-        torch.manual_seed(seed + 1000)  # global state must not matter
-        return next(iter(dm.train_dataloader()))[1]
+    def first_labels(seed: int, global_seed: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):  # the global generator in another state for each call, restored
+            torch.manual_seed(global_seed)
+            dm = DigitsDataModule(seed=seed)
+            dm.setup()
+            return next(iter(dm.train_dataloader()))[1]
 
-    assert torch.equal(first_labels(0), first_labels(0))
+    # Same seed, different global states: the same order; different seeds, same global state: another order.
+    assert torch.equal(first_labels(0, global_seed=1), first_labels(0, global_seed=2))
+    assert not torch.equal(first_labels(0, global_seed=3), first_labels(1, global_seed=3))
     dm = DigitsDataModule(seed=0)
     dm.setup()
     loader = dm.train_dataloader()

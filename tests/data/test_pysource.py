@@ -193,15 +193,18 @@ def test_training_offsets_are_epoch_seeded(corpus):
     sampler = loader.sampler
     assert isinstance(sampler, RandomOffsetSampler) and len(sampler) == 40 == dm.num_windows["train"]
 
-    def epoch(e: int) -> torch.Tensor:
+    def epoch(e: int, global_seed: int) -> torch.Tensor:
         sampler.set_epoch(e)
-        torch.manual_seed(e * 1000 + 7)  # global random state must not matter
-        return torch.cat([x for x, _ in loader])
+        with torch.random.fork_rng(devices=[]):  # the global generator in another state for each call, restored
+            torch.manual_seed(global_seed)
+            return torch.cat([x for x, _ in loader])
 
-    first, second = epoch(0), epoch(1)
+    # Another epoch under the same global state gives other windows; the same epoch under another global state
+    # gives the same ones: a sampler that drew from the global generator fails one of the two.
+    first, second = epoch(0, global_seed=7), epoch(1, global_seed=7)
     assert first.shape == (40, 16)
     assert not torch.equal(first, second)
-    assert torch.equal(epoch(0), first) and torch.equal(epoch(1), second)
+    assert torch.equal(epoch(0, global_seed=8), first) and torch.equal(epoch(1, global_seed=9), second)
     other_seed = _module(root, samples_per_epoch=40, seed=4)
     other_seed.setup()
     assert not torch.equal(torch.cat([x for x, _ in other_seed.train_dataloader()]), first)

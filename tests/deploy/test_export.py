@@ -27,7 +27,7 @@ from lightning_prune.deploy.export import (
     onnx_files,
     onnx_runner,
 )
-from lightning_prune.deploy.report import FILE_NAMES, ExportReport, export_model, run_export
+from lightning_prune.deploy.report import _DESCRIPTIONS, FILE_NAMES, ExportReport, export_model, run_export
 from lightning_prune.models import MLP, ImageClassifier, SmallCNN, resnet20
 from lightning_prune.structures.channel import prune_channels_
 from lightning_prune.structures.unstructured import Unstructured
@@ -255,7 +255,13 @@ def test_every_form_of_a_trainer_pruned_model_round_trips(trained, tmp_path):
     assert _rel(out, expected) <= 1e-5
     assert set(report.latency_ms) >= {"dense", "masked", "compact", "torch_export", "onnx"}
     assert all(set(by) == {1, 4} and all(ms > 0 for ms in by.values()) for by in report.latency_ms.values())
-    assert report.speedup["dense"] == {1: 1.0, 4: 1.0}
+    # Each speed-up is printed as a ratio only where its blocks were judged stable, else as "unstable".
+    assert set(report.stable) == set(report.latency_ms) and all(set(by) == {1, 4} for by in report.stable.values())
+    rows = {line.split("  ")[1].strip(): line for line in report.table().splitlines() if line.startswith("  ")}
+    for variant, by in report.speedup.items():
+        row = rows[_DESCRIPTIONS[variant]]
+        assert all(f"{by[b]:.2f}x" in row for b in (1, 4) if report.stable[variant][b])
+        assert ("unstable (machine busy)" in row) == (not all(report.stable[variant].values()))
     assert [c["name"] for c in report.sparse_layers] == ["classifier.1", "head"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["sizes"] == report.sizes and saved["latency_ms"]["dense"].keys() == {"1", "4"}

@@ -774,7 +774,11 @@ def test_loading_into_a_deeper_instance_of_the_same_class_is_refused(tmp_path):
     x = inputs(2, 1, 8, 8)
     prune_channels_(model, x, 0.5)
     path = save_compact(compact(model, x), tmp_path / "small.pt")
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError,
+        match=r"The compact model's weights do not fit this SmallCNN: missing \['features\.8\.weight', .*"
+        r"unexpected \[\]\. Build the model with the constructor arguments it was trained with\.",
+    ):
         load_compact(SmallCNN(channels=(8, 16, 16), hidden=32), path)
 
 
