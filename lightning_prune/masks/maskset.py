@@ -382,7 +382,20 @@ def non_finite_parameters(masks: MaskSet) -> list[str]:
         >>> non_finite_parameters(masks)
         ['1.weight']
     """
-    return [n for n, p in zip(masks.names, masks.params) if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    return [n for n, p in zip(masks.names, masks.params) if p.is_floating_point() and not _all_finite(p)]
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN and no infinity, without a full-size temporary for a plain tensor: its
+    minimum and maximum are finite (both propagate NaN). ``torch.isfinite`` would allocate one bool per entry, which
+    the allocator keeps mapped: 192 MB of resident memory at 200M weights. A sharded parameter (``DTensor``) keeps
+    the distributed ``isfinite(...).all()``."""
+    if tensor.numel() == 0:
+        return True
+    if local_shard(tensor) is not tensor:
+        return bool(torch.isfinite(tensor).all())
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def sparsity_rows(masks: MaskSet) -> list[tuple[str, str, str, str]]:

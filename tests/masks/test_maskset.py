@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +8,7 @@ from torch import nn
 from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.criteria.magnitude import MagnitudeImportance
-from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.maskset import MaskSet, non_finite_parameters
 from lightning_prune.masks.params import prunable_parameters
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.unstructured import Unstructured
@@ -214,3 +217,43 @@ def test_channels_last_weights_are_masked_by_logical_index():
         assert int(pruned.sum()) == round(0.5 * m.numel())
         assert w.abs()[pruned].max() <= w.abs()[~pruned].min()
         assert bool((p[pruned] == 0).all()) and torch.equal(p[~pruned], w[~pruned])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_non_finite_parameters_finds_every_nan_and_infinity(dtype, value, where):
+    net = nn.Sequential(nn.Linear(64, 33), nn.Linear(33, 1000), nn.Linear(1000, 3)).to(dtype)
+    masks = MaskSet(prunable_parameters(net))
+    assert non_finite_parameters(masks) == []
+    flat = net[1].weight.view(-1)
+    index = {"first": 0, "middle": flat.numel() // 2, "last": flat.numel() - 1}[where]
+    with torch.no_grad():
+        flat[index] = value
+    assert non_finite_parameters(masks) == ["1.weight"]
+
+
+def test_non_finite_parameters_of_an_empty_parameter_is_empty():
+    masks = MaskSet({"empty": nn.Parameter(torch.empty(0, 4)), "w": nn.Parameter(torch.ones(2, 2))})
+    assert non_finite_parameters(masks) == []
+
+
+_NON_FINITE_MEMORY = """
+import resource, torch
+from torch import nn
+from lightning_prune.masks.maskset import MaskSet, non_finite_parameters
+torch.set_num_threads(1)
+masks = MaskSet({f"w{i}": nn.Parameter(torch.ones(4096, 4096)) for i in range(4)})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert non_finite_parameters(masks) == []
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_non_finite_parameters_allocates_nothing_full_size():
+    # 64M weights in 4 tensors: a bool copy per tensor (torch.isfinite) raised the peak by about 180 MB.
+    done = subprocess.run(
+        [sys.executable, "-c", _NON_FINITE_MEMORY], capture_output=True, text=True, check=True, timeout=300
+    )
+    rise_mb = float(done.stdout.strip().splitlines()[-1])
+    assert rise_mb < 16, f"non_finite_parameters raised the peak resident size by {rise_mb:.0f} MB"
