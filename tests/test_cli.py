@@ -3,6 +3,7 @@
 import textwrap
 
 import torch
+from _checks import ROOT
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_prune import PruningCallback
@@ -75,3 +76,47 @@ def test_lightning_cli_adds_the_pruning_callback_from_yaml(tmp_path, monkeypatch
     first = cli.model.net[0].weight
     assert int((first == 0).sum()) == round(0.75 * first.numel())
     assert torch.count_nonzero(cli.model.net[2].weight) == cli.model.net[2].weight.numel()  # ignored
+
+
+NULL_DEFAULTS = """
+trainer:
+  max_epochs: 3
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_prune.PruningCallback
+      init_args: {sparsity: 0.5}
+"""
+
+
+def test_the_nulls_print_config_shows_mean_what_the_readme_says(tmp_path, monkeypatch):
+    """``--print_config`` shows ``null`` for four defaults; the README says what each means, and a fit agrees."""
+    (tmp_path / "tiny_cli_module.py").write_text(textwrap.dedent(MODULE))
+    (tmp_path / "config.yaml").write_text(NULL_DEFAULTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    from tiny_cli_module import TinyData, TinyModel
+
+    cli = LightningCLI(
+        TinyModel,
+        TinyData,
+        args=["fit", "--config", str(tmp_path / "config.yaml"), f"--trainer.default_root_dir={tmp_path}"],
+        save_config_kwargs={"overwrite": True},
+    )
+    [shown] = [c for c in cli.config.fit.trainer.callbacks if c.class_path.endswith("PruningCallback")]
+    assert {k: shown.init_args[k] for k in ("start_epoch", "end_epoch", "every_n_epochs", "scope")} == dict.fromkeys(
+        ("start_epoch", "end_epoch", "every_n_epochs", "scope")
+    )
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (
+        "`start_epoch: null` is 0, `end_epoch: null` the last epoch (`max_epochs - 1`), `every_n_epochs: null` is 1 "
+        'and `scope: null` is `"global"` (or `"layer"` when `sparsity` maps layers to their own targets).'
+    ) in readme
+    [pruning] = [c for c in cli.trainer.callbacks if isinstance(c, PruningCallback)]
+    schedule = pruning.schedule
+    assert (schedule.start_epoch, schedule.end_epoch, schedule.every_n_epochs) == (0, 2, 1)
+    assert pruning.scope == "global"
+    assert PruningCallback(sparsity={"net.0.weight": 0.5}).scope == "layer"

@@ -32,6 +32,8 @@ from lightning_prune._files import ArtifactWriteError, atomic_write_json, prepar
 from lightning_prune._helpers import check_int, eval_mode
 from lightning_prune.app.config import ConfigError, register_configs
 from lightning_prune.app.oneshot import instantiate_oneshot, pruning_arguments
+from lightning_prune.app.quiet import quiet_third_party
+from lightning_prune.app.summary import training_aid_lines
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
@@ -413,6 +415,7 @@ def _compaction_lines(compaction: dict[str, Any]) -> list[str]:
     return lines
 
 
+@quiet_third_party()  # Lightning's product tips, a known deprecation warning, ONNX INFO lines: during the run only
 def train(cfg: DictConfig) -> float:
     """Train, prune, fine-tune and test the model described by ``cfg``.
 
@@ -552,6 +555,7 @@ def train(cfg: DictConfig) -> float:
     lines += [
         f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})",
         f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})",
+        *training_aid_lines(cfg, start_epoch if pruning else None),
         *(_compaction_lines(compaction) if compaction is not None else []),
         f"  wall time        {metrics['wall_time_s']:.1f} s",
         f"  metrics          {output_dir / 'metrics.json'}",

@@ -31,6 +31,35 @@ from lightning_prune.training.regularization import PENALTIES
 
 # ---------------------------------------------------------------------------------------------- validation
 
+#: The top-level keys a config composed from ``conf/`` can have: the root keys of ``config.yaml``, one per config
+#: group (``+sensitivity=default`` adds its group), and the keys ``hparams_search=optuna`` adds. Any other
+#: top-level key came from a ``+key=value`` override the config does not know, and :func:`validate` refuses it.
+ROOT_KEYS: tuple[str, ...] = (
+    "task_name",
+    "seed",
+    "output_dir",
+    "ckpt_path",
+    "module",
+    "hydra",
+    "data",
+    "model",
+    "pruning",
+    "schedule",
+    "trainer",
+    "logger",
+    "optimizer",
+    "regularization",
+    "distillation",
+    "allocation",
+    "callbacks",
+    "export",
+    "sensitivity",
+    "experiment",
+    "hparams_search",
+    "objective",
+    "max_accuracy_drop",
+)
+
 
 class _Checker:
     """Collects ``key=value: what is allowed`` lines."""
@@ -57,7 +86,8 @@ class _Checker:
 def validate(cfg: DictConfig) -> None:
     """Check the ranges and relations the schemas cannot express; raise one :class:`ConfigError` for all.
 
-    Checks ``seed``, ``data.batch_size`` (when present), and the ``pruning``, ``trainer``, ``optimizer``,
+    Checks that every top-level key is one the project's configs have (:data:`ROOT_KEYS`; ``+foo=bar`` adds
+    one they do not), ``seed``, ``data.batch_size`` (when present), and the ``pruning``, ``trainer``, ``optimizer``,
     ``regularization``, ``distillation`` and ``export`` groups when present. Each problem is reported as
     ``key=value: what is allowed``.
 
@@ -72,6 +102,7 @@ def validate(cfg: DictConfig) -> None:
         >>> validate(OmegaConf.create({"seed": 0, "pruning": {"_target_": "x", "sparsity": 0.5}}))
     """
     check = _Checker()
+    _check_root_keys(check, cfg)
     for group in (
         "pruning",
         "trainer",
@@ -122,6 +153,15 @@ def validate(cfg: DictConfig) -> None:
         _validate_export(check, export)
     if check.errors:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(check.errors))
+
+
+def _check_root_keys(check: _Checker, cfg: DictConfig) -> None:
+    """Top-level keys added with ``+key=value`` (or ``++key=value``) that nothing reads: refuse them by name."""
+    for key in cfg:
+        if str(key) not in ROOT_KEYS:
+            close = difflib.get_close_matches(str(key), ROOT_KEYS, n=1)
+            hint = f"did you mean {close[0]}?" if close else "remove the override (`+` adds a key nothing reads)"
+            check.fail(str(key), cfg.get(str(key)), f"unknown top-level key; {hint}")
 
 
 def _check_keys(check: _Checker, group: str, node: DictConfig) -> None:

@@ -75,10 +75,11 @@ class PruningCallback(Callback):
             pattern matches stay dense, and each layer follows the schedule's shape to its own target.
         schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (Zhu & Gupta, 2017), ``"exponential"``,
             ``"iterative"`` or a schedule object.
-        start_epoch: first pruning epoch (default 0).
+        start_epoch: first pruning epoch. ``None`` (the default): 0, or a schedule object's own.
         end_epoch: epoch at which ``sparsity`` is reached; ``None`` means the last training epoch
             (``max_epochs - 1``). Leave epochs after it for fine-tuning.
-        every_n_epochs: prune every n epochs between ``start_epoch`` and ``end_epoch`` (default 1).
+        every_n_epochs: prune every n epochs between ``start_epoch`` and ``end_epoch``. ``None`` (the default):
+            1, or a schedule object's own.
         importance: ``"magnitude"``, ``"l1"``, ``"l2"``, ``"taylor"`` (Molchanov et al., 2019), ``"fisher"``
             (LeCun et al., 1990), ``"apoz"`` (Hu et al., 2016) and ``"activation"`` (channels only), or an
             :class:`~lightning_prune.criteria.base.Importance` object. For channels, ``"magnitude"`` is ``"l1"``: the

@@ -30,7 +30,7 @@ from lightning_prune.app.train import (
     instantiate_pruning,
     train,
 )
-from lightning_prune.app.validation import channel_importances, validate
+from lightning_prune.app.validation import ROOT_KEYS, channel_importances, validate
 from lightning_prune.criteria import IMPORTANCES
 from lightning_prune.criteria.base import Importance
 from lightning_prune.criteria.magnitude import LpNormImportance
@@ -188,6 +188,8 @@ MALFORMED = [
         ConfigError,
         r"pruning\.sparsityy=0\.5: unknown key; did you mean pruning\.sparsity\?",
     ),
+    (["+foo=bar"], ConfigError, r"foo='bar': unknown top-level key; remove the override \(`\+` adds a key nothing"),
+    (["++sed=1"], ConfigError, r"sed=1: unknown top-level key; did you mean seed\?"),
     (["+trainer.max_epoch=3"], ConfigError, r"trainer\.max_epoch=3: unknown key; did you mean trainer\.max_epochs\?"),
     # wrong types
     (["pruning.sparsity=abc"], ConfigError, r"pruning\.sparsity='abc': must be in \[0, 1\)"),
@@ -341,6 +343,20 @@ def test_malformed_override_fails_before_training(overrides, error, match, monke
     # Hydra puts the detail (key, value, type) in the chained cause; the CLI prints both.
     message = str(info.value) + "\n" + str(info.value.__cause__ or "")
     assert re.search(match, message), message
+
+
+def test_root_keys_name_every_config_group_and_root_key():
+    """A group added to conf/ (or a key to config.yaml) without a ROOT_KEYS entry would be refused as unknown."""
+    assert {group.split("/")[0] for group in GROUPS} - {"hydra"} <= set(ROOT_KEYS)
+    assert set(_compose([])) <= set(ROOT_KEYS)
+    validate(_compose(["+sensitivity=default", "hparams_search=optuna", "experiment=digits_lottery"]))
+
+
+def test_script_refuses_an_unknown_top_level_key_in_one_line(tmp_path):
+    done = _script("+pruning_sparsity=0.5", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
+    assert done.returncode == 1
+    assert "pruning_sparsity=0.5: unknown top-level key; did you mean pruning?" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_validate_lists_every_problem_at_once():

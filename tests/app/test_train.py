@@ -144,10 +144,12 @@ def test_dense_accuracy_is_measured_before_pruning(tmp_path):
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
-def test_train_without_pruning(tmp_path):
+def test_train_without_pruning(tmp_path, capsys):
     cfg = _compose([*FAST, "pruning=none", f"output_dir='{tmp_path}'"])
     assert "_target_" not in cfg.pruning
     accuracy = train(cfg)
+    summary = capsys.readouterr().out
+    assert "  regularization   none\n  distillation     none\n" in summary
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     saved_accuracy, saved_sparsity = _accuracy_from_checkpoint(cfg, tmp_path / "checkpoints" / "last.ckpt")
     assert accuracy == pytest.approx(saved_accuracy) and saved_sparsity == 0.0
@@ -160,7 +162,7 @@ def test_train_without_pruning(tmp_path):
     assert list(cfg.optimizer.lr_milestones) == [cfg.trainer.max_epochs]
 
 
-def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path):
+def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path, capsys):
     cfg = _compose(
         [
             *FAST,
@@ -176,6 +178,12 @@ def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path):
     )
     assert cfg.regularization.stop_epoch == 1  # the penalty stops when pruning starts
     train(cfg)
+    # The summary says how the model was trained.
+    summary = capsys.readouterr().out
+    assert "  regularization   l1, strength 0.0003, epoch 0 (stopped at epoch 1)\n" in summary
+    assert (
+        "  distillation     alpha 0.5, temperature 4, from epoch 1, teacher: the dense model at epoch 1\n"
+    ) in summary
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01) and metrics["pruned_test_acc"] > 0.3
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
