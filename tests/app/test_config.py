@@ -260,7 +260,8 @@ MALFORMED = [
     (
         ["pruning=channel", "pruning.structure=blocks"],
         ConfigError,
-        r"pruning\.structure='blocks': must be one of \['2:4', 'block', 'channel', 'heads', 'unstructured', \"an N:M pattern",
+        r"pruning\.structure='blocks': must be one of \['2:4', 'block', 'channel', 'heads', 'unstructured', "
+        r"\"an N:M pattern",
     ),
     (
         ["pruning.round_to=8"],

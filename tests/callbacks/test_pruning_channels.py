@@ -368,7 +368,10 @@ def test_example_inputs_of_the_wrong_shape_fail_at_train_start(tmp_path):
     ("kwargs", "match"),
     [
         ({"structure": "channel", "importance": HalfScore()}, r"supports importance 'l1', 'l2' or 'magnitude'"),
-        ({"round_to": 8}, r"`round_to` applies to structure='channel' only \(or 'heads'\), got structure='unstructured'"),
+        (
+            {"round_to": 8},
+            r"`round_to` applies to structure='channel' only \(or 'heads'\), got structure='unstructured'",
+        ),
         ({"max_layer_sparsity": 0.5}, r"`max_layer_sparsity` applies to structure='channel' only"),
         ({"compact": True}, r"`compact=True` removes pruned channels and needs structure='channel'"),
         ({"structure": "channel", "round_to": 0}, r"`round_to` must be a positive integer, got 0"),
