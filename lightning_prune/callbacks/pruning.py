@@ -20,7 +20,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_prune._files import prepare_folder
-from lightning_prune._helpers import is_int, is_number
+from lightning_prune._helpers import is_number
+from lightning_prune.callbacks._arguments import (
+    _check_rewind_epoch,
+    _misconfig,
+    _non_finite,
+    _resolve_importance,
+    _schedule_args,
+)
 from lightning_prune.callbacks.sharding import (
     add_mask_shards,
     check_strategy,
@@ -28,7 +35,6 @@ from lightning_prune.callbacks.sharding import (
     mask_state,
     saves_sharded,
 )
-from lightning_prune.criteria import build_importance
 from lightning_prune.criteria.base import Importance
 from lightning_prune.deploy.compact import compact, save_compact
 from lightning_prune.deploy.profile import compaction_report
@@ -37,7 +43,7 @@ from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
 from lightning_prune.masks.params import Prunable, prunable_parameters
 from lightning_prune.masks.sharded import ShardedMaskSet
 from lightning_prune.pruner import NonFiniteWeightsError, Pruner
-from lightning_prune.schedules import SCHEDULES, SparsitySchedule, build_schedule
+from lightning_prune.schedules import SparsitySchedule, build_schedule
 from lightning_prune.structures import build_structure
 from lightning_prune.structures.base import Structure
 from lightning_prune.structures.channel import ChannelStructure
@@ -729,88 +735,3 @@ def find_pruning_callback(
         f"{who} needs one PruningCallback among the Trainer's callbacks, found {len(found)}"
         + (": pass the one to use as `pruning=`." if found else ".")
     )
-
-
-def _non_finite(epoch: int, when: str, names: Sequence[str]) -> MisconfigurationException:
-    """The error for masked parameters that hold NaN or infinity: the masks are never computed from, nor kept on,
-    diverged weights."""
-    return MisconfigurationException(
-        f"PruningCallback at epoch {epoch} ({when}): non-finite weights (NaN or inf) in {list(names)}; training "
-        "diverged, e.g. from non-finite gradients. The masks were left as they were. Lower the learning rate, clip "
-        "gradients (`Trainer(gradient_clip_val=...)`) or check the data, then resume from the last good checkpoint."
-    )
-
-
-def _resolve_importance(importance: object, batches: int | None) -> Importance:
-    built: Importance = _misconfig(build_importance, importance)
-    if batches is None:
-        return built
-    if not isinstance(importance, str):
-        raise MisconfigurationException(
-            f"`importance_batches` applies to an importance given by name; set it on {importance!r} itself."
-        )
-    if built.collects == "nothing":
-        raise MisconfigurationException(
-            f"`importance_batches` applies to the criteria that collect statistics ('taylor', 'fisher', 'apoz', "
-            f"'activation'), not to importance={importance!r}."
-        )
-    return _misconfig(type(built), batches)
-
-
-def _check_rewind_epoch(rewind_epoch: object, first: int) -> int | None:
-    """``first``: the schedule's first pruning epoch (``start_epoch`` for every schedule)."""
-    if rewind_epoch is None:
-        return None
-    if not is_int(rewind_epoch) or rewind_epoch < 0:
-        raise MisconfigurationException(f"`rewind_epoch` must be an integer >= 0 or None, got {rewind_epoch!r}.")
-    if rewind_epoch > first:
-        raise MisconfigurationException(
-            f"`rewind_epoch`={rewind_epoch} is after the first pruning step (epoch {first}): the weights to rewind to "
-            f"must be stored before pruning starts. Use an epoch <= {first} (0 rewinds to the initial weights)."
-        )
-    return rewind_epoch
-
-
-def _schedule_args(
-    schedule: object,
-    sparsity: float,
-    start_epoch: int | None,
-    end_epoch: int | None,
-    every_n_epochs: int | None,
-) -> dict[str, Any]:
-    """The schedule's arguments, with the callback's defaults; for a schedule object, its own (contradicting
-    arguments are refused)."""
-    given = {"start_epoch": start_epoch, "end_epoch": end_epoch, "every_n_epochs": every_n_epochs}
-    if isinstance(schedule, SparsitySchedule):
-        own = {
-            "sparsity": schedule.final_sparsity,
-            "start_epoch": schedule.start_epoch,
-            "end_epoch": schedule.end_epoch,
-            "every_n_epochs": schedule.every_n_epochs,
-        }
-        clashes = {k: (v, own[k]) for k, v in {**given, "sparsity": sparsity}.items() if v is not None and v != own[k]}
-        if clashes:
-            detail = ", ".join(f"`{k}`={v!r} but the schedule has {o!r}" for k, (v, o) in clashes.items())
-            raise MisconfigurationException(
-                f"PruningCallback got a schedule object and contradicting arguments: {detail}. "
-                "Set them on the schedule object only."
-            )
-        return own
-    if not isinstance(schedule, str) or schedule not in SCHEDULES:
-        raise MisconfigurationException(
-            f"`schedule` must be one of {sorted(SCHEDULES)} or a SparsitySchedule object, got {schedule!r}."
-        )
-    return {
-        "sparsity": sparsity,
-        "start_epoch": 0 if start_epoch is None else start_epoch,
-        "end_epoch": end_epoch,
-        "every_n_epochs": 1 if every_n_epochs is None else every_n_epochs,
-    }
-
-
-def _misconfig(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` and turn the core's ``ValueError``/``TypeError`` into a ``MisconfigurationException``."""
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise MisconfigurationException(f"PruningCallback: {err}") from err
