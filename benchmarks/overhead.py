@@ -184,9 +184,18 @@ def _timer_class() -> type:
 
 
 def _prunable(net: Any) -> list[tuple[Any, str]]:
+    """The (module, "weight") pairs of Linear and Conv layers that ``torch.nn.utils.prune`` can mask.
+
+    ``nn.MultiheadAttention`` calls its ``out_proj`` through the functional API, never through the module, so the
+    forward pre-hook of ``torch.nn.utils.prune`` does not run: the masked weight computed once at pruning time keeps
+    its autograd graph, and the second backward fails ("Trying to backward through the graph a second time").
+    ModelPruning therefore gets every Linear and Conv weight but those; ``PruningCallback`` prunes them too (and the
+    attention's ``in_proj_weight``), so on the transformer it masks more than ModelPruning does.
+    """
     from torch import nn
 
-    return [(m, "weight") for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # what we prune too
+    skip = {id(m.out_proj) for m in net.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [(m, "weight") for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in skip]
 
 
 def _sparsity(pairs: list[tuple[Any, str]], variant: str) -> float:

@@ -176,7 +176,6 @@ class MaskSet:
             self._multipliers,
         )
 
-    @torch.no_grad()
     def mask_gradients_(self) -> None:
         """Zero the gradients of pruned entries, in place, in one pass over every masked parameter that has one.
 
@@ -194,17 +193,20 @@ class MaskSet:
             >>> float(net.weight.grad[0, 0]), float(net.weight.grad[1, 1])
             (0.0, 1.0)
         """
+        # The hot path of every training step: no grad-mode switch (gradients are plain tensors that record no
+        # history) and no per-tensor calls beyond the fused multiply.
         grads = [p.grad for p in self.params]
-        if all(g is not None for g in grads):
+        if all(g is not None and not g.requires_grad for g in grads):
             self._mask_([local_shard(g) for g in grads], self.masks, self._multipliers)  # type: ignore[arg-type]
             return
-        present = [i for i, g in enumerate(grads) if g is not None]  # frozen or unused parameters have none
-        if present:
-            self._mask_(
-                [local_shard(grads[i]) for i in present],  # type: ignore[arg-type]
-                [self.masks[i] for i in present],
-                [self._multipliers[i] for i in present] if self._multipliers else [],
-            )
+        with torch.no_grad():  # gradients of a `create_graph=True` backward, or frozen and unused parameters
+            present = [i for i, g in enumerate(grads) if g is not None]  # frozen or unused parameters have none
+            if present:
+                self._mask_(
+                    [local_shard(grads[i]) for i in present],  # type: ignore[arg-type]
+                    [self.masks[i] for i in present],
+                    [self._multipliers[i] for i in present] if self._multipliers else [],
+                )
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -321,8 +323,8 @@ class MaskSet:
             return args, {**kwargs, "closure": masked}
         return (args[0], masked, *args[2:]), kwargs
 
-    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Runs after every step: no grad-mode switch unless there is work (remask_ switches itself).
         if self._every_step.get(id(optimizer), True):
             self.remask_(optimizer)
         elif self._pending and any(opt is optimizer for opt in self._pending):
