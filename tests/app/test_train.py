@@ -42,6 +42,9 @@ METRIC_KEYS = {
     "compact",
     "wall_time_s",
     "overrides",
+    "seed",
+    "epochs",
+    "dense_epoch",
     "digest",
 }
 # A small, fast version of the main job: 3 epochs, pruning at the starts of epochs 0 and 1.
