@@ -449,10 +449,10 @@ def _mean(values: Sequence[float]) -> float:
 def accuracy_figure(runs: Sequence[RunResult], max_drop: float | None = None) -> Any:
     """The accuracy-against-sparsity plot as a matplotlib ``Figure`` (what ``accuracy_vs_sparsity.png`` shows).
 
-    The pruned runs' test accuracies against their achieved sparsities; the baseline as a dashed line whose
-    legend entry and the title name it: the dense runs of the same schedule (their range shaded when they
-    differ), or, when the sweep holds none, the dense snapshot at the start of pruning, dotted. With
-    ``max_drop``, the accuracy bound below the baseline in red.
+    The pruned runs' test accuracies against their achieved sparsities, and the baseline as a horizontal line
+    that its legend entry and the title name: the dense runs of the same schedule, dashed (their range shaded
+    when they differ), or, for runs without one in the sweep, the dense snapshot at the start of pruning,
+    dotted. With ``max_drop``, the accuracy bound below the baseline in red.
 
     Raises:
         ImportError: matplotlib is not installed.
