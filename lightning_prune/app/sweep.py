@@ -505,7 +505,7 @@ def accuracy_figure(runs: Sequence[RunResult], max_drop: float | None = None) ->
         ax.axhline(100 * _mean(accuracies), color="dimgray", linestyle=":", linewidth=1.2, label=name)
         if len(set(accuracies)) > 1 and not dense:
             ax.axhspan(100 * min(accuracies), 100 * max(accuracies), color="black", alpha=0.08, linewidth=0)
-        lines.append((_mean(accuracies), f"dense snapshot at the start of pruning ({when})"))
+        lines.append((_mean(accuracies), f"dense snapshot at the start of pruning ({when}), not the same schedule"))
     if lines and max_drop is not None:
         ax.axhline(
             100 * (lines[0][0] - max_drop), color="tab:red", linestyle=":", label=f"baseline - {100 * max_drop:.2f} pp"

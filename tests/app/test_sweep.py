@@ -293,7 +293,10 @@ def test_plot_names_the_baseline_it_shows(tmp_path):
         (sweep / job / ".hydra" / "overrides.yaml").unlink()
     legend, title = _legend_and_title(accuracy_figure(collect_runs(sweep)))
     assert legend == ["pruned", "dense snapshot at the start of pruning (epoch 10, mean of 2 runs)"]
-    assert title == "Test accuracy against sparsity\nbaseline: dense snapshot at the start of pruning (epoch 10)"
+    assert title == (
+        "Test accuracy against sparsity\nbaseline: dense snapshot at the start of pruning (epoch 10), not the same "
+        "schedule"
+    )
 
 
 # --------------------------------------------------------------------------------------------- table digests
