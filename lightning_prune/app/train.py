@@ -432,7 +432,9 @@ def train(cfg: DictConfig) -> float:
     ``cfg.ckpt_path`` (a path, or ``last``: see :func:`resume_path`) resumes from it. Under DDP every rank trains
     and tests; rank 0 alone reports. Test accuracy is measured before pruning starts (the
     dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
-    the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
+    the run directory (see :func:`resolve_output_dir`), with ``status: "ok"``, ``seed``, ``epochs`` (the epochs
+    trained), ``dense_epoch`` (the epochs trained when ``dense_test_acc`` was measured: ``pruning.start_epoch``, or
+    ``epochs`` without pruning, whose final model is the dense one) and the pruned model's MACs per
     sample (:func:`lightning_prune.deploy.profile.count_macs`: ``macs`` counts nonzero weights, ``dense_macs`` all).
     ``sparsity`` is the callback's achieved sparsity, a fraction of weights or, for channel pruning, of
     channels, as ``sparsity_of`` says; ``weight_sparsity`` is the fraction of zeros among all Linear and Conv
@@ -501,6 +503,8 @@ def train(cfg: DictConfig) -> float:
     final_acc = evaluate_accuracy(module, datamodule.test_dataloader())
     # Without pruning, or if pruning never started, the final model is the dense one.
     dense_acc = dense_probe.accuracy if dense_probe.accuracy is not None else final_acc
+    epochs = int(trainer.current_epoch)  # the epochs trained: trainer.max_epochs unless stopped early
+    dense_epoch = start_epoch if dense_probe.accuracy is not None else epochs
     if not trainer.is_global_zero:  # under DDP every rank gets here with the same model; rank 0 reports
         return final_acc
 
@@ -535,6 +539,9 @@ def train(cfg: DictConfig) -> float:
         "compact": compaction,
         "wall_time_s": time.perf_counter() - start,
         "overrides": task_overrides(),
+        "seed": int(cfg.seed),
+        "epochs": epochs,
+        "dense_epoch": dense_epoch,
     }
     if export is not None:
         metrics["export"] = export
@@ -542,7 +549,10 @@ def train(cfg: DictConfig) -> float:
     if save_error:  # the run finished; a file it could not write makes it a failed run, with everything else kept
         metrics["status"] = "failed"
         metrics["error"] = f"the compact model could not be saved: {save_error}"
-    dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
+    if dense_probe.accuracy is not None:
+        dense_when = f"start of epoch {start_epoch}, before pruning"
+    else:
+        dense_when = "no pruning" if pruning is None else f"pruning never started: the model after {epochs} epochs"
     lines = [
         f"Summary ({type(net).__name__}, seed {cfg.seed})",
         f"  dense test acc   {dense_acc:.4f}  ({dense_when})",
