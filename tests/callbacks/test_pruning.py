@@ -1,4 +1,5 @@
 import csv
+import inspect
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -194,6 +195,37 @@ def test_layer_scope_reaches_the_target_in_every_layer(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         PruningCallback(**kwargs)
+
+
+def test_the_signature_defaults_are_the_values_used():
+    """``help(PruningCallback)`` and ``--print_config`` show the defaults in force; ``None`` means the same."""
+    shown = inspect.signature(PruningCallback).parameters
+    assert {k: shown[k].default for k in ("start_epoch", "end_epoch", "every_n_epochs", "scope")} == {
+        "start_epoch": 0,
+        "end_epoch": None,
+        "every_n_epochs": 1,
+        "scope": "global",
+    }
+    for pruning in (
+        PruningCallback(sparsity=0.5),
+        PruningCallback(sparsity=0.5, start_epoch=None, every_n_epochs=None, scope=None),
+    ):
+        assert (pruning.start_epoch, pruning.schedule.every_n_epochs, pruning.scope) == (0, 1, "global")
+    # Per-layer targets prune each layer to its own target under the default scope.
+    assert PruningCallback(sparsity={"head": 0.5}).scope == "layer"
+    assert PruningCallback(sparsity={"head": 0.5}, scope="layer").scope == "layer"
+
+
+def test_a_schedule_object_keeps_its_own_epochs_unless_contradicted():
+    schedule = CubicSchedule(final_sparsity=0.9, start_epoch=2, end_epoch=6, every_n_epochs=2)
+    for pruning in (PruningCallback(schedule=schedule), PruningCallback(schedule=schedule, start_epoch=2)):
+        assert (pruning.start_epoch, pruning.schedule.every_n_epochs) == (2, 2)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"contradicting arguments: `start_epoch`=3 but the schedule has 2, `every_n_epochs`=4 but the schedule "
+        r"has 2\. Set them on the schedule object only\.",
+    ):
+        PruningCallback(schedule=schedule, start_epoch=3, every_n_epochs=4)
 
 
 def test_bad_model_dependent_arguments_fail_at_setup(tmp_path):
