@@ -399,7 +399,8 @@ class PruningCallback(Callback):
             last = max(max_epochs - 1, self._schedule_args["start_epoch"])
             self.schedule = schedule.with_end_epoch(last) if schedule is not None else self._build_schedule(last)
         schedule = self._schedule()
-        first = next((e for e in schedule.pruning_epochs() if schedule.sparsity_at(e) > 0), None)
+        first = schedule.first_nonzero_epoch()
+        rank_zero_info(f"PruningCallback: {schedule.describe()}.")
         if self.importance.collects != "nothing" and first == 0:
             raise MisconfigurationException(
                 f"PruningCallback: {self.importance!r} scores from {self.importance.collects} that training computes, "

@@ -1,5 +1,6 @@
 import csv
 import inspect
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -254,9 +255,15 @@ def test_warns_when_the_schedule_outlasts_training(tmp_path):
         tiny_trainer(tmp_path, [pruning], max_epochs=2).fit(Net(), images())
 
 
-def test_open_end_uses_the_last_epoch_and_state_keys_differ(tmp_path):
+def test_open_end_uses_the_last_epoch_and_state_keys_differ(tmp_path, caplog):
     pruning = PruningCallback(sparsity=0.5, schedule="linear")
-    tiny_trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), images())
+    with caplog.at_level(logging.INFO):
+        tiny_trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), images())
     assert pruning.schedule.end_epoch == 2
+    # The log says when the first weights go: the linear schedule's target is 0 at its start epoch.
+    assert (
+        "PruningCallback: linear to 0.5 over epochs 0-2 (every 1); first non-zero target 0.2500 at epoch 1."
+        in caplog.messages
+    )
     assert pruning.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
     assert PruningCallback(scope="layer").state_key != PruningCallback().state_key
