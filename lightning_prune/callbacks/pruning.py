@@ -102,7 +102,7 @@ class PruningCallback(Callback):
             fraction of channels (blocks) pruned.
         scope: ``"global"`` (the default: one threshold across all prunable layers) or ``"layer"`` (each layer
             reaches ``sparsity`` on its own). Per-layer targets (``sparsity`` a mapping) always prune each layer
-            to its own target: the default then reads ``"layer"``. ``None`` is the default too.
+            to its own target: the default then reads ``"layer"``. ``None`` means the default.
         ignore: module-name patterns (``fnmatch`` syntax, matching a name or a dotted suffix of it) whose
             weights stay dense, e.g. ``["head"]`` for the classifier. With channels: layers whose output
             channels stay whole (groups that reach the model's output are always kept).
