@@ -560,6 +560,9 @@ def train(cfg: DictConfig) -> float:
         f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable {unit}; target "
         f"{metrics['target_sparsity']:.4f})",
     ]
+    schedule = getattr(pruning, "schedule", None)
+    if schedule is not None:
+        lines.append(f"  schedule         {schedule.describe()}")
     if unit != "weights":
         lines.append(f"  weight sparsity  {metrics['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
     lines += [
