@@ -36,15 +36,26 @@ from lightning_prune.masks.sharded import ShardedMaskSet
 #: Where the mask shards sit in a sharded checkpoint's ``state_dict``.
 MASK_PREFIX = "lightning_prune.masks."
 
+#: The structures (their ``name``) that prune FSDP2's row shards exactly.
+SHARDED_STRUCTURES: tuple[str, ...] = ("unstructured", "n:m", "block")
+
 
 def check_strategy(strategy: Strategy, structure: object, importance: object, rewind_epoch: int | None) -> None:
     """Refuse a strategy, or a configuration under a sharding strategy, that pruning cannot follow exactly.
 
     ``structure`` and ``importance`` are the callback's (their ``name`` and ``collects`` are read).
 
+    Under ``ModelParallelStrategy`` (FSDP2 shards the weights by rows) these prune exactly as one process does on
+    the whole weights: single weights (``"unstructured"``); N:M groups, which run along the input dimension and so
+    lie within a row; blocks, when every row shard holds whole tiles (checked when the masks are bound: a shard
+    that cuts a tile is refused on every rank, naming the layer and its shards); weight criteria (``magnitude``,
+    ``l1``, ``l2``) and gradient criteria (``taylor``, ``fisher``), whose statistics of the local gradient shards,
+    the data-parallel mean after FSDP2's reduce-scatter, equal the rows of DDP's. Channels and heads need whole
+    columns that shards split, and activation criteria score channels.
+
     Raises:
         MisconfigurationException: FSDP1 (``FSDPStrategy``) or DeepSpeed; under ``ModelParallelStrategy``, a
-            structure other than unstructured, a criterion that needs statistics, ``rewind_epoch``, or tensor
+            channel or head structure, a criterion that collects activations, ``rewind_epoch``, or tensor
             parallelism.
     """
     name = type(strategy).__name__
@@ -64,17 +75,18 @@ def check_strategy(strategy: Strategy, structure: object, importance: object, re
             "needs whole. Use `tensor_parallel_size=1` (FSDP2 alone shards by rows, which pruning follows)."
         )
     structure_name = getattr(structure, "name", repr(structure))
-    if structure_name != "unstructured":
+    if structure_name not in SHARDED_STRUCTURES:
         raise MisconfigurationException(
-            f"PruningCallback under {name} prunes single weights only (structure='unstructured'), got "
-            f"{structure!r}: channel, block and N:M masks need whole rows or channels that FSDP2 splits across "
-            "ranks. Prune them with `strategy='ddp'`, or prune single weights while sharded."
+            f"PruningCallback under {name} prunes single weights, N:M groups and blocks (structure='unstructured', "
+            f"'2:4', 'block'), got {structure!r}: channel and head masks need whole columns that FSDP2 splits "
+            "across ranks. Prune them with `strategy='ddp'`, or prune weights, N:M groups or blocks while sharded."
         )
     collects = getattr(importance, "collects", "nothing")
-    if collects != "nothing":
+    if collects not in ("nothing", "gradients"):
         raise MisconfigurationException(
-            f"PruningCallback under {name} scores weights from their values only; {importance!r} collects "
-            f"{collects}. Use importance='magnitude' (or 'l1', 'l2'), or train with `strategy='ddp'`."
+            f"PruningCallback under {name} scores weights from their values or gradients; {importance!r} collects "
+            f"{collects}. Use importance='magnitude' (or 'l1', 'l2', 'taylor', 'fisher'), or train with "
+            "`strategy='ddp'`."
         )
     if rewind_epoch is not None:
         raise MisconfigurationException(

@@ -22,9 +22,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_prune import PruningCallback
+from lightning_prune.callbacks.sharding import check_strategy
 from lightning_prune.criteria import MagnitudeImportance
 from lightning_prune.masks import MaskSet
-from lightning_prune.structures import Unstructured
+from lightning_prune.structures import NMStructure, Unstructured
 
 JOB = Path(__file__).resolve().parents[1] / "_fsdp_job.py"
 
@@ -37,8 +38,18 @@ def _setup(callback: PruningCallback, tensor_parallel_size: int = 1) -> None:
     callback.setup(trainer, nn.Sequential(nn.Linear(2, 2)), "fit")  # type: ignore[arg-type]
 
 
-def test_model_parallel_strategy_is_accepted_for_unstructured_magnitude():
-    callback = PruningCallback(sparsity=0.5)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"structure": "2:4", "sparsity": 0.5},
+        {"structure": "block", "block_shape": (2, 4)},
+        {"importance": "taylor", "start_epoch": 1},
+        {"importance": "fisher", "structure": "2:4", "sparsity": 0.5, "start_epoch": 1},
+    ],
+)
+def test_model_parallel_strategy_accepts_what_row_shards_follow(kwargs):
+    callback = PruningCallback(**{"sparsity": 0.5, **kwargs})
     _setup(callback)
     assert callback._sharded_checkpoints
 
@@ -46,15 +57,33 @@ def test_model_parallel_strategy_is_accepted_for_unstructured_magnitude():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"structure": "channel"}, r"prunes single weights only \(structure='unstructured'\), got ChannelStructure"),
-        ({"structure": "2:4"}, r"got NMStructure\(n=2, m=4\).*Prune them with `strategy='ddp'`"),
-        ({"importance": "taylor", "start_epoch": 1}, r"TaylorImportance\(batches=16\) collects gradients"),
+        (
+            {"structure": "channel"},
+            r"prunes single weights, N:M groups and blocks \(structure='unstructured', '2:4', 'block'\), got "
+            r"ChannelStructure.*Prune them with `strategy='ddp'`",
+        ),
+        (
+            {"structure": "channel", "importance": "apoz", "start_epoch": 1},
+            r"got ChannelStructure",
+        ),
         ({"rewind_epoch": 0}, r"does not rewind weights \(`rewind_epoch`=0\)"),
     ],
 )
 def test_model_parallel_refuses_what_shards_cannot_follow(kwargs, match):
     with pytest.raises(MisconfigurationException, match=rf"PruningCallback under ModelParallelStrategy.*{match}"):
         _setup(PruningCallback(sparsity=0.5, **kwargs))
+
+
+def test_model_parallel_refuses_criteria_that_collect_activations():
+    strategy = object.__new__(ModelParallelStrategy)
+    strategy._tensor_parallel_size = 1  # type: ignore[attr-defined]
+    importance = SimpleNamespace(collects="activations")
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"under ModelParallelStrategy scores weights from their values or gradients; namespace\(collects="
+        r"'activations'\) collects activations\. Use importance='magnitude' \(or 'l1', 'l2', 'taylor', 'fisher'\)",
+    ):
+        check_strategy(strategy, NMStructure(), importance, None)
 
 
 def test_tensor_parallelism_is_refused():
