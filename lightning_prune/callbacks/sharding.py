@@ -36,6 +36,9 @@ from lightning_prune.masks.sharded import ShardedMaskSet
 #: Where the mask shards sit in a sharded checkpoint's ``state_dict``.
 MASK_PREFIX = "lightning_prune.masks."
 
+#: Where the shards of a criterion's per-weight statistics sit in a sharded checkpoint's ``state_dict``.
+STATISTICS_PREFIX = "lightning_prune.statistics."
+
 #: The structures (their ``name``) that prune FSDP2's row shards exactly.
 SHARDED_STRUCTURES: tuple[str, ...] = ("unstructured", "n:m", "block")
 
@@ -123,11 +126,64 @@ def mask_state(masks: ShardedMaskSet, sharded: bool) -> dict[str, Any]:
     return {"masks": whole, "sharded_masks": None}
 
 
+def statistics_state(masks: ShardedMaskSet, state: dict[str, Any], sharded: bool) -> dict[str, Any]:
+    """A criterion's state (``Importance.state_dict()``) for the checkpoint: its per-weight statistics of the local
+    shards (gradient criteria, ``state["stats"]``) go with the model in a sharded checkpoint
+    (:func:`add_statistics_shards`; their dtypes are kept under ``"sharded_stats"``), or are gathered whole (a
+    collective: every rank calls it); any other state is kept as it is."""
+    stats = state.get("stats")
+    if not stats:
+        return state
+    if sharded:
+        return {
+            **state,
+            "stats": {},
+            "sharded_stats": {n: str(t.dtype).removeprefix("torch.") for n, t in stats.items()},
+        }
+    whole = {}
+    for i, name in enumerate(masks.names):
+        if name in stats:
+            local = stats[name].to(masks.masks[i].device)
+            whole[name] = _as_dtensor(masks, i, local).full_tensor().cpu()
+    return {**state, "stats": whole}
+
+
+def _add_shards(masks: ShardedMaskSet, prefix: str, local: dict[str, Tensor], checkpoint: dict[str, Any]) -> None:
+    state = checkpoint.setdefault("state_dict", {})
+    for i, name in enumerate(masks.names):
+        if name in local:
+            state[prefix + name] = _as_dtensor(masks, i, local[name].to(masks.masks[i].device))
+
+
 def add_mask_shards(masks: ShardedMaskSet, checkpoint: dict[str, Any]) -> None:
     """Add this rank's mask shards to ``checkpoint["state_dict"]`` as ``DTensor``s, for DCP to save."""
-    state = checkpoint.setdefault("state_dict", {})
-    for i, (name, mask) in enumerate(zip(masks.names, masks.masks)):
-        state[MASK_PREFIX + name] = _as_dtensor(masks, i, mask.to(torch.uint8))
+    _add_shards(masks, MASK_PREFIX, {n: m.to(torch.uint8) for n, m in zip(masks.names, masks.masks)}, checkpoint)
+
+
+def add_statistics_shards(masks: ShardedMaskSet, state: dict[str, Any], checkpoint: dict[str, Any]) -> None:
+    """Add this rank's shards of a criterion's per-weight statistics (``state["stats"]`` of its ``state_dict()``,
+    when it has some) to ``checkpoint["state_dict"]`` as ``DTensor``s, for DCP to save."""
+    if state.get("stats"):
+        _add_shards(masks, STATISTICS_PREFIX, state["stats"], checkpoint)
+
+
+def _load_shards(
+    masks: ShardedMaskSet, path: str | Path, prefix: str, dtypes: dict[str, torch.dtype], what: str
+) -> dict[str, Tensor]:
+    """This rank's shards of the tensors ``prefix + name`` of the sharded checkpoint at ``path`` (a collective)."""
+    buffers = {
+        prefix + name: _as_dtensor(masks, i, torch.empty(mask.shape, dtype=dtypes[name], device=mask.device))
+        for i, (name, mask) in enumerate(zip(masks.names, masks.masks))
+        if name in dtypes
+    }
+    try:
+        dcp.load({"state_dict": buffers}, checkpoint_id=str(path))
+    except Exception as err:  # DCP reports a missing key as a CheckpointException from every rank
+        raise MisconfigurationException(
+            f"PruningCallback cannot resume from {str(path)!r}: its sharded checkpoint does not hold the {what} of "
+            f"{list(dtypes)} ({type(err).__name__}). Resume from a checkpoint of the same pruned run."
+        ) from err
+    return {name: buffers[prefix + name].to_local() for name in masks.names if name in dtypes}
 
 
 def load_mask_shards(masks: ShardedMaskSet, path: str | Path) -> dict[str, Tensor]:
@@ -137,16 +193,34 @@ def load_mask_shards(masks: ShardedMaskSet, path: str | Path) -> dict[str, Tenso
     Raises:
         MisconfigurationException: the checkpoint holds no masks of these parameters.
     """
-    buffers = {
-        MASK_PREFIX + name: _as_dtensor(masks, i, torch.empty(mask.shape, dtype=torch.uint8, device=mask.device))
-        for i, (name, mask) in enumerate(zip(masks.names, masks.masks))
+    loaded = _load_shards(masks, path, MASK_PREFIX, dict.fromkeys(masks.names, torch.uint8), "masks")
+    return {name: t.to(torch.bool) for name, t in loaded.items()}
+
+
+def local_statistics(masks: ShardedMaskSet, state: dict[str, Any], path: str | Path | None) -> dict[str, Any]:
+    """A saved criterion's state with its per-weight statistics as this rank's shards: read from the sharded
+    checkpoint at ``path`` (a collective; DCP reshards them for another number of processes), or this rank's rows of
+    whole statistics (a consolidated checkpoint, or one written without sharding).
+
+    Raises:
+        MisconfigurationException: the sharded checkpoint holds no statistics of these parameters.
+    """
+    saved = state.get("sharded_stats")
+    if saved:
+        if path is None:
+            raise MisconfigurationException(
+                "PruningCallback cannot resume: its saved statistics are in a sharded checkpoint, but no checkpoint "
+                "path was given to read them from. Resume with `trainer.fit(..., ckpt_path=...)`."
+            )
+        dtypes = {n: getattr(torch, str(d)) for n, d in saved.items()}
+        shards = _load_shards(masks, path, STATISTICS_PREFIX, dtypes, "statistics")
+        return {k: v for k, v in state.items() if k != "sharded_stats"} | {"stats": shards}
+    whole = state.get("stats")
+    if not whole:
+        return state
+    params = dict(zip(masks.names, masks.params))
+    local = {
+        n: masks.local_rows(masks.names.index(n), t) if n in params and t.shape == params[n].shape else t
+        for n, t in whole.items()
     }
-    state = {"state_dict": buffers}
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:  # DCP reports a missing key as a CheckpointException from every rank
-        raise MisconfigurationException(
-            f"PruningCallback cannot resume from {str(path)!r}: its sharded checkpoint does not hold the masks of "
-            f"{masks.names} ({type(err).__name__}). Resume from a checkpoint of the same pruned run."
-        ) from err
-    return {name: buffers[MASK_PREFIX + name].to_local().to(torch.bool) for name in masks.names}
+    return {**state, "stats": local}

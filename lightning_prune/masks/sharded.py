@@ -225,6 +225,12 @@ class ShardedMaskSet(MaskSet):
             self._count()
         return list(self._tallies[key][1])
 
+    def local_rows(self, i: int, whole: Tensor) -> Tensor:
+        """This rank's rows of ``whole``, a tensor shaped like the whole parameter ``i`` (e.g. its whole mask or
+        statistics), shaped like its local shard."""
+        n = self.masks[i].numel()
+        return whole.reshape(-1)[self.offsets[i] : self.offsets[i] + n].reshape(self.masks[i].shape)
+
     def any_process(self, flag: bool) -> bool:
         value = torch.tensor([int(flag)], dtype=torch.int64, device=self.masks[0].device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
@@ -269,10 +275,10 @@ class ShardedMaskSet(MaskSet):
                 f"missing {missing}, unexpected {unexpected}. Was the checkpoint written for another model or "
                 "another `ignore` setting?"
             )
-        for n, p, m, offset in zip(self.names, self.params, self.masks, self.offsets):
+        for i, (n, p, m) in enumerate(zip(self.names, self.params, self.masks)):
             saved = state[n]
             if saved.shape == p.shape:  # a whole mask: take this rank's rows
-                saved = saved.reshape(-1)[offset : offset + m.numel()].reshape(m.shape)
+                saved = self.local_rows(i, saved)
             elif saved.shape != m.shape:
                 raise ValueError(
                     f"Saved pruning mask of {n!r} has shape {tuple(saved.shape)}; this rank's shard of the parameter "

@@ -23,9 +23,9 @@ from torch import nn
 
 from lightning_prune import PruningCallback
 from lightning_prune.callbacks.sharding import check_strategy
-from lightning_prune.criteria import MagnitudeImportance
+from lightning_prune.criteria import build_importance
 from lightning_prune.masks import MaskSet
-from lightning_prune.structures import NMStructure, Unstructured
+from lightning_prune.structures import NMStructure, Structure, Unstructured
 
 JOB = Path(__file__).resolve().parents[1] / "_fsdp_job.py"
 
@@ -100,14 +100,21 @@ def run_job(out: Path, *args: str) -> dict:
     return torch.load(out, weights_only=False)
 
 
-def check_steps_equal_one_process(result: dict, scope: str = "global") -> None:
-    """Every pruning step's gathered masks are what one process selects on the same gathered weights."""
+def check_steps_equal_one_process(
+    result: dict, scope: str = "global", structure: Structure | None = None, importance: str = "magnitude"
+) -> None:
+    """Every pruning step's gathered masks are what one process selects on the same gathered weights (and, for a
+    gradient criterion, the same gathered statistics)."""
+    structure = structure or Unstructured()
     for step in result["steps"]:
         params = {n: nn.Parameter(w.clone()) for n, w in step["weights"].items()}
         single = MaskSet(params)
         for mask, name in zip(single.masks, single.names):
             mask.copy_(step["masks_before"][name])
-        Unstructured().prune_(single, MagnitudeImportance(), step["target"], scope)
+        criterion = build_importance(importance)
+        if importance != "magnitude":
+            criterion.load_state_dict(step["importance_state"], single)
+        structure.prune_(single, criterion, step["target"], scope)
         for mask, name in zip(single.masks, single.names):
             assert torch.equal(step["masks_after"][name], mask), (step["target"], name)
 
@@ -156,6 +163,41 @@ def test_fsdp2_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
         assert torch.equal(resumed["steps"][0]["masks_before"][name], mask), name
     check_steps_equal_one_process(resumed)
     assert resumed["zero_after_steps"]
+
+
+@pytest.mark.slow
+def test_fsdp2_fit_prunes_nm_groups_exactly_as_one_process(tmp_path):
+    args = ("--structure", "2:4", "--sparsity", "0.5", "--hidden", "8,12")  # inputs 16, 8, 12: multiples of 4
+    result = run_job(tmp_path / "nm.pt", *args)
+    assert len(result["steps"]) == 3
+    check_steps_equal_one_process(result, structure=NMStructure(2, 4))
+    for mask in result["final_masks"].values():  # every group of 4 inputs has exactly 2 zeros
+        assert bool(((~mask).reshape(-1, 4).sum(1) == 2).all())
+    assert result["sparsity"] == 0.5 and result["zero_after_steps"]
+    assert "groups at 2:4" in result["summary"] and "100.00%" in result["summary"]
+
+
+@pytest.mark.slow
+def test_fsdp2_taylor_prunes_as_one_process_with_the_same_statistics_and_resumes_bit_exact(tmp_path):
+    args = ("--importance", "taylor", "--start-epoch", "1", "--epochs", "5")
+    full = run_job(tmp_path / "full.pt", *args, "--ckpt-dir", str(tmp_path / "ckpt"))
+    assert len(full["steps"]) == 3 and full["steps"][-1]["target"] == 0.8  # epochs 1, 2 and 3
+    check_steps_equal_one_process(full, importance="taylor")
+    for step in full["steps"]:  # statistics of every weight, recorded over one epoch of each rank's steps
+        assert step["importance_state"]["steps"] == 4
+        assert all(bool((s > 0).any()) for s in step["importance_state"]["stats"].values())
+    # The checkpoint after epoch 1 holds the statistics for epoch 2's pruning step: their shards go with the model.
+    checkpoint = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
+    meta = torch.load(checkpoint / "meta.pt", weights_only=False)
+    (saved,) = [v["importance_state"] for k, v in meta["callbacks"].items() if k.startswith("PruningCallback")]
+    assert saved["stats"] == {} and saved["steps"] == 4
+    assert saved["sharded_stats"] == dict.fromkeys(["body.0.weight", "body.2.weight", "head.weight"], "float32")
+    resumed = run_job(tmp_path / "resumed.pt", *args, "--resume", str(checkpoint))
+    check_steps_equal_one_process(resumed, importance="taylor")
+    for name, mask in full["final_masks"].items():
+        assert torch.equal(resumed["final_masks"][name], mask), name
+    for name, value in full["final_weights"].items():
+        assert torch.equal(resumed["final_weights"][name], value), name
 
 
 @pytest.mark.slow
