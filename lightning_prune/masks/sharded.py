@@ -141,11 +141,12 @@ class ShardedMaskSet(MaskSet):
 
     Args:
         params: the sharded parameters to mask, by name: ``DTensor`` parameters placed ``Shard(0)`` on one mesh
-            dimension, all in one process group and of one dtype.
+            dimension, all in one process group. Their dtypes may differ (e.g. one layer kept in bfloat16): the
+            selection scores every dtype in one exact order, as one process does.
 
     Raises:
-        ValueError: a parameter is not sharded that way, the parameters live in different process groups or have
-            different dtypes (raised on every rank alike: the placements and dtypes are the same on every rank).
+        ValueError: a parameter is not sharded that way, or the parameters live in different process groups (raised
+            on every rank alike: the placements are the same on every rank).
 
     Example:
         Under ``fully_shard`` on two processes (each holds half of a ``Linear(4, 8)``'s rows)::
@@ -161,13 +162,6 @@ class ShardedMaskSet(MaskSet):
         not_sharded = [n for n, p in params.items() if not is_sharded(p)]
         if not_sharded:
             raise ValueError(f"ShardedMaskSet masks DTensor parameters; {not_sharded} are plain tensors.")
-        dtypes = {str(p.dtype) for p in params.values()}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"The sharded prunable weights have several dtypes ({sorted(dtypes)}): "
-                f"{ {n: str(p.dtype) for n, p in params.items()} }. Keep every prunable weight in one dtype (FSDP2's "
-                "`MixedPrecisionPolicy` casts for compute and keeps the sharded weights in one dtype)."
-            )
         self.names: list[str] = list(params)
         self.params: list[nn.Parameter] = list(params.values())
         info = [_shard_info(n, p) for n, p in params.items()]  # type: ignore[arg-type]

@@ -201,6 +201,24 @@ def test_fsdp2_taylor_prunes_as_one_process_with_the_same_statistics_and_resumes
 
 
 @pytest.mark.slow
+def test_fsdp2_taylor_consolidated_checkpoint_holds_whole_statistics_and_resumes(tmp_path):
+    args = ("--importance", "taylor", "--start-epoch", "1", "--epochs", "5")
+    full = run_job(tmp_path / "full.pt", *args, "--ckpt-dir", str(tmp_path / "ckpt"), "--consolidated")
+    checkpoint = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    (pruning,) = [v for k, v in state["callbacks"].items() if k.startswith("PruningCallback")]
+    saved = pruning["importance_state"]
+    assert "sharded_stats" not in saved and saved["steps"] == 4
+    expected = full["steps"][1]["importance_state"]["stats"]  # what epoch 2's pruning step scored with
+    assert {n: tuple(t.shape) for n, t in saved["stats"].items()} == {n: tuple(t.shape) for n, t in expected.items()}
+    for name, stats in expected.items():
+        assert torch.equal(saved["stats"][name], stats), name
+    resumed = run_job(tmp_path / "resumed.pt", *args, "--resume", str(checkpoint))
+    for name, mask in full["final_masks"].items():
+        assert torch.equal(resumed["final_masks"][name], mask), name
+
+
+@pytest.mark.slow
 def test_consolidated_checkpoint_resumes_sharded_and_in_one_process(tmp_path):
     full = run_job(tmp_path / "full.pt", "--ckpt-dir", str(tmp_path / "ckpt"), "--consolidated")
     checkpoint = tmp_path / "ckpt" / "epoch=2-step=12.ckpt"

@@ -1,7 +1,8 @@
 """N:M groups, blocks and gradient criteria on FSDP2 row shards (``fully_shard`` over a real gloo group of two
 processes, plain PyTorch): the masks, gathered, equal one process's on the same weights and data (gradual steps,
 global and layer scope, ties included), the structures' read-outs are over the whole tensors, and what shards cannot
-follow (a shard that cuts a block, CPU offloading) is refused on every rank alike.
+follow (a shard that cuts a block, CPU offloading) is refused on every rank alike; weights of several dtypes prune
+as in one process.
 
 The ranks are forked from the test process (``start_method="fork"``), one thread each.
 """
@@ -46,6 +47,12 @@ def _model(rows: int = 7) -> nn.Sequential:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randint(-8, 9, p.shape, generator=g) / 32)  # few distinct magnitudes: ties everywhere
+    return model
+
+
+def _mixed_dtypes() -> nn.Sequential:
+    model = _model()
+    model[2].to(torch.bfloat16)
     return model
 
 
@@ -127,6 +134,11 @@ def _worker(rank: int, port: int, out: str) -> None:
 
             run(_shard(_model(), mesh), structure, importance, scope, targets, record)
             result[name] = steps
+        for structure in ("unstructured", (2, 4)):  # one layer in bfloat16: pruned as one process prunes it
+            pruner = Pruner(sparsity=0.6, structure=_structure(structure))
+            masks = pruner.bind(_shard(_mixed_dtypes(), mesh))
+            pruner.prune(0.6)
+            result[f"mixed {structure}"] = (_whole(masks), pruner.achieved_sparsity)
         errors = []
         for rows in (6, 7):  # 6 rows: shards [0:3) [3:6), which cut a block of 2 rows
             model = _shard(_model(rows), mesh)
@@ -184,6 +196,18 @@ def test_sharded_patterns_and_gradient_criteria_equal_one_process(ranks, case):
             assert sharded[key].get("complete") == expected.get("complete"), key
     final = single[f"after {targets[-1]}"]
     assert any(not bool(m.all()) for m in final["masks"].values())  # something was pruned
+
+
+@pytest.mark.parametrize("structure", ["unstructured", (2, 4)], ids=["unstructured", "block"])
+def test_prunable_weights_of_several_dtypes_prune_as_one_process(ranks, structure):
+    pruner = Pruner(sparsity=0.6, structure=_structure(structure))
+    masks = pruner.bind(_mixed_dtypes())
+    assert [p.dtype for p in masks.params] == [torch.float32, torch.bfloat16, torch.float32]
+    pruner.prune(0.6)
+    sharded, sparsity = ranks[0][f"mixed {structure}"]
+    assert sparsity == pruner.achieved_sparsity
+    for name, mask in zip(masks.names, masks.masks):
+        assert torch.equal(sharded[name], mask), name
 
 
 def test_nm_pattern_is_complete_on_shards(ranks):
