@@ -8,9 +8,10 @@ Under Lightning's ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``Lig
 * a sharded checkpoint (the strategy's default, ``save_distributed_checkpoint=True``): Lightning writes the
   model and optimizer with ``torch.distributed.checkpoint`` (DCP) and the callbacks' state from rank 0 only, so the
   masks go with the model: each rank's mask shards are added to the checkpoint's ``state_dict`` as ``DTensor``s
-  (one byte per weight) under ``MASK_PREFIX + name``, and read back with DCP on resume;
-* a consolidated checkpoint (``save_distributed_checkpoint=False``): the whole masks are gathered into the
-  callback's state, so the file resumes in one process as well as sharded.
+  (one byte per weight) under ``MASK_PREFIX + name``, and read back with DCP on resume; so do the shards of a
+  gradient criterion's pending statistics, under ``STATISTICS_PREFIX + name``;
+* a consolidated checkpoint (``save_distributed_checkpoint=False``): the whole masks (and statistics) are gathered
+  into the callback's state, so the file resumes in one process as well as sharded.
 
 Example:
     >>> from lightning.pytorch.strategies import DDPStrategy

@@ -198,6 +198,14 @@ def test_fsdp2_taylor_prunes_as_one_process_with_the_same_statistics_and_resumes
         assert torch.equal(resumed["final_masks"][name], mask), name
     for name, value in full["final_weights"].items():
         assert torch.equal(resumed["final_weights"][name], value), name
+    # One process resumes the same checkpoint: DCP reshards the statistics, and epoch 2 prunes with them alike.
+    one = run_job(tmp_path / "one.pt", *args, "--devices", "1", "--resume", str(checkpoint))
+    assert one["world_size"] == 1
+    first, expected = one["steps"][0], full["steps"][1]
+    for name, stats in expected["importance_state"]["stats"].items():
+        assert torch.equal(first["importance_state"]["stats"][name], stats), name
+    for name, mask in expected["masks_after"].items():
+        assert torch.equal(first["masks_after"][name], mask), name
 
 
 @pytest.mark.slow
