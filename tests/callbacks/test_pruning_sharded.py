@@ -178,6 +178,20 @@ def test_fsdp2_fit_prunes_nm_groups_exactly_as_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_fit_refuses_blocks_cut_by_shards_on_every_rank(tmp_path):
+    # 5 rows over 2 ranks: shards [0:3) and [3:5) cut a 4-row block. Both ranks raise when binding (no hang).
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(JOB), str(tmp_path / "block.pt"), "--structure", "block"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    assert (
+        "MisconfigurationException: PruningCallback: Block pruning with 4-row tiles needs every row shard to hold "
+        "whole tiles, but 'body.0.weight' (shape (5, 16)) is sharded over 2 processes as rows [0:3), [3:5)"
+    ) in done.stderr
+    assert not (tmp_path / "block.pt").exists()
+
+
+@pytest.mark.slow
 def test_fsdp2_taylor_prunes_as_one_process_with_the_same_statistics_and_resumes_bit_exact(tmp_path):
     args = ("--importance", "taylor", "--start-epoch", "1", "--epochs", "5")
     full = run_job(tmp_path / "full.pt", *args, "--ckpt-dir", str(tmp_path / "ckpt"))
