@@ -105,6 +105,31 @@ def run(model: nn.Module, structure, importance: str, scope: str, targets, recor
     return pruner
 
 
+def _non_finite_on_one_rank(model: nn.Module, rank: int) -> dict:
+    """A NaN in rank 0's gradient shard skips the step on both ranks; overflowed statistics on rank 1 only make both
+    ranks refuse to score."""
+    pruner = Pruner(sparsity=0.5, importance="taylor")
+    masks = pruner.bind(model)
+    pruner.start_collecting()
+    x, y = _batches()[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    if rank == 0:
+        masks.params[1].grad.to_local()[0, 0] = float("nan")
+    recorded = [pruner.observe()]
+    if rank == 0:
+        masks.params[1].grad.to_local()[0, 0] = 0.0
+    recorded.append(pruner.observe())
+    pruner.stop_collecting()
+    taylor = pruner.importance
+    out = {"recorded": recorded, "skipped": taylor.skipped, "steps": taylor.steps}
+    if rank == 1:  # as if the sums overflowed on this rank's rows only
+        state = taylor.state_dict()
+        state["stats"]["2.weight"][0, 0] = float("inf")
+        taylor.load_state_dict(state, masks)
+    out["error"] = _expect_error(lambda: pruner.prune(0.5))
+    return out
+
+
 def _expect_error(fn) -> str:
     try:
         fn()
@@ -139,6 +164,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             masks = pruner.bind(_shard(_mixed_dtypes(), mesh))
             pruner.prune(0.6)
             result[f"mixed {structure}"] = (_whole(masks), pruner.achieved_sparsity)
+        result["non_finite"] = _non_finite_on_one_rank(_shard(_model(), mesh), rank)
         errors = []
         for rows in (6, 7):  # 6 rows: shards [0:3) [3:6), which cut a block of 2 rows
             model = _shard(_model(rows), mesh)
@@ -208,6 +234,14 @@ def test_prunable_weights_of_several_dtypes_prune_as_one_process(ranks, structur
     assert sparsity == pruner.achieved_sparsity
     for name, mask in zip(masks.names, masks.masks):
         assert torch.equal(sharded[name], mask), name
+
+
+def test_non_finite_gradients_and_statistics_are_decided_by_every_rank_together(ranks):
+    for r in ranks:
+        assert r["non_finite"]["recorded"] == [False, True]  # the NaN was in rank 0's shard only
+        assert (r["non_finite"]["skipped"], r["non_finite"]["steps"]) == (1, 1)
+        assert r["non_finite"]["error"].startswith("The taylor statistics of '2.weight' are not finite")
+    assert ranks[0]["non_finite"] == ranks[1]["non_finite"]
 
 
 def test_nm_pattern_is_complete_on_shards(ranks):
