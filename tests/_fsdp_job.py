@@ -2,12 +2,14 @@
 a subprocess.
 
 ``python tests/_fsdp_job.py OUT.pt [--devices 2] [--epochs 4] [--scope global|layer] [--ckpt-dir DIR]
-[--resume CKPT] [--consolidated] [--optimizer sgd|adamw] [--clip VALUE]``
+[--resume CKPT] [--consolidated] [--optimizer sgd|adamw] [--clip VALUE] [--structure S] [--importance I]
+[--sparsity S] [--start-epoch E] [--hidden A,B]``
 
 The strategy re-runs this command line for every other rank. Before and after each pruning step every rank gathers
 the whole weights and masks (``DTensor.full_tensor``); rank 0 writes them, the pruning targets, the final weights and
 masks, the per-rank mask shapes and dtypes and whether pruned weights and their optimizer state are zero on every
-rank to ``OUT.pt``. The weights are ties-rich: values on a grid of 1/64, so the threshold cuts through ties.
+rank to ``OUT.pt``; with a gradient criterion, each step also records the whole statistics it pruned with. The
+weights are ties-rich: values on a grid of 1/64, so the threshold cuts through ties.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from lightning_prune import PruningCallback
 
 
 class Net(pl.LightningModule):
-    def __init__(self, optimizer: str = "sgd") -> None:
+    def __init__(self, optimizer: str = "sgd", hidden: tuple[int, int] = (5, 7)) -> None:
         super().__init__()
         self.optimizer = optimizer
+        a, b = hidden
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            # 5, 7 and 3 rows: shards of unequal size, and an empty one with 3 processes or more.
-            self.body = nn.Sequential(nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 7), nn.ReLU())
-            self.head = nn.Linear(7, 3)
+            # By default 5, 7 and 3 rows: shards of unequal size, and an empty one with 3 processes or more.
+            self.body = nn.Sequential(nn.Linear(16, a), nn.ReLU(), nn.Linear(a, b), nn.ReLU())
+            self.head = nn.Linear(b, 3)
             with torch.no_grad():
                 for p in self.parameters():
                     p.copy_((p * 64).round() / 64)  # a coarse grid: many equal magnitudes
@@ -87,11 +90,23 @@ class Recorder(pl.Callback):
         return out
 
     def before(self, trainer, pl_module):
+        masks = self.pruning.masks
         self._pending = {
-            "weights": {n: whole(p) for n, p in zip(self.pruning.masks.names, self.pruning.masks.params)},
+            "weights": {n: whole(p) for n, p in zip(masks.names, masks.params)},
             "masks_before": self._masks(),
             "target_before": self.pruning.pruner.target,
         }
+        stats = self.pruning.importance.state_dict().get("stats")
+        if stats:  # a gradient criterion's statistics of the local shards, gathered whole
+            self._pending["importance_state"] = {
+                **self.pruning.importance.state_dict(),
+                "stats": {
+                    n: DTensor.from_local(stats[n], p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    .full_tensor()
+                    .clone()
+                    for n, p in zip(masks.names, masks.params)
+                },
+            }
 
     def after(self, trainer, pl_module):
         if self.pruning.pruner.target > self._pending["target_before"]:
@@ -157,10 +172,21 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--consolidated", action="store_true")
     parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
+    parser.add_argument("--structure", default="unstructured")
+    parser.add_argument("--importance", default="magnitude")
+    parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--start-epoch", type=int, default=0)
+    parser.add_argument("--hidden", default="5,7", help="the widths of the two hidden layers")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pruning = PruningCallback(
-        sparsity=0.8, schedule="iterative", start_epoch=0, end_epoch=args.epochs - 2, scope=args.scope
+        sparsity=args.sparsity,
+        schedule="iterative",
+        start_epoch=args.start_epoch,
+        end_epoch=args.epochs - 2,
+        scope=args.scope,
+        structure=args.structure,
+        importance=args.importance,
     )
     callbacks: list = [pruning, Recorder(pruning, args.out)]
     if args.ckpt_dir is not None:
@@ -181,7 +207,8 @@ def main() -> None:
         deterministic=True,
         gradient_clip_val=args.clip,
     )
-    trainer.fit(Net(args.optimizer), loader(64, 8), ckpt_path=args.resume)
+    hidden = tuple(int(w) for w in args.hidden.split(","))
+    trainer.fit(Net(args.optimizer, hidden), loader(64, 8), ckpt_path=args.resume)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -105,9 +105,9 @@ def test_channel_pruning_under_a_sharded_strategy_is_refused_through_trainer_fit
     try:
         with pytest.raises(
             MisconfigurationException,
-            match=r"PruningCallback under ModelParallelStrategy prunes single weights only "
-            r"\(structure='unstructured'\), got .*Prune them with `strategy='ddp'`, or prune single weights while "
-            r"sharded\.",
+            match=r"PruningCallback under ModelParallelStrategy prunes single weights, N:M groups and blocks "
+            r"\(structure='unstructured', '2:4', 'block'\), got ChannelStructure.*Prune them with `strategy='ddp'`, "
+            r"or prune weights, N:M groups or blocks while sharded\.",
         ):
             trainer.fit(model)
     finally:  # the strategy initialised a process group and set MASTER_ADDR/PORT: leave neither to later tests

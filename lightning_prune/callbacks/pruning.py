@@ -30,10 +30,13 @@ from lightning_prune.callbacks._arguments import (
 )
 from lightning_prune.callbacks.sharding import (
     add_mask_shards,
+    add_statistics_shards,
     check_strategy,
     load_mask_shards,
+    local_statistics,
     mask_state,
     saves_sharded,
+    statistics_state,
 )
 from lightning_prune.criteria.base import Importance
 from lightning_prune.deploy.compact import compact, save_compact
@@ -441,6 +444,9 @@ class PruningCallback(Callback):
                         "`save_distributed_checkpoint=False` (whole masks)."
                     )
                 state = {**state, "masks": load_mask_shards(pruner.masks, trainer.ckpt_path)}  # type: ignore[arg-type]
+            if isinstance(pruner.masks, ShardedMaskSet) and state.get("importance_state"):
+                statistics = local_statistics(pruner.masks, dict(state["importance_state"]), trainer.ckpt_path)
+                state = {**state, "importance_state": statistics}
             try:
                 pruner.load_state_dict(state)
             except ValueError as err:
@@ -629,11 +635,15 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pending_state is not None:  # restored but not yet applied: keep it as it was
             return {**self._pending_state, "lr_scaled": self._lr_scaled}
-        sharded = mask_state(self.masks, self._sharded_checkpoints) if isinstance(self.masks, ShardedMaskSet) else {}
+        state = self.pruner.state_dict()
+        if isinstance(self.masks, ShardedMaskSet):
+            state.update(mask_state(self.masks, self._sharded_checkpoints))
+            state["importance_state"] = statistics_state(
+                self.masks, state["importance_state"], self._sharded_checkpoints
+            )
         return {
             "version": _STATE_VERSION,
-            **self.pruner.state_dict(),
-            **sharded,
+            **state,
             "schedule": repr(self.schedule),
             "lr_scaled": self._lr_scaled,
             # Read-outs for a run resumed after its training ended, when no masks are bound again.
@@ -691,6 +701,7 @@ class PruningCallback(Callback):
     ) -> None:
         if isinstance(self.masks, ShardedMaskSet) and self._sharded_checkpoints:
             add_mask_shards(self.masks, checkpoint)  # each rank's shards, saved with the model's by DCP
+            add_statistics_shards(self.masks, self.importance.state_dict(), checkpoint)
 
     @override
     def on_load_checkpoint(

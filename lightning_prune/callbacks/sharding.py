@@ -8,9 +8,10 @@ Under Lightning's ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``Lig
 * a sharded checkpoint (the strategy's default, ``save_distributed_checkpoint=True``): Lightning writes the
   model and optimizer with ``torch.distributed.checkpoint`` (DCP) and the callbacks' state from rank 0 only, so the
   masks go with the model: each rank's mask shards are added to the checkpoint's ``state_dict`` as ``DTensor``s
-  (one byte per weight) under ``MASK_PREFIX + name``, and read back with DCP on resume;
-* a consolidated checkpoint (``save_distributed_checkpoint=False``): the whole masks are gathered into the
-  callback's state, so the file resumes in one process as well as sharded.
+  (one byte per weight) under ``MASK_PREFIX + name``, and read back with DCP on resume; so do the shards of a
+  gradient criterion's pending statistics, under ``STATISTICS_PREFIX + name``;
+* a consolidated checkpoint (``save_distributed_checkpoint=False``): the whole masks (and statistics) are gathered
+  into the callback's state, so the file resumes in one process as well as sharded.
 
 Example:
     >>> from lightning.pytorch.strategies import DDPStrategy
@@ -36,15 +37,29 @@ from lightning_prune.masks.sharded import ShardedMaskSet
 #: Where the mask shards sit in a sharded checkpoint's ``state_dict``.
 MASK_PREFIX = "lightning_prune.masks."
 
+#: Where the shards of a criterion's per-weight statistics sit in a sharded checkpoint's ``state_dict``.
+STATISTICS_PREFIX = "lightning_prune.statistics."
+
+#: The structures (their ``name``) that prune FSDP2's row shards exactly.
+SHARDED_STRUCTURES: tuple[str, ...] = ("unstructured", "n:m", "block")
+
 
 def check_strategy(strategy: Strategy, structure: object, importance: object, rewind_epoch: int | None) -> None:
     """Refuse a strategy, or a configuration under a sharding strategy, that pruning cannot follow exactly.
 
     ``structure`` and ``importance`` are the callback's (their ``name`` and ``collects`` are read).
 
+    Under ``ModelParallelStrategy`` (FSDP2 shards the weights by rows) these prune exactly as one process does on
+    the whole weights: single weights (``"unstructured"``); N:M groups, which run along the input dimension and so
+    lie within a row; blocks, when every row shard holds whole tiles (checked when the masks are bound: a shard
+    that cuts a tile is refused on every rank, naming the layer and its shards); weight criteria (``magnitude``,
+    ``l1``, ``l2``) and gradient criteria (``taylor``, ``fisher``), whose statistics of the local gradient shards,
+    the data-parallel mean after FSDP2's reduce-scatter, equal the rows of DDP's. Channels and heads need whole
+    columns that shards split, and activation criteria score channels.
+
     Raises:
         MisconfigurationException: FSDP1 (``FSDPStrategy``) or DeepSpeed; under ``ModelParallelStrategy``, a
-            structure other than unstructured, a criterion that needs statistics, ``rewind_epoch``, or tensor
+            channel or head structure, a criterion that collects activations, ``rewind_epoch``, or tensor
             parallelism.
     """
     name = type(strategy).__name__
@@ -64,17 +79,18 @@ def check_strategy(strategy: Strategy, structure: object, importance: object, re
             "needs whole. Use `tensor_parallel_size=1` (FSDP2 alone shards by rows, which pruning follows)."
         )
     structure_name = getattr(structure, "name", repr(structure))
-    if structure_name != "unstructured":
+    if structure_name not in SHARDED_STRUCTURES:
         raise MisconfigurationException(
-            f"PruningCallback under {name} prunes single weights only (structure='unstructured'), got "
-            f"{structure!r}: channel, block and N:M masks need whole rows or channels that FSDP2 splits across "
-            "ranks. Prune them with `strategy='ddp'`, or prune single weights while sharded."
+            f"PruningCallback under {name} prunes single weights, N:M groups and blocks (structure='unstructured', "
+            f"'2:4', 'block'), got {structure!r}: channel and head masks need whole columns that FSDP2 splits "
+            "across ranks. Prune them with `strategy='ddp'`, or prune weights, N:M groups or blocks while sharded."
         )
     collects = getattr(importance, "collects", "nothing")
-    if collects != "nothing":
+    if collects not in ("nothing", "gradients"):
         raise MisconfigurationException(
-            f"PruningCallback under {name} scores weights from their values only; {importance!r} collects "
-            f"{collects}. Use importance='magnitude' (or 'l1', 'l2'), or train with `strategy='ddp'`."
+            f"PruningCallback under {name} scores weights from their values or gradients; {importance!r} collects "
+            f"{collects}. Use importance='magnitude' (or 'l1', 'l2', 'taylor', 'fisher'), or train with "
+            "`strategy='ddp'`."
         )
     if rewind_epoch is not None:
         raise MisconfigurationException(
@@ -111,11 +127,64 @@ def mask_state(masks: ShardedMaskSet, sharded: bool) -> dict[str, Any]:
     return {"masks": whole, "sharded_masks": None}
 
 
+def statistics_state(masks: ShardedMaskSet, state: dict[str, Any], sharded: bool) -> dict[str, Any]:
+    """A criterion's state (``Importance.state_dict()``) for the checkpoint: its per-weight statistics of the local
+    shards (gradient criteria, ``state["stats"]``) go with the model in a sharded checkpoint
+    (:func:`add_statistics_shards`; their dtypes are kept under ``"sharded_stats"``), or are gathered whole (a
+    collective: every rank calls it); any other state is kept as it is."""
+    stats = state.get("stats")
+    if not stats:
+        return state
+    if sharded:
+        return {
+            **state,
+            "stats": {},
+            "sharded_stats": {n: str(t.dtype).removeprefix("torch.") for n, t in stats.items()},
+        }
+    whole = {}
+    for i, name in enumerate(masks.names):
+        if name in stats:
+            local = stats[name].to(masks.masks[i].device)
+            whole[name] = _as_dtensor(masks, i, local).full_tensor().cpu()
+    return {**state, "stats": whole}
+
+
+def _add_shards(masks: ShardedMaskSet, prefix: str, local: dict[str, Tensor], checkpoint: dict[str, Any]) -> None:
+    state = checkpoint.setdefault("state_dict", {})
+    for i, name in enumerate(masks.names):
+        if name in local:
+            state[prefix + name] = _as_dtensor(masks, i, local[name].to(masks.masks[i].device))
+
+
 def add_mask_shards(masks: ShardedMaskSet, checkpoint: dict[str, Any]) -> None:
     """Add this rank's mask shards to ``checkpoint["state_dict"]`` as ``DTensor``s, for DCP to save."""
-    state = checkpoint.setdefault("state_dict", {})
-    for i, (name, mask) in enumerate(zip(masks.names, masks.masks)):
-        state[MASK_PREFIX + name] = _as_dtensor(masks, i, mask.to(torch.uint8))
+    _add_shards(masks, MASK_PREFIX, {n: m.to(torch.uint8) for n, m in zip(masks.names, masks.masks)}, checkpoint)
+
+
+def add_statistics_shards(masks: ShardedMaskSet, state: dict[str, Any], checkpoint: dict[str, Any]) -> None:
+    """Add this rank's shards of a criterion's per-weight statistics (``state["stats"]`` of its ``state_dict()``,
+    when it has some) to ``checkpoint["state_dict"]`` as ``DTensor``s, for DCP to save."""
+    if state.get("stats"):
+        _add_shards(masks, STATISTICS_PREFIX, state["stats"], checkpoint)
+
+
+def _load_shards(
+    masks: ShardedMaskSet, path: str | Path, prefix: str, dtypes: dict[str, torch.dtype], what: str
+) -> dict[str, Tensor]:
+    """This rank's shards of the tensors ``prefix + name`` of the sharded checkpoint at ``path`` (a collective)."""
+    buffers = {
+        prefix + name: _as_dtensor(masks, i, torch.empty(mask.shape, dtype=dtypes[name], device=mask.device))
+        for i, (name, mask) in enumerate(zip(masks.names, masks.masks))
+        if name in dtypes
+    }
+    try:
+        dcp.load({"state_dict": buffers}, checkpoint_id=str(path))
+    except Exception as err:  # DCP reports a missing key as a CheckpointException from every rank
+        raise MisconfigurationException(
+            f"PruningCallback cannot resume from {str(path)!r}: its sharded checkpoint does not hold the {what} of "
+            f"{list(dtypes)} ({type(err).__name__}). Resume from a checkpoint of the same pruned run."
+        ) from err
+    return {name: buffers[prefix + name].to_local() for name in masks.names if name in dtypes}
 
 
 def load_mask_shards(masks: ShardedMaskSet, path: str | Path) -> dict[str, Tensor]:
@@ -125,16 +194,34 @@ def load_mask_shards(masks: ShardedMaskSet, path: str | Path) -> dict[str, Tenso
     Raises:
         MisconfigurationException: the checkpoint holds no masks of these parameters.
     """
-    buffers = {
-        MASK_PREFIX + name: _as_dtensor(masks, i, torch.empty(mask.shape, dtype=torch.uint8, device=mask.device))
-        for i, (name, mask) in enumerate(zip(masks.names, masks.masks))
+    loaded = _load_shards(masks, path, MASK_PREFIX, dict.fromkeys(masks.names, torch.uint8), "masks")
+    return {name: t.to(torch.bool) for name, t in loaded.items()}
+
+
+def local_statistics(masks: ShardedMaskSet, state: dict[str, Any], path: str | Path | None) -> dict[str, Any]:
+    """A saved criterion's state with its per-weight statistics as this rank's shards: read from the sharded
+    checkpoint at ``path`` (a collective; DCP reshards them for another number of processes), or this rank's rows of
+    whole statistics (a consolidated checkpoint, or one written without sharding).
+
+    Raises:
+        MisconfigurationException: the sharded checkpoint holds no statistics of these parameters.
+    """
+    saved = state.get("sharded_stats")
+    if saved:
+        if path is None:
+            raise MisconfigurationException(
+                "PruningCallback cannot resume: its saved statistics are in a sharded checkpoint, but no checkpoint "
+                "path was given to read them from. Resume with `trainer.fit(..., ckpt_path=...)`."
+            )
+        dtypes = {n: getattr(torch, str(d)) for n, d in saved.items()}
+        shards = _load_shards(masks, path, STATISTICS_PREFIX, dtypes, "statistics")
+        return {k: v for k, v in state.items() if k != "sharded_stats"} | {"stats": shards}
+    whole = state.get("stats")
+    if not whole:
+        return state
+    params = dict(zip(masks.names, masks.params))
+    local = {
+        n: masks.local_rows(masks.names.index(n), t) if n in params and t.shape == params[n].shape else t
+        for n, t in whole.items()
     }
-    state = {"state_dict": buffers}
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as err:  # DCP reports a missing key as a CheckpointException from every rank
-        raise MisconfigurationException(
-            f"PruningCallback cannot resume from {str(path)!r}: its sharded checkpoint does not hold the masks of "
-            f"{masks.names} ({type(err).__name__}). Resume from a checkpoint of the same pruned run."
-        ) from err
-    return {name: buffers[MASK_PREFIX + name].to_local().to(torch.bool) for name in masks.names}
+    return {**state, "stats": local}

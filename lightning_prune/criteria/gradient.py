@@ -6,6 +6,12 @@ when the gradients are final (accumulated over micro-batches, unscaled under AMP
 Because DDP averages the gradients before the step, every rank accumulates the same statistics and
 :meth:`~lightning_prune.criteria.base.Importance.reduce_` has nothing to do.
 
+Sharded parameters (FSDP2, :class:`~lightning_prune.masks.sharded.ShardedMaskSet`): FSDP2 reduce-scatters the
+gradients, so after backward each rank's gradient shard is the data-parallel mean of its rows, as under DDP. The
+statistics are accumulated on the local shards (one float per weight this rank holds) and equal the rows of DDP's;
+scores are of the local shards. Whether a step is skipped for a non-finite gradient, and whether statistics are
+finite, is decided by every rank together.
+
 A step whose gradients hold NaN or infinity is skipped, as ``torch.amp.GradScaler`` skips the optimizer step
 then (fp16 loss scaling overflows on some steps); it is counted in :attr:`GradientImportance.skipped`. Scoring
 without any recorded step is a ``ValueError`` that says what to change.
@@ -44,7 +50,7 @@ from torch import Tensor, nn
 
 from lightning_prune._helpers import is_int
 from lightning_prune.criteria.base import STATE_VERSION, AllReduce, StatisticsImportance
-from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.maskset import MaskSet, local_shard
 
 if TYPE_CHECKING:
     from lightning_prune.masks.channels import ChannelGroup, ChannelMaskSet
@@ -97,16 +103,20 @@ class GradientImportance(StatisticsImportance):
         if not self._collecting or self.ready:
             return False
         self._bind(masks)
-        present = [(n, p, p.grad) for n, p in zip(masks.names, masks.params) if p.grad is not None]
+        present = [
+            (n, local_shard(p).detach(), local_shard(p.grad))
+            for n, p in zip(masks.names, masks.params)
+            if p.grad is not None
+        ]
         if not present:
             return False
         bad = _first_non_finite([g for _, _, g in present], [n for n, _, _ in present])
-        if bad is not None:
+        if masks.any_process(bad is not None):  # shards: a non-finite entry on one rank skips the step on all
             self._skipped += 1
             self._non_finite = self._non_finite or bad
             return False
         for name, param, grad in present:
-            self._accumulate_(self._stats[name], param.detach(), grad)
+            self._accumulate_(self._stats[name], param, grad)
             self._seen.add(name)
         self._steps += 1
         return True
@@ -211,10 +221,11 @@ class GradientImportance(StatisticsImportance):
         if masks is self._bound and self._stats:
             return  # checked already (a MaskSet's parameters never change)
         self._bound = masks
+        shards = [local_shard(p) for p in masks.params]  # the statistics of sharded parameters are the shards'
         if not self._stats:
             self._stats = {
                 n: torch.zeros(p.shape, dtype=_accumulator_dtype(p), device=p.device)
-                for n, p in zip(masks.names, masks.params)
+                for n, p in zip(masks.names, shards)
             }
             return
         names = set(masks.names)
@@ -227,7 +238,7 @@ class GradientImportance(StatisticsImportance):
                 f"unexpected {unexpected[:5]}. They were collected (or saved) for another model, `ignore` or "
                 "`structure`; call reset() to collect afresh."
             )
-        for n, p in zip(masks.names, masks.params):
+        for n, p in zip(masks.names, shards):
             held = self._stats[n]
             if held.shape != p.shape:
                 self._bound = None
@@ -258,7 +269,10 @@ class GradientImportance(StatisticsImportance):
                 f"frozen, or unused by the loss?), so {self.criterion} cannot score it. Add its layer to `ignore` "
                 "or use importance='magnitude'."
             )
-        if not bool(torch.isfinite(held).all()):
+        finite = bool(torch.isfinite(held).all())
+        if self._bound is not None:  # shards: every rank raises together (scoring runs on every rank in step)
+            finite = not self._bound.any_process(not finite)
+        if not finite:
             raise ValueError(
                 f"The {self.criterion} statistics of {name!r} are not finite (the accumulated gradients overflowed); "
                 "the masks were not changed. Lower the learning rate or clip gradients, or use importance='magnitude'."

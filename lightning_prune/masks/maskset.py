@@ -44,7 +44,7 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -163,6 +163,49 @@ class MaskSet:
         """Keyword arguments that make :func:`~lightning_prune.masks.selection.prune_lowest_` select over the whole
         tensors ``indices`` when :meth:`local_tensors` are shards (``group``, ``offsets``); none here."""
         return {}
+
+    def row_shards(self, i: int) -> list[tuple[int, int]]:
+        """The rows ``[start, stop)`` of tensor ``i`` that each process holds, in rank order; this process's are
+        ``row_shards(i)[rank]`` (the whole tensor here: one process holds every row).
+
+        Example:
+            >>> MaskSet({"w": nn.Parameter(torch.ones(3, 2))}).row_shards(0)
+            [(0, 3)]
+        """
+        shape = self.params[i].shape
+        return [(0, shape[0] if len(shape) else 1)]
+
+    @property
+    def rank(self) -> int:
+        """This process's index in :meth:`row_shards` (0 here)."""
+        return 0
+
+    def tally(self, key: str, count: Callable[[Tensor], int]) -> list[int]:
+        """Per masked tensor, ``count(mask)`` over the whole tensor: here computed now; summed over the processes
+        that hold the shards, for a :class:`~lightning_prune.masks.sharded.ShardedMaskSet` (which counts the masks
+        by every ``key`` it was given whenever they change, so that reading a count is local).
+
+        ``count`` must count something a shard holds whole (e.g. groups within a row), so that the counts of the
+        shards add up; ``key`` names it (e.g. ``"2:4 complete groups"``).
+
+        Example:
+            >>> masks = MaskSet({"w": nn.Parameter(torch.ones(2, 2))})
+            >>> masks.masks[0][0, 0] = False
+            >>> masks.tally("rows with a zero", lambda m: int((~m).any(1).sum()))
+            [1]
+        """
+        return [count(m) for m in self.masks]
+
+    def any_process(self, flag: bool) -> bool:
+        """``flag`` on any process that holds shards of these tensors (a collective for a
+        :class:`~lightning_prune.masks.sharded.ShardedMaskSet`: every rank calls it, so that every rank decides
+        alike); ``flag`` itself here.
+
+        Example:
+            >>> MaskSet({"w": nn.Parameter(torch.ones(1))}).any_process(True)
+            True
+        """
+        return flag
 
     # ------------------------------------------------------------------ enforcement
     @torch.no_grad()

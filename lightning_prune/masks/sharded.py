@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,13 +43,18 @@ def is_sharded(param: Tensor) -> bool:
     return isinstance(param, DTensor)
 
 
-def mask_set_for(params: Mapping[str, nn.Parameter]) -> MaskSet:
+def mask_set_for(params: Mapping[str, nn.Parameter], module: nn.Module | None = None) -> MaskSet:
     """The mask set for ``params``: a :class:`ShardedMaskSet` when they are sharded ``DTensor`` parameters, else a
     :class:`~lightning_prune.masks.maskset.MaskSet`.
 
+    Args:
+        params: the parameters to mask, by name.
+        module: the model that holds them, to refuse FSDP2's CPU offloading of any of them.
+
     Raises:
-        ValueError: some of the parameters are sharded and others are not, or they are sharded in a way the
-            masks cannot follow (see :class:`ShardedMaskSet`).
+        ValueError: some of the parameters are sharded and others are not, they are sharded in a way the
+            masks cannot follow (see :class:`ShardedMaskSet`), or ``module`` offloads some of them to the CPU
+            (on every rank alike: the sharding and the policies are the same on every rank).
     """
     sharded = [n for n, p in params.items() if is_sharded(p)]
     if not sharded:
@@ -61,7 +66,44 @@ def mask_set_for(params: Mapping[str, nn.Parameter]) -> MaskSet:
             "needs one or the other. Apply `fully_shard` to every module holding a prunable weight (e.g. also "
             "to the root module in `configure_model`), or `ignore` those layers."
         )
+    if module is not None:
+        offloaded = _offloaded(module)
+        names = [n for n, p in params.items() if id(p) in offloaded]
+        if names:
+            raise ValueError(
+                f"The prunable weights {names} are offloaded to the CPU by FSDP2 "
+                "(`fully_shard(..., offload_policy=CPUOffloadPolicy())`): their masks live with the shards and are "
+                "selected and counted with collectives over the shards' process group, which cannot carry CPU "
+                "tensors on GPUs (NCCL). Shard these layers without `offload_policy`, or `ignore` them."
+            )
     return ShardedMaskSet(params)
+
+
+def row_split(rows: int, world: int) -> list[tuple[int, int]]:
+    """The rows ``[start, stop)`` of each of ``world`` shards of a tensor with ``rows`` rows, as FSDP2 cuts them
+    (``torch.chunk``: ``ceil(rows / world)`` each, the last ones shorter or empty).
+
+    Example:
+        >>> row_split(5, 2), row_split(3, 4)
+        ([(0, 3), (3, 5)], [(0, 1), (1, 2), (2, 3), (3, 3)])
+    """
+    per = -(-rows // world)
+    return [(min(r * per, rows), min((r + 1) * per, rows)) for r in range(world)]
+
+
+def _offloaded(module: nn.Module) -> set[int]:
+    """The ids of the parameters that FSDP2 offloads to the CPU (``offload_policy=CPUOffloadPolicy()``)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    found: set[int] = set()
+    for sub in module.modules():
+        if not isinstance(sub, FSDPModule):
+            continue
+        state = sub._get_fsdp_state() if hasattr(sub, "_get_fsdp_state") else None
+        group = getattr(state, "_fsdp_param_group", None)
+        if group is not None and isinstance(getattr(group, "offload_policy", None), CPUOffloadPolicy):
+            found |= {id(getattr(p, "sharded_param", None)) for p in getattr(group, "fsdp_params", ())}
+    return found
 
 
 def _shard_info(name: str, param: DTensor) -> tuple[dist.ProcessGroup, int]:
@@ -79,9 +121,8 @@ def _shard_info(name: str, param: DTensor) -> tuple[dist.ProcessGroup, int]:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = param.to_local()
     rows = param.shape[0] if param.dim() else 1
-    per = -(-rows // world)  # FSDP2 cuts rows as torch.chunk does
-    start = min(rank * per, rows)
-    expected = (min(per, rows - start), *param.shape[1:])
+    start, stop = row_split(rows, world)[rank]
+    expected = (stop - start, *param.shape[1:])
     if tuple(local.shape) != expected or not local.is_contiguous():
         raise ValueError(
             f"The prunable weight {name!r} holds a local shard of shape {tuple(local.shape)} on rank {rank}, not the "
@@ -100,11 +141,12 @@ class ShardedMaskSet(MaskSet):
 
     Args:
         params: the sharded parameters to mask, by name: ``DTensor`` parameters placed ``Shard(0)`` on one mesh
-            dimension, all in one process group and of one dtype.
+            dimension, all in one process group. Their dtypes may differ (e.g. one layer kept in bfloat16): the
+            selection scores every dtype in one exact order, as one process does.
 
     Raises:
-        ValueError: a parameter is not sharded that way, the parameters live in different process groups or have
-            different dtypes (raised on every rank alike: the placements and dtypes are the same on every rank).
+        ValueError: a parameter is not sharded that way, or the parameters live in different process groups (raised
+            on every rank alike: the placements are the same on every rank).
 
     Example:
         Under ``fully_shard`` on two processes (each holds half of a ``Linear(4, 8)``'s rows)::
@@ -120,13 +162,6 @@ class ShardedMaskSet(MaskSet):
         not_sharded = [n for n, p in params.items() if not is_sharded(p)]
         if not_sharded:
             raise ValueError(f"ShardedMaskSet masks DTensor parameters; {not_sharded} are plain tensors.")
-        dtypes = {str(p.dtype) for p in params.values()}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"The sharded prunable weights have several dtypes ({sorted(dtypes)}): "
-                f"{ {n: str(p.dtype) for n, p in params.items()} }. Keep every prunable weight in one dtype (FSDP2's "
-                "`MixedPrecisionPolicy` casts for compute and keeps the sharded weights in one dtype)."
-            )
         self.names: list[str] = list(params)
         self.params: list[nn.Parameter] = list(params.values())
         info = [_shard_info(n, p) for n, p in params.items()]  # type: ignore[arg-type]
@@ -138,6 +173,8 @@ class ShardedMaskSet(MaskSet):
             )
         #: The process group whose ranks hold the other shards.
         self.group: dist.ProcessGroup = info[0][0]
+        self._world = dist.get_world_size(self.group)
+        self._rank = dist.get_rank(self.group)
         #: Where each local shard starts in its whole tensor's flat order.
         self.offsets: list[int] = [offset for _, offset in info]
         #: The local shards of the parameters (views of the parameters' storage).
@@ -145,6 +182,7 @@ class ShardedMaskSet(MaskSet):
         self.masks: list[Tensor] = [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in self.local]
         self._init_enforcement()
         self._pruned: list[int] = [0] * len(self.params)
+        self._tallies: dict[str, tuple[Callable[[Tensor], int], list[int]]] = {}
 
     # ------------------------------------------------------------------ statistics (over the whole tensors)
     def entry_counts(self) -> tuple[list[int], list[int]]:
@@ -165,12 +203,47 @@ class ShardedMaskSet(MaskSet):
     def selection_args(self, indices: Sequence[int]) -> dict[str, Any]:
         return {"group": self.group, "offsets": [self.offsets[i] for i in indices]}
 
+    def row_shards(self, i: int) -> list[tuple[int, int]]:
+        shape = self.params[i].shape
+        return row_split(shape[0] if len(shape) else 1, self._world)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def tally(self, key: str, count: Callable[[Tensor], int]) -> list[int]:
+        """The first call for a ``key`` counts now, a collective (every rank calls it, e.g. when a structure binds
+        or prunes); later calls read the counts kept up to date by :meth:`apply_`."""
+        if key not in self._tallies:
+            self._tallies[key] = (count, [])
+            self._count()
+        return list(self._tallies[key][1])
+
+    def local_rows(self, i: int, whole: Tensor) -> Tensor:
+        """This rank's rows of ``whole``, a tensor shaped like the whole parameter ``i`` (e.g. its whole mask or
+        statistics), shaped like its local shard."""
+        n = self.masks[i].numel()
+        return whole.reshape(-1)[self.offsets[i] : self.offsets[i] + n].reshape(self.masks[i].shape)
+
+    def any_process(self, flag: bool) -> bool:
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=self.masks[0].device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
+
     @torch.no_grad()
     def _count(self) -> None:
-        """Sum the pruned entries of every tensor over the group (a collective)."""
-        local = torch.tensor([m.numel() - int(torch.count_nonzero(m)) for m in self.masks], dtype=torch.int64)
+        """Sum the pruned entries of every tensor, and every :meth:`tally`, over the group (one collective)."""
+        counts = [m.numel() - int(torch.count_nonzero(m)) for m in self.masks]
+        for count, _ in self._tallies.values():
+            counts.extend(int(count(m)) for m in self.masks)
+        # On the masks' device: the group's backend may carry only those (NCCL).
+        local = torch.tensor(counts, dtype=torch.int64, device=self.masks[0].device)
         dist.all_reduce(local, group=self.group)
-        self._pruned = [int(v) for v in local]
+        values = [int(v) for v in local.tolist()]
+        n = len(self.masks)
+        self._pruned = values[:n]
+        for j, (key, (count, _)) in enumerate(self._tallies.items()):
+            self._tallies[key] = (count, values[n * (j + 1) : n * (j + 2)])
 
     # ------------------------------------------------------------------ enforcement, on the local shards
     @torch.no_grad()
@@ -196,10 +269,10 @@ class ShardedMaskSet(MaskSet):
                 f"missing {missing}, unexpected {unexpected}. Was the checkpoint written for another model or "
                 "another `ignore` setting?"
             )
-        for n, p, m, offset in zip(self.names, self.params, self.masks, self.offsets):
+        for i, (n, p, m) in enumerate(zip(self.names, self.params, self.masks)):
             saved = state[n]
             if saved.shape == p.shape:  # a whole mask: take this rank's rows
-                saved = saved.reshape(-1)[offset : offset + m.numel()].reshape(m.shape)
+                saved = self.local_rows(i, saved)
             elif saved.shape != m.shape:
                 raise ValueError(
                     f"Saved pruning mask of {n!r} has shape {tuple(saved.shape)}; this rank's shard of the parameter "

@@ -194,7 +194,7 @@ class Structure(ABC):
         """
         if not self.selects_parameters:
             raise ValueError(f"{self!r} finds its own groups: it takes no `prunable` selection.")
-        masks = mask_set_for(prunable_parameters(module, ignore, select=prunable))
+        masks = mask_set_for(prunable_parameters(module, ignore, select=prunable), module)
         self.check_bound(module, masks)
         return masks
 

@@ -58,13 +58,18 @@ class BlockStructure(Structure):
     weights can differ slightly). The lowest-scored tiles go first, ties to the earliest (layer order, then tile
     row by tile row); a tile is pruned when all its entries are masked, and pruned tiles are never revived.
 
+    Sharded weights (FSDP2's row shards, :class:`~lightning_prune.masks.sharded.ShardedMaskSet`): every shard must
+    hold whole tiles, i.e. start at a row that is a multiple of the block height and end at one or at the last
+    row; then each rank scores its own tiles and the selection is exact over every rank's, so the masks are those
+    one process computes on the whole weights.
+
     Args:
         block_shape: ``(rows, columns)`` of a tile, positive integers; an int ``b`` means ``(b, b)``.
             ``(1, k)`` prunes runs of ``k`` weights along a row.
 
     Raises:
         ValueError: ``block_shape`` is not one or two positive integers; at :meth:`bind` or pruning, a weight
-            whose GEMM view is smaller than a block.
+            whose GEMM view is smaller than a block, or a sharded weight whose shards split tiles.
 
     Example:
         >>> import torch
@@ -103,34 +108,62 @@ class BlockStructure(Structure):
 
     def check_bound(self, module: nn.Module, masks: MaskSet) -> None:
         self._check_layers(masks)
+        self._kept_counts(masks)  # sharded masks count their tiles from now on (binding is a collective)
 
     def _check_layers(self, masks: MaskSet) -> None:
         bh, bw = self.block_shape
-        for name, param in zip(masks.names, masks.params):
+        for i, (name, param) in enumerate(zip(masks.names, masks.params)):
             check_matrix(self, name, param)
-            rows, cols = param.shape[0], param[0].numel()
+            rows, cols = param.shape[0], math.prod(param.shape[1:])
             if bh > rows or bw > cols:
                 raise ValueError(
                     f"Block shape {bh}x{bw} is larger than the {rows}x{cols} GEMM view of {name!r} (shape "
                     f"{tuple(param.shape)}). Add {layer_name(name)!r} to `ignore` or use a smaller `block_shape`."
                 )
+            shards = masks.row_shards(i)
+            split = [(a, b) for a, b in shards if b > a and (a % bh or (b % bh and b != rows))]
+            if split:
+                held = ", ".join(f"[{a}:{b})" for a, b in shards)
+                per = shards[0][1] - shards[0][0]
+                raise ValueError(
+                    f"Block pruning with {bh}-row tiles needs every row shard to hold whole tiles, but {name!r} "
+                    f"(shape {tuple(param.shape)}) is sharded over {len(shards)} processes as rows {held}: rows "
+                    f"[{split[0][0]}:{split[0][1]}) cut a tile. Use a block height that divides {per} (the rows "
+                    f"of a shard), give the layer a multiple of {len(shards) * bh} rows, or add "
+                    f"{layer_name(name)!r} to `ignore`."
+                )
 
     def kept_blocks(self, masks: MaskSet) -> list[Tensor]:
         """Per masked tensor, a boolean ``(ceil(rows / bh), ceil(cols / bw))`` tensor: True where a tile is
-        kept (some entry of it is not masked)."""
+        kept (some entry of it is not masked). For sharded masks, the tiles of this rank's rows."""
         self._check_layers(masks)
+        return [self._kept(m) for m in masks.masks]
+
+    def _kept(self, mask: Tensor) -> Tensor:
         bh, bw = self.block_shape
-        return [_tiles(m.view(m.shape[0], -1), bh, bw, fill=False).any(dim=(1, 3)) for m in masks.masks]
+        return _tiles(mask.reshape(mask.shape[0], math.prod(mask.shape[1:])), bh, bw, fill=False).any(dim=(1, 3))
+
+    def _kept_counts(self, masks: MaskSet) -> list[int]:
+        """Per masked tensor, its kept tiles (over the whole tensor: the shards hold whole tiles)."""
+        bh, bw = self.block_shape
+        return masks.tally(f"{bh}x{bw} kept blocks", lambda mask: int(self._kept(mask).sum()))
+
+    def _tile_counts(self, masks: MaskSet) -> list[int]:
+        """Per masked tensor, all its tiles."""
+        bh, bw = self.block_shape
+        return [math.ceil(p.shape[0] / bh) * math.ceil(math.prod(p.shape[1:]) / bw) for p in masks.params]
 
     def sparsity(self, masks: MaskSet) -> float:
         """The fraction of pruned tiles over all masked tensors."""
-        kept = self.kept_blocks(masks)
-        total = sum(k.numel() for k in kept)
-        return (total - sum(int(k.sum()) for k in kept)) / total
+        self._check_layers(masks)
+        total = sum(self._tile_counts(masks))
+        return (total - sum(self._kept_counts(masks))) / total
 
     def layer_sparsity(self, masks: MaskSet) -> dict[str, float]:
         """The fraction of pruned tiles per masked tensor."""
-        return {n: (k.numel() - int(k.sum())) / k.numel() for n, k in zip(masks.names, self.kept_blocks(masks))}
+        self._check_layers(masks)
+        counts = zip(masks.names, self._tile_counts(masks), self._kept_counts(masks))
+        return {n: (total - kept) / total for n, total, kept in counts}
 
     def check_importance(self, importance: Importance) -> None:
         check_entry_importance(self, importance)
@@ -142,21 +175,22 @@ class BlockStructure(Structure):
     def summary(self, masks: MaskSet) -> str:
         bh, bw = self.block_shape
         rows = []
-        blocks = self.kept_blocks(masks)
-        for name, mask, kept in zip(masks.names, masks.masks, blocks):
-            pruned = kept.numel() - int(kept.sum())
-            zeros = mask.numel() - int(torch.count_nonzero(mask))
+        self._check_layers(masks)
+        tiles, kept = self._tile_counts(masks), self._kept_counts(masks)
+        numel, zeros = masks.entry_counts()
+        for i, (name, param) in enumerate(zip(masks.names, masks.params)):
+            pruned = tiles[i] - kept[i]
             rows.append(
                 (
                     name,
-                    f"{mask.shape[0]}x{mask[0].numel()}",
-                    f"{pruned} / {kept.numel()}",
-                    f"{pruned / kept.numel():.2%}",
-                    f"{zeros / mask.numel():.2%}",
+                    f"{param.shape[0]}x{math.prod(param.shape[1:])}",
+                    f"{pruned} / {tiles[i]}",
+                    f"{pruned / tiles[i]:.2%}",
+                    f"{zeros[i] / numel[i]:.2%}",
                 )
             )
-        total = sum(k.numel() for k in blocks)
-        pruned = total - sum(int(k.sum()) for k in blocks)
+        total = sum(tiles)
+        pruned = total - sum(kept)
         rows.append(("total", "", f"{pruned} / {total}", f"{pruned / total:.2%}", f"{masks.sparsity():.2%}"))
         header = ("parameter", "GEMM view", "pruned blocks", "block sparsity", "weight sparsity")
         return text_table([header, *rows], f"Block pruning summary ({bh}x{bw} blocks)")
@@ -164,26 +198,30 @@ class BlockStructure(Structure):
     @torch.no_grad()
     def prune_(self, masks: MaskSet, importance: Importance, sparsity: Target, scope: Scope = "global") -> None:
         per_layer = layer_targets(masks.names, sparsity, scope)
-        kept = self.kept_blocks(masks)
+        kept = self.kept_blocks(masks)  # this rank's tiles when sharded: its rows hold whole tiles
+        tiles, kept_now = self._tile_counts(masks), self._kept_counts(masks)
+        local = masks.local_tensors()
         bh, bw = self.block_shape
         scores: dict[int, Tensor] = {}
         for group in groups_of(masks, per_layer, scope):
             target = single_target(sparsity) if per_layer is None else per_layer[group[0]]
-            total = sum(kept[i].numel() for i in group)
-            pruned = total - sum(int(kept[i].sum()) for i in group)
+            total = sum(tiles[i] for i in group)
+            pruned = total - sum(kept_now[i] for i in group)
             k = round(target * total) - pruned
             if k <= 0:
                 continue
             for i in group:
-                name, param = masks.names[i], masks.params[i]
-                entry = entry_scores(self, importance, name, param)
-                scores[i] = _block_means(entry.reshape(param.shape[0], -1), bh, bw)
+                entry = entry_scores(self, importance, masks.names[i], local[i])
+                scores[i] = _block_means(entry.reshape(entry.shape[0], math.prod(entry.shape[1:])), bh, bw)
+            args = masks.selection_args(group)
+            if "offsets" in args:  # where each rank's tiles start in the whole tensor's tiles, row by row
+                args["offsets"] = [masks.row_shards(i)[masks.rank][0] // bh * kept[i].shape[1] for i in group]
             prune_lowest_(
-                [scores[i] for i in group], [kept[i] for i in group], k, names=[masks.names[i] for i in group]
+                [scores[i] for i in group], [kept[i] for i in group], k, names=[masks.names[i] for i in group], **args
             )
         for i in scores:  # the tensors whose tiles may have changed
             mask = masks.masks[i]
-            rows, cols = mask.shape[0], mask[0].numel()
+            rows, cols = mask.shape[0], math.prod(mask.shape[1:])
             grown = kept[i].repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
             mask.view(rows, cols).logical_and_(grown)
         masks.apply_()
@@ -205,6 +243,8 @@ def _block_means(scores: Tensor, bh: int, bw: int) -> Tensor:
     rows, cols = scores.shape
     sums = _tiles(scores, bh, bw, fill=0.0).sum(dim=(1, 3)).double()
     nr, nc = sums.shape
+    if nr == 0:  # an empty shard
+        return sums
     heights = torch.full((nr,), float(bh), dtype=torch.float64, device=sums.device)
     heights[-1] = rows - (nr - 1) * bh
     widths = torch.full((nc,), float(bw), dtype=torch.float64, device=sums.device)

@@ -122,6 +122,7 @@ class NMStructure(Structure):
                     f"{layer_name(name)!r} to `ignore`."
                 )
         self._check_layers(masks)
+        self._complete(masks)  # sharded masks count their groups from now on (binding is a collective)
 
     def _check_layers(self, masks: MaskSet) -> None:
         for name, param in zip(masks.names, masks.params):
@@ -153,12 +154,16 @@ class NMStructure(Structure):
 
     def complete_groups(self, masks: MaskSet) -> dict[str, float]:
         """Per masked tensor, the fraction of its groups of ``m`` that have exactly ``n`` zeros (1.0 once the
-        pattern is complete)."""
+        pattern is complete); over the whole tensors when the masks are shards."""
         self._check_layers(masks)
-        return {
-            name: float(((~_groups(mask, self.m)).sum(1) == self.n).double().mean())
-            for name, mask in zip(masks.names, masks.masks)
-        }
+        numel, _ = masks.entry_counts()
+        complete = self._complete(masks)
+        return {name: c / (total // self.m) for name, c, total in zip(masks.names, complete, numel)}
+
+    def _complete(self, masks: MaskSet) -> list[int]:
+        """Per masked tensor, its groups with exactly ``n`` zeros (a group lies within a row: shards add up)."""
+        n, m = self.n, self.m
+        return masks.tally(f"{n}:{m} complete groups", lambda mask: int(((~_groups(mask, m)).sum(1) == n).sum()))
 
     def summary(self, masks: MaskSet) -> str:
         complete = self.complete_groups(masks)
@@ -172,19 +177,24 @@ class NMStructure(Structure):
         self.check_target(masks, sparsity, scope)
         per_layer = layer_targets(masks.names, sparsity, scope)
         limit = self.default_sparsity
+        self._complete(masks)
+        # Over the whole tensors: a group lies within a row, so each rank of sharded masks finds its groups'
+        # eligible entries on its own rows, and the selection among them is exact over every rank's.
+        numel, pruned_now = masks.entry_counts()
+        local = masks.local_tensors()
         for group in groups_of(masks, per_layer, scope):
             target = min(single_target(sparsity) if per_layer is None else per_layer[group[0]], limit)
-            total = sum(masks.masks[i].numel() for i in group)
-            pruned = sum(masks.masks[i].numel() - int(torch.count_nonzero(masks.masks[i])) for i in group)
+            total = sum(numel[i] for i in group)
+            pruned = sum(pruned_now[i] for i in group)
             k = round(target * total) - pruned
             if k <= 0:
                 continue
             eligible: list[Tensor] = []
             scores: list[Tensor] = []
             for i in group:
-                entry = entry_scores(self, importance, masks.names[i], masks.params[i])
+                entry = entry_scores(self, importance, masks.names[i], local[i])
                 eligible.append(self._eligible(masks.names[i], masks.masks[i], entry))
-                scores.append((masks.params[i].detach() if importance.pointwise else entry).contiguous())
+                scores.append((local[i] if importance.pointwise else entry).contiguous())
             chosen = [e.clone() for e in eligible]
             prune_lowest_(
                 scores,
@@ -192,6 +202,7 @@ class NMStructure(Structure):
                 k,
                 transform=importance.transform_ if importance.pointwise else None,
                 names=[masks.names[i] for i in group],
+                **masks.selection_args(group),
             )
             for i, before, after in zip(group, eligible, chosen):
                 masks.masks[i].logical_and_(~before | after)  # clear what prune_lowest_ took from `before`

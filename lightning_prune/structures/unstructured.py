@@ -56,12 +56,12 @@ class Unstructured(Structure):
             k = round(target * total) - pruned
             if k <= 0:
                 continue
+            local = masks.local_tensors()
             if importance.pointwise:
-                local = masks.local_tensors()
                 scores = [local[i] for i in group]
                 transform = importance.transform_
             else:
-                scores = [_scores(importance, masks, i) for i in group]
+                scores = [_scores(importance, masks.names[i], local[i]) for i in group]
                 transform = None
             prune_lowest_(
                 [s.contiguous() for s in scores],
@@ -74,8 +74,8 @@ class Unstructured(Structure):
         masks.apply_()
 
 
-def _scores(importance: Importance, masks: MaskSet, i: int) -> torch.Tensor:
-    name, param = masks.names[i], masks.params[i]
+def _scores(importance: Importance, name: str, param: torch.Tensor) -> torch.Tensor:
+    """``importance``'s scores of ``param`` (a parameter, or the local shard of a sharded one)."""
     scores = importance(name, param)
     if scores.shape != param.shape:
         raise ValueError(
