@@ -123,7 +123,7 @@ class InputCovariance(Statistic):
         Inputs that are zero on every calibration token (``H_jj = 0``) get ``H_jj = 1``, so that they do not
         make ``H`` singular; they do not affect the reconstruction error. Computed once and cached (layers that
         share their input share it), in place in the covariance's memory: one ``in x in`` matrix is held (and a
-        workspace of about a third of one while the inverse is taken).
+        temporary of up to about half of one while the inverse is taken).
 
         Raises:
             ValueError: ``H + lambda I`` is not positive definite (too few calibration tokens for the input
