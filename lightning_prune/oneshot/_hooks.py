@@ -95,6 +95,17 @@ class Collector:
         owner = self.owner.get(layer.name)
         return None if owner is None else self.stats[owner]
 
+    def release(self, layer: Layer) -> None:
+        """Drop the statistic of ``layer`` (shared or not) once no layer needs it any more."""
+        owner = self.owner.get(layer.name)
+        if owner is not None:
+            self.stats.pop(owner, None)
+
+    def last_users(self, layers: Sequence[Layer]) -> set[str]:
+        """The names of the layers, among ``layers`` in order, that are the last to need their statistic."""
+        last = {self.owner[layer.name]: layer.name for layer in layers if layer.name in self.owner}
+        return set(last.values())
+
     def reduce_(self, layers: Sequence[Layer]) -> None:
         """All-reduce every statistic, in the (rank-independent) order of the layers."""
         for layer in layers:

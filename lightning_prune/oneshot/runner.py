@@ -273,6 +273,7 @@ def prune_one_shot(
                     collector.remove()
                 collector.reduce_(layers)
             deltas: dict[str, Tensor] = {}
+            last_users = set() if collector is None else collector.last_users(layers)
             for layer in layers:
                 tick = time.perf_counter()
                 weight = layer.adapter.matrix(layer.module)
@@ -284,6 +285,9 @@ def prune_one_shot(
                 mask = mask_of[layer.name]
                 mask.copy_(keep.reshape(mask.shape) if mask.shape == keep.shape else _as_parameter_layout(layer, keep))
                 layer.sparsity = 1.0 - float(keep.sum()) / keep.numel()
+                del stat, keep
+                if collector is not None and layer.name in last_users:
+                    collector.release(layer)  # free its statistic (a SparseGPT Hessian) before the next layer's
                 layer.seconds = time.perf_counter() - tick
             del collector
             last = index == len(found) - 1

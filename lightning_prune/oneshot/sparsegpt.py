@@ -105,7 +105,9 @@ class SparseGPT(OneShotMethod):
                 "calibration batches?"
             )
         upper = statistic.inverse_cholesky(self.damping, layer)
-        w = weight.to(dtype=self.dtype, copy=True)
+        # The update runs in the weight itself when it already has the update's dtype and layout; else on a copy.
+        in_place = weight.dtype == self.dtype and weight.is_contiguous()
+        w = weight if in_place else weight.to(dtype=self.dtype, copy=True)
         nm = structure if isinstance(structure, NMStructure) else None
         errors = torch.empty(rows, min(self.blocksize, cols), dtype=self.dtype, device=w.device)
         for i1 in range(0, cols, self.blocksize):
@@ -132,6 +134,7 @@ class SparseGPT(OneShotMethod):
                 column.copy_(q)
             if i2 < cols:
                 w[:, i2:].addmm_(errors[:, : i2 - i1], upper[i1:i2, i2:], alpha=-1)
-        weight.copy_(w)
+        if not in_place:
+            weight.copy_(w)
         weight.masked_fill_(~keep, 0)
         return keep

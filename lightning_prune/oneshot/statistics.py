@@ -122,7 +122,8 @@ class InputCovariance(Statistic):
 
         Inputs that are zero on every calibration token (``H_jj = 0``) get ``H_jj = 1``, so that they do not
         make ``H`` singular; they do not affect the reconstruction error. Computed once and cached (layers that
-        share their input share it); the covariance itself is freed, so that one ``in x in`` matrix is held.
+        share their input share it), in place in the covariance's memory: one ``in x in`` matrix is held (and a
+        temporary of up to about half of one while the inverse is taken).
 
         Raises:
             ValueError: ``H + lambda I`` is not positive definite (too few calibration tokens for the input
@@ -140,7 +141,12 @@ class InputCovariance(Statistic):
         dead = diag == 0
         diag[dead] = 1.0
         diag += damping * float(diag.mean())
-        factor, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32, device=h.device)))
+        # LAPACK works in place on a column-major matrix: the transposed view of `h` is one. It holds H itself once
+        # the lower triangle (the one the factorisation reads) is mirrored onto the upper one.
+        _mirror_lower_(h)
+        work = h.mT
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(work, out=(work, info))
         if int(info) != 0:
             raise ValueError(
                 f"SparseGPT: the Hessian of {layer!r} is singular even after dampening "
@@ -148,15 +154,28 @@ class InputCovariance(Statistic):
                 f"{self.in_features} inputs, Cholesky failed at row {int(info)}). Give more calibration samples "
                 "(`num_samples`), a larger `damping` (e.g. 0.1), or dtype=torch.float64."
             )
-        inverse = torch.cholesky_inverse(factor)
-        del factor, h
-        upper, info = torch.linalg.cholesky_ex(
-            inverse, upper=True, out=(inverse, torch.empty((), dtype=torch.int32, device=inverse.device))
-        )
+        torch.cholesky_inverse(work, out=work)
+        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
         if int(info) != 0:
             raise ValueError(
                 f"SparseGPT: the inverse Hessian of {layer!r} is not positive definite in {self.dtype} "
                 f"(damping={damping}). Use dtype=torch.float64, a larger `damping`, or more calibration samples."
             )
+        upper = work
         self._inverse = (damping, upper)
         return upper
+
+
+#: Rows mirrored at once by :func:`_mirror_lower_`.
+_MIRROR_ROWS = 256
+
+
+def _mirror_lower_(h: Tensor) -> None:
+    """Copy the lower triangle of the square matrix ``h`` onto its upper triangle, in place, a band of rows at a
+    time (temporaries of at most one diagonal block)."""
+    n = h.shape[0]
+    for start in range(0, n, _MIRROR_ROWS):
+        stop = min(start + _MIRROR_ROWS, n)
+        square = h[start:stop, start:stop]
+        square.copy_(square.tril() + square.tril(-1).mT)
+        h[start:stop, stop:].copy_(h[stop:, start:stop].mT)

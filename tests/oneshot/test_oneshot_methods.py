@@ -212,6 +212,23 @@ def test_statistics_split_over_batches_equal_one_batch():
     torch.testing.assert_close(cov.squares(), whole.squares)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_cholesky_equals_the_three_step_reference_in_the_covariances_memory(dtype):
+    x = correlated_inputs(300, 600, seed=18).to(dtype)  # wider than the 256-row bands the factor is built in
+    cov = InputCovariance(600, dtype=dtype)
+    cov.add_(x)
+    assert cov.sum is not None
+    h = cov.sum.clone()
+    cov.sum.copy_(cov.sum.tril() + torch.full_like(cov.sum, 1e6).triu(1))  # only the lower triangle counts
+    storage = cov.sum.untyped_storage().data_ptr()
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    upper = cov.inverse_cholesky(0.01, "fc")
+    assert torch.equal(upper, expected)
+    assert upper.untyped_storage().data_ptr() == storage  # no second in x in matrix
+    assert cov.sum is None and cov.inverse_cholesky(0.01, "fc") is upper
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_nm_on_a_width_that_is_not_a_multiple_of_m_names_the_layer():
     with pytest.raises(ValueError, match=r"'blocks.0.fc' has 30 input features, not a multiple of 4.*`ignore`"):
