@@ -83,6 +83,15 @@ def test_killed_three_times_and_resumed_ends_as_the_uninterrupted_run(reference,
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # cleaned up by the next save
 
 
+def test_a_channel_run_killed_right_after_a_pruning_step_resumes_exactly(reference, tmp_path):
+    # Channel masks, the pruned BatchNorm entries and their momentum come back from the checkpoint of the epoch before;
+    # the resumed run prunes again at the same epoch, with the same channel scores. (Every point: the test below.)
+    kill(tmp_path, "after_pruning:2", "--structure", "channel")
+    resumed = finish(tmp_path, "--resume", "--structure", "channel")
+    assert_same_run(reference("channel"), resumed)
+    assert resumed["sparsity"] == pytest.approx(0.5, abs=0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("structure", ["unstructured", "channel"])
 @pytest.mark.parametrize(
