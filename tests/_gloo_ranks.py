@@ -26,7 +26,7 @@ def run_on_ranks(tmp: Path, work: Callable[..., Any], *args: Any, world_size: in
     """Run ``work(rank, *args)`` on every rank of a fresh gloo group and return what each rank returned, by rank.
 
     ``work`` must be a function of this module (the ranks import it by name) and ``args`` must pickle; the ranks
-    run on one thread each and give up on a collective after a minute.
+    run on one thread each and give up waiting for each other after five minutes.
     """
     mp.spawn(_rank, args=(work, str(tmp / "store"), str(tmp), world_size, args), nprocs=world_size, join=True)
     return [torch.load(tmp / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
@@ -39,7 +39,7 @@ def _rank(rank: int, work: Callable[..., Any], store: str, out: str, world_size:
         init_method=f"file://{store}",
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(minutes=5),
     )
     try:
         torch.save(work(rank, *args), Path(out) / f"rank{rank}.pt")

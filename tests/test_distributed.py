@@ -55,7 +55,8 @@ def test_activation_statistics_are_reduced_over_the_ranks(tmp_path):
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy], ids=["fsdp", "deepspeed"])
 def test_flattening_sharded_strategies_are_refused_with_a_clear_message(strategy):
-    # These strategies need GPUs (or DeepSpeed) to be built; the callback looks at the strategy's class only.
+    # Neither builds in a CPU Trainer (FSDPStrategy: "requires a GPU accelerator"; DeepSpeedStrategy: its package), so
+    # no Trainer.fit here; the callback looks at the strategy's class only.
     # ModelParallelStrategy (FSDP2) is supported: tests/callbacks/test_pruning_sharded.py.
     trainer = SimpleNamespace(strategy=object.__new__(strategy), max_epochs=3)
     with pytest.raises(
