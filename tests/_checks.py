@@ -1,6 +1,10 @@
 """Helpers shared by the tests: the repository's paths, a Trainer for tiny runs, tiny data, optimizers, seeded
-weights and the zero checker. Fixtures are in ``conftest.py``."""
+weights, the zero checker and the DDP job. Fixtures are in ``conftest.py``."""
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +22,10 @@ from lightning_prune.data import EpochShuffleSampler
 ROOT = Path(__file__).resolve().parents[1]
 #: The Hydra configs.
 CONF = ROOT / "conf"
+#: A pruning run under ``strategy="ddp"`` that tests start in a subprocess (its docstring lists the options).
+DDP_JOB = ROOT / "tests" / "_ddp_job.py"
+#: The number of processes the DDP job starts unless ``--devices`` says otherwise.
+DDP_WORLD = 2
 
 
 def tiny_trainer(root: Path | None, callbacks: Sequence[Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
@@ -101,3 +109,29 @@ class ZeroChecker(Callback):
 
     def check(self, pl_module, masks) -> None:
         """Further checks after every batch (none here)."""
+
+
+def run_ddp_job(out: Path, *args: str) -> dict:
+    """Run :data:`DDP_JOB` with ``args`` (one thread per process) and return what rank 0 wrote to ``out``; its final
+    masks are in ``out.with_suffix(".masks.pt")``."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(DDP_JOB), str(out), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def check_ranks_agree(result: dict, epochs: int = 4, steps_per_epoch: int = 128 // (16 * DDP_WORLD)) -> list[dict]:
+    """Assert that a two-process DDP job pruned once per epoch, stepped as often as its data says, and that after
+    every step all ranks held the same masks and weights with pruned entries (and their optimizer state) at zero;
+    return the records of the pruning steps."""
+    records = result["records"]
+    assert result["world_size"] == DDP_WORLD
+    steps = [r for r in records if r["when"] == "pruning step"]
+    assert [r["epoch"] for r in steps] == list(range(epochs))
+    assert sum(r["when"] == "optimizer step" for r in records) == epochs * steps_per_epoch
+    assert all(r["masks_agree"] for r in records), [r for r in records if not r["masks_agree"]]
+    assert all(r["weights_agree"] for r in records), [r for r in records if not r["weights_agree"]]
+    assert all(r["pruned_zero"] for r in records), [r for r in records if not r["pruned_zero"]]
+    return steps

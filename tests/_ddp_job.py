@@ -1,13 +1,16 @@
 """A pruning run under Lightning's ``strategy="ddp"`` on the CPU, which tests start in a subprocess.
 
-``python tests/_ddp_job.py OUT.json [--devices 2] [--batch-size 16] [--structure unstructured|channel]
+``python tests/_ddp_job.py OUT.json [--devices 2] [--batch-size 16] [--structure unstructured|channel|block|N:M]
 [--importance magnitude|rank|apoz] [--epochs 4] [--samples 128] [--optimizer sgd|adamw] [--accumulate 1]``
 
 ``strategy="ddp"`` re-runs this command line for every other rank, as it does for a user's script. After every
 optimizer step and every pruning step, each rank's masks and weights are hashed and the hashes gathered; rank 0
 writes them with the final sparsity and accuracy to ``OUT.json``, and whether every rank's pruned weights and their
-optimizer state were exactly zero. ``--importance rank`` scores differently on
-every rank (magnitude plus rank-seeded noise), so that ranks which computed their masks separately would differ.
+optimizer state were exactly zero, and its final masks to ``OUT.masks.pt`` (by parameter name). ``--importance
+rank`` scores differently on every rank (magnitude plus rank-seeded noise), so that ranks which computed their masks
+separately would differ. ``--importance apoz`` also hashes the channel scores each rank pruned with at every pruning
+step: every rank counts zeros on its own batches, so the scores agree only when the counts were summed over the
+ranks. Channel pruning prunes half the channels, N:M its pattern's share, the others 80% of the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudeImportance, PruningCallback
+from lightning_prune.criteria.activation import APoZImportance
 
 
 class Net(pl.LightningModule):
@@ -72,6 +76,19 @@ class RankDependentImportance(MagnitudeImportance):
         return param.detach().abs() + torch.rand(param.shape, generator=g)
 
 
+class ScoreRecordingAPoZ(APoZImportance):
+    """APoZ that keeps the channel scores it gives, in order, until the recorder takes them."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__(batches)
+        self.given: list[Tensor] = []
+
+    def channel_scores(self, masks, group):
+        scores = super().channel_scores(masks, group)
+        self.given.append(scores.clone())
+        return scores
+
+
 def digest(tensors: list[Tensor]) -> str:
     """SHA-256 of the tensors' shapes, dtypes and bytes, written here rather than taken from the library: a test of
     the library's rank agreement must not trust the library's own digest."""
@@ -101,6 +118,10 @@ class RankRecorder(pl.Callback):
             "weights": digest(list(pl_module.parameters())),
             "zeros": pruned_entries_zero(masks, trainer.optimizers[0]),
         }
+        importance = self.pruning.importance
+        if isinstance(importance, ScoreRecordingAPoZ) and when == "pruning step":
+            digests["scores"] = digest(importance.given) if importance.given else None
+            importance.given = []
         gathered: list = [digests] * trainer.world_size
         if trainer.world_size > 1:
             dist.all_gather_object(gathered, digests)
@@ -112,6 +133,7 @@ class RankRecorder(pl.Callback):
                 "masks_agree": len({g["masks"] for g in gathered}) == 1,
                 "weights_agree": len({g["weights"] for g in gathered}) == 1,
                 "pruned_zero": all(g["zeros"] for g in gathered),
+                "scores": [g.get("scores") for g in gathered],
             }
         )
 
@@ -138,6 +160,8 @@ class RankRecorder(pl.Callback):
             "accuracy": accuracy,
         }
         self.out.write_text(json.dumps(result))
+        if masks is not None:
+            torch.save(dict(zip(masks.names, masks.masks)), self.out.with_suffix(".masks.pt"))
 
 
 def dataset(n: int) -> TensorDataset:
@@ -158,16 +182,18 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    channel = args.structure == "channel"
-    importance = RankDependentImportance() if args.importance == "rank" else args.importance
+    nm = ":" in args.structure
+    importance = {"rank": RankDependentImportance(), "apoz": ScoreRecordingAPoZ(batches=2)}.get(
+        args.importance, args.importance
+    )
     pruning = PruningCallback(
-        sparsity=0.5 if channel else 0.8,
+        sparsity=0.8 if args.structure == "unstructured" else 0.5,
         schedule="linear",
         start_epoch=0,
         end_epoch=args.epochs - 2,
         importance=importance,
         structure=args.structure,
-        importance_batches=2 if args.importance == "apoz" else None,
+        ignore=["features.0"] if nm else (),  # one input channel: no group of M along it
         compact=False,
     )
     trainer = pl.Trainer(

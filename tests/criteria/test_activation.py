@@ -1,19 +1,15 @@
 """Activation criteria (APoZ, mean absolute activation) in plain PyTorch: statistics against hand-computed
 references on tiny models (after ReLU and max-pooling, across a flatten, on a residual group), the hooks' life,
-checkpoints, the reduction over ranks (a fake two-rank sum, and, marked slow, a real two-process gloo group)."""
+checkpoints, the reduction over the ranks of a real two-process gloo group."""
 
 import copy
-import os
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _checks import seeded
+from _gloo_ranks import collect, reduce_activation_statistics, run_on_ranks
 from torch import Tensor, nn
 
 from lightning_prune.criteria.activation import ActivationImportance, ActivationStatistics, APoZImportance
@@ -269,64 +265,23 @@ def test_loading_statistics_of_other_groups_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------- reduction over ranks
-class FakeWorld:
-    """``all_reduce`` for ranks run as threads: each deposits its tensor, all wait, each gets the sum. Rank 0 sums
-    in place (``torch.distributed.all_reduce``'s way), rank 1 returns the sum (``Strategy.reduce``'s way)."""
-
-    def __init__(self, size: int) -> None:
-        self.barrier = threading.Barrier(size)
-        self.deposits: list[Tensor | None] = [None] * size
-        self.calls = [0] * size
-
-    def all_reduce(self, rank: int) -> Callable[[Tensor], Tensor | None]:
-        def reduce(t: Tensor) -> Tensor | None:
-            self.calls[rank] += 1
-            self.deposits[rank] = t.clone()
-            self.barrier.wait(timeout=30)
-            total = torch.stack([d for d in self.deposits if d is not None]).sum(0)
-            self.barrier.wait(timeout=30)
-            if rank == 0:
-                t.copy_(total)
-                return None
-            return total
-
-        return reduce
-
-
-def _collect(importance: ActivationStatistics, net: nn.Module, masks: ChannelMaskSet, steps: list[int]) -> None:
-    importance.start(net, masks)
-    for step in steps:
-        net(data(step, 1, 4, 4))
-        importance.observe(masks)
-    importance.stop()
-
-
-@pytest.mark.parametrize("criterion", ["apoz", "activation"])
-def test_reduce_gives_every_rank_the_statistics_of_all(criterion):
+def test_reduce_over_a_real_two_process_gloo_group_gives_every_rank_the_statistics_of_all(tmp_path):
+    # Two spawned processes (tests/_gloo_ranks.py), each collecting on batches of its own, then one reduce_ per rank.
     net = conv_pool()
+    batches = [[data(0, 1, 4, 4), data(1, 1, 4, 4)], [data(2, 1, 4, 4), data(3, 1, 4, 4)]]
+    got = run_on_ranks(tmp_path, reduce_activation_statistics, CRITERIA, net, batches)
     masks = bind(net, 1, 4, 4)
-    ranks = [CRITERIA[criterion](batches=4) for _ in range(2)]
-    _collect(ranks[0], net, masks, [0, 1])
-    _collect(ranks[1], net, masks, [2, 3])
-    assert any(  # before the reduction the ranks differ
-        not torch.equal(ranks[0].channel_scores(masks, g), ranks[1].channel_scores(masks, g)) for g in masks.groups
-    )
-    world = FakeWorld(2)
-    threads = [threading.Thread(target=ranks[r].reduce_, args=(world.all_reduce(r),)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert world.calls == [1, 1]  # one collective per rank, on one flat tensor
-    both = CRITERIA[criterion](batches=4)  # one process that saw every batch
-    _collect(both, net, masks, [0, 1, 2, 3])
-    for g in masks.groups:
-        torch.testing.assert_close(ranks[0].channel_scores(masks, g), both.channel_scores(masks, g))
-        torch.testing.assert_close(ranks[1].channel_scores(masks, g), both.channel_scores(masks, g))
-    # reducing again adds nothing: statistics reduced once are never summed twice
-    ranks[0].reduce_(lambda t: t * 2)
-    for g in masks.groups:
-        torch.testing.assert_close(ranks[0].channel_scores(masks, g), both.channel_scores(masks, g))
+    for name, cls in CRITERIA.items():
+        ranks = [got[0][name], got[1][name]]
+        assert [r["calls"] for r in ranks] == [1, 1]  # one collective per rank, on one flat tensor
+        assert any(not torch.equal(ranks[0]["local"][g.name], ranks[1]["local"][g.name]) for g in masks.groups)
+        both = cls(batches=4)  # one process that saw every batch
+        collect(both, net, masks, [*batches[0], *batches[1]])
+        for g in masks.groups:
+            assert torch.equal(ranks[0]["reduced"][g.name], ranks[1]["reduced"][g.name])  # bit-identical on both
+            torch.testing.assert_close(ranks[0]["reduced"][g.name], both.channel_scores(masks, g))
+            for r in ranks:  # reducing again adds nothing: statistics reduced once are never summed twice
+                assert torch.equal(r["again"][g.name], r["reduced"][g.name])
 
 
 def test_reduce_refuses_a_sum_of_another_shape():
@@ -336,37 +291,6 @@ def test_reduce_refuses_a_sum_of_another_shape():
     _ = apoz.start(net, masks), net(data(0, 3)), apoz.observe(masks)
     with pytest.raises(ValueError, match=r"`all_reduce` returned a tensor of shape \(1,\) for one of shape \(10,\)"):
         apoz.reduce_(lambda t: t[:1])
-
-
-def _gloo_rank(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        net = conv_pool()
-        masks = ChannelStructure().bind(net, example_inputs=torch.randn(2, 1, 4, 4))
-        scores = {}
-        for name, cls in CRITERIA.items():
-            importance = cls(batches=2)
-            _collect(importance, net, masks, [2 * rank, 2 * rank + 1])  # every rank sees other data
-            importance.reduce_(dist.all_reduce)
-            scores[name] = {g.name: importance.channel_scores(masks, g) for g in masks.groups}
-        torch.save(scores, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_reduce_over_a_real_two_process_gloo_group(tmp_path: Path):
-    mp.spawn(_gloo_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    net = conv_pool()
-    masks = bind(net, 1, 4, 4)
-    for name, cls in CRITERIA.items():
-        both = cls(batches=4)
-        _collect(both, net, masks, [0, 1, 2, 3])
-        for g in masks.groups:
-            assert torch.equal(got[0][name][g.name], got[1][name][g.name])  # bit-identical on both ranks
-            torch.testing.assert_close(got[0][name][g.name], both.channel_scores(masks, g))
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -1,13 +1,11 @@
 """Block and N:M sparsity patterns: exact structure against sort-based references, errors, and real Trainer runs."""
 
 import itertools
-import json
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from _checks import ZeroChecker, images, make_optimizer, tiny_trainer
+from _checks import ZeroChecker, check_ranks_agree, images, make_optimizer, run_ddp_job, tiny_trainer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -569,62 +567,21 @@ def test_resume_mid_schedule_ends_with_the_masks_of_an_uninterrupted_run(tmp_pat
         assert torch.equal(a, b), key
 
 
-class RankPatternRecorder(Callback):
-    """Under DDP: after every batch, whether all ranks hold the same masks and weights and the pattern holds; rank 0
-    writes the record to ``path`` (the ranks run in child processes)."""
-
-    def __init__(self, pruning: PruningCallback, path: Path) -> None:
-        self.pruning, self.path, self.steps = pruning, path, []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import hashlib
-
-        import torch.distributed as dist
-
-        masks = self.pruning.masks
-        digest = hashlib.sha256()
-        for t in [*masks.masks, *pl_module.parameters()]:
-            digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        gathered: list = [None] * trainer.world_size
-        dist.all_gather_object(gathered, digest.hexdigest())
-        zeros_ok = all(bool((p.detach()[~m] == 0).all()) for p, m in zip(masks.params, masks.masks))
-        self.steps.append({"agree": len(set(gathered)) == 1, "zeros": zeros_ok})
-
-    def on_fit_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            structure, masks = self.pruning.structure, self.pruning.masks
-            if isinstance(structure, NMStructure):
-                pattern = structure.complete_groups(masks)
-            else:
-                pattern = {
-                    n: all(bool(t.all()) or not bool(t.any()) for t in tile_counts(m, 4, 4)[0])
-                    for n, m in zip(masks.names, masks.masks)
-                }
-            result = {"steps": self.steps, "sparsity": self.pruning.achieved_sparsity, "pattern": pattern}
-            self.path.write_text(json.dumps(result))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("structure", ["2:4", "block"])
-def test_ranks_hold_the_same_pattern_under_ddp(tmp_path, structure):
-    pruning = PruningCallback(structure=structure, sparsity=0.5, schedule="linear", start_epoch=0, end_epoch=2)
-    out = tmp_path / "ranks.json"
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=3,
-        callbacks=[pruning, RankPatternRecorder(pruning, out)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    trainer.fit(PatternNet("adamw"), data())
-    result = json.loads(out.read_text())
-    assert len(result["steps"]) == 3 * 64 // (16 * 2)
-    assert all(s["agree"] and s["zeros"] for s in result["steps"]), result["steps"]
-    assert set(result["pattern"].values()) == {1.0 if structure == "2:4" else True}
-    assert result["sparsity"] == pytest.approx(0.5, abs=0.02)
+@pytest.mark.parametrize("structure", ["2:4", pytest.param("block", marks=pytest.mark.slow)])
+def test_ranks_hold_the_same_pattern_under_ddp_though_each_scores_differently(tmp_path, structure):
+    # tests/_ddp_job.py under strategy="ddp": every rank adds its own noise to the magnitudes, so the ranks would grow
+    # other patterns if rank 0's masks were not broadcast at each pruning step.
+    result = run_ddp_job(tmp_path / "ranks.json", "--structure", structure, "--importance", "rank")
+    check_ranks_agree(result)
+    assert result["sparsity"] == 0.5
+    masks = torch.load(tmp_path / "ranks.masks.pt", weights_only=True)
+    if structure == "2:4":
+        assert sorted(masks) == ["body.0.weight", "head.weight"]  # the one-channel convolution is ignored
+        for name, m in masks.items():
+            zeros = {sum(1 for i in g if not m.reshape(-1)[i]) for g in nm_groups(tuple(m.shape), 4)}
+            assert zeros == {2}, f"{name}: groups with {zeros} zeros"
+    else:
+        assert sorted(masks) == ["body.0.weight", "features.0.weight", "head.weight"]
+        for name, m in masks.items():
+            tiles, _ = tile_counts(m, 4, 4)
+            assert all(bool(t.all()) or not bool(t.any()) for t in tiles), f"{name}: a block is partly pruned"
