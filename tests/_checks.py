@@ -3,9 +3,10 @@ weights, the zero checker and the DDP job. Fixtures are in ``conftest.py``."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,3 +136,19 @@ def check_ranks_agree(result: dict, epochs: int = 4, steps_per_epoch: int = 128 
     assert all(r["weights_agree"] for r in records), [r for r in records if not r["weights_agree"]]
     assert all(r["pruned_zero"] for r in records), [r for r in records if not r["pruned_zero"]]
     return steps
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's ``init_method``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def value_error_message(fn: Callable[[], Any]) -> str:
+    """The message of the ``ValueError`` that ``fn()`` raises, or ``"no error"`` (for ranks that report back)."""
+    try:
+        fn()
+    except ValueError as err:
+        return str(err)
+    return "no error"

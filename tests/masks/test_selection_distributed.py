@@ -7,13 +7,13 @@ each runs every problem in turn and saves its mask shards, which the test puts b
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _checks import free_port
 
 from lightning_prune.masks.selection import prune_lowest_
 
@@ -85,16 +85,10 @@ def _worker(rank: int, world: int, port: int, out: str, reverse: bool) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(("world", "reverse"), [(2, False), (3, True)])
 def test_sharded_selection_equals_one_process_ties_included(world, reverse, tmp_path):
     mp.start_processes(
-        _worker, args=(world, _free_port(), str(tmp_path), reverse), nprocs=world, start_method="fork", join=True
+        _worker, args=(world, free_port(), str(tmp_path), reverse), nprocs=world, start_method="fork", join=True
     )
     ranks = sorted((torch.load(tmp_path / f"rank{r}.pt") for r in range(world)), key=lambda r: r["pos"])
     problems = _problems()

@@ -8,13 +8,13 @@ The ranks are forked from the test process (``start_method="fork"``), one thread
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _checks import free_port, value_error_message
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -49,14 +49,6 @@ def _whole(masks: MaskSet) -> dict[str, torch.Tensor]:
         local = DTensor.from_local(m.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         out[n] = local.full_tensor().bool()
     return out
-
-
-def _expect_error(fn) -> str:
-    try:
-        fn()
-    except ValueError as err:
-        return str(err)
-    return "no error"
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -109,24 +101,18 @@ def _worker(rank: int, port: int, out: str) -> None:
         mixed_params = {**prunable_parameters(mixed), "extra.weight": plain[0].weight}
         columns = nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
         result["errors"] = [
-            _expect_error(lambda: mask_set_for(mixed_params)),
-            _expect_error(lambda: ShardedMaskSet({"fc.weight": columns})),
+            value_error_message(lambda: mask_set_for(mixed_params)),
+            value_error_message(lambda: ShardedMaskSet({"fc.weight": columns})),
         ]
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="fork", join=True)
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="fork", join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -9,13 +9,13 @@ The ranks are forked from the test process (``start_method="fork"``), one thread
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _checks import free_port, value_error_message
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
@@ -126,16 +126,8 @@ def _non_finite_on_one_rank(model: nn.Module, rank: int) -> dict:
         state = taylor.state_dict()
         state["stats"]["2.weight"][0, 0] = float("inf")
         taylor.load_state_dict(state, masks)
-    out["error"] = _expect_error(lambda: pruner.prune(0.5))
+    out["error"] = value_error_message(lambda: pruner.prune(0.5))
     return out
-
-
-def _expect_error(fn) -> str:
-    try:
-        fn()
-    except ValueError as err:
-        return str(err)
-    return "no error"
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -168,25 +160,19 @@ def _worker(rank: int, port: int, out: str) -> None:
         errors = []
         for rows in (6, 7):  # 6 rows: shards [0:3) [3:6), which cut a block of 2 rows
             model = _shard(_model(rows), mesh)
-            errors.append(_expect_error(lambda model=model: Pruner(structure=BlockStructure((2, 4))).bind(model)))
+            errors.append(value_error_message(lambda model=model: Pruner(structure=BlockStructure((2, 4))).bind(model)))
         offloaded = _shard(_model(), mesh, offload=True)
-        errors.append(_expect_error(lambda: Pruner().bind(offloaded)))
+        errors.append(value_error_message(lambda: Pruner().bind(offloaded)))
         result["errors"] = errors
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_patterns")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="fork", join=True)
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="fork", join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

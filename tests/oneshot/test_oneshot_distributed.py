@@ -8,13 +8,13 @@ each of them the seconds of importing torch and Lightning; each runs one thread.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _checks import free_port
 from _oneshot_models import TinyTransformer, token_batches
 
 from lightning_prune.masks.distributed import rank_digest
@@ -48,15 +48,9 @@ def _worker(rank: int, port: int, method: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_ranks_end_identical_and_equal_to_one_process_on_all_samples(method, tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), method, str(tmp_path)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), method, str(tmp_path)), nprocs=WORLD, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # bit-identical masks and weights on both ranks
     assert ranks[0]["errors"] == ranks[1]["errors"]
