@@ -60,7 +60,8 @@ _MAX_ERROR_CHARS = 500
 Status = Literal["completed", "failed", "incomplete"]
 
 
-# One row per run in results.csv, in this order.
+# One row per run in results.csv, in this order. Classifier runs fill the accuracy columns; language-model runs
+# (module=language) the perplexity ones (validation perplexity of the dense, pruned and compact models).
 RESULT_COLUMNS = (
     "job",
     "overrides",
@@ -68,10 +69,15 @@ RESULT_COLUMNS = (
     "dense_test_acc",
     "pruned_test_acc",
     "accuracy_drop",
+    "dense_val_ppl",
+    "pruned_val_ppl",
+    "compact_val_ppl",
+    "ppl_increase",
     "target_sparsity",
     "sparsity",
     "nonzero_params",
     "total_params",
+    "compact_params",
     "macs",
     "dense_macs",
     "wall_time_s",
@@ -80,7 +86,8 @@ RESULT_COLUMNS = (
 
 
 # The columns read from a run's metrics.json as they are; the others describe the run or are computed.
-_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("job", "overrides", "status", "accuracy_drop", "error"))
+_COMPUTED = ("job", "overrides", "status", "accuracy_drop", "ppl_increase", "error")
+_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in _COMPUTED)
 
 
 class SweepResultsError(FileNotFoundError):
@@ -118,6 +125,14 @@ class RunResult:
             return None
         return float(dense) - float(pruned)
 
+    @property
+    def ppl_increase(self) -> float | None:
+        """Pruned over dense validation perplexity, minus 1 (0.05: 5% higher), or None when either is missing."""
+        dense, pruned = self.metrics.get("dense_val_ppl"), self.metrics.get("pruned_val_ppl")
+        if dense is None or pruned is None:
+            return None
+        return float(pruned) / float(dense) - 1.0
+
     def row(self) -> dict[str, Any]:
         """The run as a ``results.csv`` row: every key of :data:`RESULT_COLUMNS`, None where unknown."""
         row: dict[str, Any] = {key: self.metrics.get(key) for key in _METRIC_COLUMNS}
@@ -126,6 +141,7 @@ class RunResult:
             overrides=" ".join(self.overrides),
             status=self.status,
             accuracy_drop=self.accuracy_drop,
+            ppl_increase=self.ppl_increase,
             error=self.error,
         )
         return {key: row[key] for key in RESULT_COLUMNS}
@@ -292,7 +308,7 @@ def collect_runs(sweep_dir: str | Path) -> list[RunResult]:
 def _format(value: Any, key: str) -> str:
     if value is None:
         return ""
-    if key in ("nonzero_params", "total_params"):
+    if key in ("nonzero_params", "total_params", "compact_params"):
         return str(int(value))
     if key in ("macs", "dense_macs"):
         return f"{value / 1e6:.3f}M"
@@ -300,6 +316,8 @@ def _format(value: Any, key: str) -> str:
         return f"{value:.1f}"
     if key == "accuracy_drop":
         return f"{value * 100:+.2f} pp"
+    if key == "ppl_increase":
+        return f"{value * 100:+.1f}%"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
@@ -317,6 +335,30 @@ _MD_COLUMNS = (
     ("macs", "MACs"),
     ("wall_time_s", "wall time (s)"),
 )
+_MD_LANGUAGE_COLUMNS = (
+    ("job", "job"),
+    ("overrides", "overrides"),
+    ("status", "status"),
+    ("dense_val_ppl", "dense ppl"),
+    ("pruned_val_ppl", "pruned ppl"),
+    ("compact_val_ppl", "compact ppl"),
+    ("ppl_increase", "ppl change"),
+    ("sparsity", "sparsity"),
+    ("total_params", "params"),
+    ("compact_params", "compact params"),
+    ("macs", "MACs"),
+    ("wall_time_s", "wall time (s)"),
+)
+
+
+def is_language_sweep(runs: Sequence[RunResult]) -> bool:
+    """Whether the runs report perplexity (``module=language``) rather than accuracy: the table and plot show it.
+
+    Example:
+        >>> is_language_sweep([RunResult("0", [], "completed", {"pruned_val_ppl": 4.1})])
+        True
+    """
+    return any(r.metrics.get("pruned_val_ppl") is not None for r in runs)
 
 
 def common_overrides(runs: Sequence[RunResult]) -> list[str]:
@@ -336,12 +378,13 @@ def common_overrides(runs: Sequence[RunResult]) -> list[str]:
 def results_table(runs: Sequence[RunResult]) -> str:
     """The runs as a markdown table (the one in ``results.md``); overrides all runs share are left out."""
     common = set(common_overrides(runs)) if len(runs) > 1 else set()
+    columns = _MD_LANGUAGE_COLUMNS if is_language_sweep(runs) else _MD_COLUMNS
     rows = []
     for run in runs:
         row = run.row()
         row["overrides"] = " ".join(o for o in run.overrides if o not in common)
-        rows.append([_format(row[key], key) for key, _ in _MD_COLUMNS])
-    return markdown_table([title for _, title in _MD_COLUMNS], rows)
+        rows.append([_format(row[key], key) for key, _ in columns])
+    return markdown_table([title for _, title in columns], rows)
 
 
 def _write_csv(runs: Sequence[RunResult], path: Path) -> None:
@@ -361,8 +404,18 @@ def _write_markdown(
         f"# Sweep results: `{sweep_dir}`",
         "",
         f"{len(runs)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n) + ".",
-        "Accuracies are top-1 on the test split; `drop` is dense minus pruned accuracy in percentage points;",
-        "`sparsity` is the achieved fraction of zeros among the prunable weights.",
+        *(
+            [
+                "Perplexities are on the validation split (dense: before pruning; compact: with the pruned heads",
+                "and neurons removed); `ppl change` is pruned over dense perplexity; `sparsity` is the achieved",
+                "fraction of the prunable weights.",
+            ]
+            if is_language_sweep(runs)
+            else [
+                "Accuracies are top-1 on the test split; `drop` is dense minus pruned accuracy in percentage points;",
+                "`sparsity` is the achieved fraction of zeros among the prunable weights.",
+            ]
+        ),
     ]
     common = common_overrides(runs)
     if common and len(runs) > 1:
@@ -391,35 +444,42 @@ def _plot(runs: Sequence[RunResult], path: Path, max_drop: float | None) -> None
         raise ImportError("The sweep plot needs matplotlib: `pip install 'lightning-prune[sweep]'`.") from e
 
     completed = [r for r in runs if r.status == "completed"]
-    points = sorted(
-        (float(r.metrics["sparsity"]), float(r.metrics["pruned_test_acc"]))
-        for r in completed
-        if r.metrics.get("sparsity") is not None and r.metrics.get("pruned_test_acc") is not None
+    language = is_language_sweep(runs)
+    # Accuracy in percent; perplexity as it is (lower is better), without an accuracy budget.
+    pruned_key, dense_key, scale = (
+        ("pruned_val_ppl", "dense_val_ppl", 1) if language else ("pruned_test_acc", "dense_test_acc", 100)
     )
-    dense = [float(r.metrics["dense_test_acc"]) for r in completed if r.metrics.get("dense_test_acc") is not None]
+    max_drop = None if language else max_drop
+    points = sorted(
+        (float(r.metrics["sparsity"]), float(r.metrics[pruned_key]))
+        for r in completed
+        if r.metrics.get("sparsity") is not None and r.metrics.get(pruned_key) is not None
+    )
+    dense = [float(r.metrics[dense_key]) for r in completed if r.metrics.get(dense_key) is not None]
     # A Figure without pyplot: no global backend or figure registry is touched.
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
     if points:
         xs, ys = zip(*points)
-        ax.plot(xs, [100 * y for y in ys], marker="o", label="pruned")
+        ax.plot(xs, [scale * y for y in ys], marker="o", label="pruned")
     if dense:
         baseline = sum(dense) / len(dense)
         label = "dense baseline" + (f" (mean of {len(dense)} runs)" if len(set(dense)) > 1 else "")
-        ax.axhline(100 * baseline, color="black", linestyle="--", linewidth=1, label=label)
+        ax.axhline(scale * baseline, color="black", linestyle="--", linewidth=1, label=label)
         if len(set(dense)) > 1:
-            ax.axhspan(100 * min(dense), 100 * max(dense), color="black", alpha=0.08, linewidth=0)
+            ax.axhspan(scale * min(dense), scale * max(dense), color="black", alpha=0.08, linewidth=0)
         if max_drop is not None:
             ax.axhline(
                 100 * (baseline - max_drop), color="tab:red", linestyle=":", label=f"dense - {100 * max_drop:.2f} pp"
             )
     not_shown = len(runs) - len(points)
-    ax.set_title("Test accuracy against sparsity" + (f" ({not_shown} runs not shown)" if not_shown else ""))
+    what = "Validation perplexity" if language else "Test accuracy"
+    ax.set_title(f"{what} against sparsity" + (f" ({not_shown} runs not shown)" if not_shown else ""))
     ax.set_xlabel("sparsity (fraction of zero weights)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation perplexity" if language else "test accuracy (%)")
     ax.grid(True, alpha=0.3)
     if points or dense:
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper left" if language else "lower left")
     image = io.BytesIO()
     fig.savefig(image, dpi=120, format="png")
     atomic_write(path, image.getbuffer())
@@ -432,7 +492,8 @@ def summarize_sweep(
 
     Completed runs come from their ``metrics.json``; a run that raised is listed as failed with its error (from
     ``failure.json``), and a job directory with neither file as incomplete. The plot shows the pruned test
-    accuracy of the completed runs against their achieved sparsity, with the dense accuracy as a dashed line.
+    accuracy of the completed runs against their achieved sparsity, with the dense accuracy as a dashed line; for
+    language-model runs (:func:`is_language_sweep`) the table and the plot show validation perplexity instead.
 
     Args:
         sweep_dir: A Hydra sweep directory (``hydra.sweep.dir``), or a single run's directory.
