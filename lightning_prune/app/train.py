@@ -438,11 +438,19 @@ def train(cfg: DictConfig) -> float:
     When the ``export`` group asks for it (``export=all``), the pruned model is exported into the run directory
     after testing (:func:`lightning_prune.deploy.report.run_export`) and ``export`` holds the report.
 
+    A :class:`~lightning_prune.models.LanguageModel` (``module=language``, e.g. ``experiment=pysource_gpt``) is
+    measured by perplexity instead: ``metrics.json`` has ``dense_val_ppl``, ``pruned_val_ppl`` and
+    ``compact_val_ppl`` (and ``*_test_ppl``) in place of the accuracies; pruned heads and neurons are removed after
+    testing (:func:`~lightning_prune.app.language.compact_language_model`), the compact model saved as
+    ``compact.pt`` in the run directory and its figures put in ``compact`` and ``compact_params``; the return
+    value is the pruned model's validation perplexity.
+
     Args:
         cfg: A config composed from this project's ``conf/``.
 
     Returns:
-        The test accuracy of the final, pruned model: the metric a sweep optimises.
+        The test accuracy of the final, pruned model: the metric a sweep optimises (for a language model, its
+        validation perplexity: lower is better).
 
     Raises:
         ConfigError: when ``cfg`` asks for something impossible, e.g. ``pruning.sparsity=1.5``.
@@ -466,8 +474,8 @@ def train(cfg: DictConfig) -> float:
         pruning.compact_path = output_dir / "compact.pt"  # the run directory, next to metrics.json
     start_epoch = pruning.start_epoch if pruning else 0
     # The pruning callback runs the probe and the sensitivity analysis right before its pruning step.
-    language = isinstance(module, LanguageModel)  # module=language: perplexity instead of accuracy
-    probe_type = PerplexityAtEpochStart if language else AccuracyAtEpochStart
+    # module=language: perplexity instead of accuracy
+    probe_type = PerplexityAtEpochStart if isinstance(module, LanguageModel) else AccuracyAtEpochStart
     dense_probe = probe_type(epoch=start_epoch, pruning=pruning)
     oneshot = instantiate_oneshot(cfg, pruning)  # pruning=wanda|sparsegpt: prunes right after the probe
     allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning and oneshot is None else None
@@ -537,7 +545,7 @@ def train(cfg: DictConfig) -> float:
         *training_aid_lines(cfg, start_epoch if pruning else None),
         *(_compaction_lines(compaction) if compaction is not None else []),
     ]
-    _write_run(cfg, metrics, lines, output_dir, save_error, export_text)
+    _write_run(metrics, lines, output_dir, save_error, export_text)
     if cfg.get("objective") == "max_sparsity":
         return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc
@@ -576,7 +584,6 @@ def _size_figures(
 
 
 def _write_run(
-    cfg: DictConfig,
     metrics: dict[str, Any],
     lines: list[str],
     output_dir: Path,
@@ -655,5 +662,5 @@ def _finish_language_run(
             f"  compact params   {params}  ({1 - compaction['params_after'] / compaction['params_before']:.1%} fewer)"
         )
         lines.append(f"  compact model    {compaction['path']}  (lightning_prune.load_compact(model, path))")
-    _write_run(cfg, metrics, lines, output_dir, (compaction or {}).get("save_error"), table)
+    _write_run(metrics, lines, output_dir, (compaction or {}).get("save_error"), table)
     return pruned["val"]
