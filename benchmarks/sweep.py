@@ -1,6 +1,7 @@
-"""Wall time of a 5-point sparsity sweep of the main job, two runs at a time, and its results table.
+"""Wall time of a 5-point sparsity sweep of the main job plus its dense run, two runs at a time, and its results
+table.
 
-    .venv/bin/python benchmarks/sweep.py                       # sparsity 0.5, 0.7, 0.8, 0.9, 0.95
+    .venv/bin/python benchmarks/sweep.py                       # sparsity 0 (the baseline), 0.5, 0.7, 0.8, 0.9, 0.95
     .venv/bin/python benchmarks/sweep.py --sparsities 0.5 0.9  # other points
     .venv/bin/python benchmarks/sweep.py model=mlp             # any extra Hydra overrides
 
@@ -25,7 +26,8 @@ from pathlib import Path
 from _common import OtherLoad, environment
 
 ROOT = Path(__file__).resolve().parents[1]
-SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+# 0: the dense run of the same schedule, the baseline the summary compares the others with.
+SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def main() -> None:

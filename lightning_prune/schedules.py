@@ -116,6 +116,41 @@ class SparsitySchedule(ABC):
             return self.initial_sparsity
         return min(self.final_sparsity, max(self.initial_sparsity, self._interpolate(p)))
 
+    def first_nonzero_epoch(self) -> int | None:
+        """The first epoch whose target is above 0, when the first weights go (None: every target is 0).
+
+        ``one_shot`` and ``iterative`` prune at ``start_epoch``; the gradual schedules start from
+        ``initial_sparsity`` (0 by default), so their first zeros come one step later.
+
+        Example:
+            >>> CubicSchedule(final_sparsity=0.9, start_epoch=2, end_epoch=6).first_nonzero_epoch()
+            3
+            >>> OneShotSchedule(final_sparsity=0.9, start_epoch=2).first_nonzero_epoch()
+            2
+        """
+        return next((e for e in self.pruning_epochs() if self.sparsity_at(e) > 0), None)
+
+    def describe(self) -> str:
+        """One line for logs and summaries: the shape, the epochs, and when the first non-zero target comes.
+
+        Example:
+            >>> CubicSchedule(final_sparsity=0.9, start_epoch=2, end_epoch=6).describe()
+            'cubic to 0.9 over epochs 2-6 (every 1); first non-zero target 0.5203 at epoch 3'
+        """
+        name = next((k for k, v in SCHEDULES.items() if type(self) is v), type(self).__name__)
+        epochs = self.pruning_epochs()
+        if len(epochs) == 1:
+            when = f"at epoch {epochs[0]}"
+        elif isinstance(self, IterativeSchedule):
+            when = f"at epochs {', '.join(map(str, epochs))}"
+        else:
+            when = f"over epochs {self.start_epoch}-{self._end} (every {self.every_n_epochs})"
+        first = self.first_nonzero_epoch()
+        head = f"{name} to {self.final_sparsity:g} {when}"
+        if first is None:
+            return f"{head}; every target is 0: nothing is pruned"
+        return f"{head}; first non-zero target {self.sparsity_at(first):.4f} at epoch {first}"
+
     @abstractmethod
     def _interpolate(self, progress: float) -> float:
         """Sparsity at ``0 < progress < 1`` between initial and final sparsity."""

@@ -1,5 +1,6 @@
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -152,3 +153,51 @@ def test_bad_iterative_and_names():
         OneShotSchedule(final_sparsity=0.5, start_epoch=1, end_epoch=4)
     with pytest.raises(TypeError, match="epoch"):
         LinearSchedule(end_epoch=3).sparsity_at(1.5)
+
+
+def _readme_schedule_table() -> dict[str, list[str]]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("**When pruning starts.**", 1)[1].split("\n\n")[1]  # the table after the paragraph
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].strip("`"): cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+
+
+def test_the_readme_table_of_when_pruning_starts_is_what_the_schedules_compute():
+    table = _readme_schedule_table()
+    assert list(table) == list(SCHEDULES)
+    for name, cells in table.items():
+        schedule = build_schedule(name, sparsity=0.8, start_epoch=2, end_epoch=2 if name == "one_shot" else 6)
+        assert cells == [*(f"{schedule.sparsity_at(e):.3f}" for e in range(1, 7)), str(schedule.first_nonzero_epoch())]
+    # The gradual schedules prune nothing at start_epoch: their first zeros come one step later.
+    assert {name: cells[-1] for name, cells in table.items()} == {
+        "one_shot": "2",
+        "linear": "3",
+        "cubic": "3",
+        "exponential": "3",
+        "iterative": "2",
+    }
+
+
+@pytest.mark.parametrize(
+    ("schedule", "line"),
+    [
+        (
+            CubicSchedule(final_sparsity=0.8, start_epoch=2, end_epoch=6, every_n_epochs=2),
+            "cubic to 0.8 over epochs 2-6 (every 2); first non-zero target 0.7000 at epoch 4",
+        ),
+        (
+            OneShotSchedule(final_sparsity=0.5, start_epoch=3),
+            "one_shot to 0.5 at epoch 3; first non-zero target 0.5000 at epoch 3",
+        ),
+        (
+            IterativeSchedule(sparsities=(0.0, 0.5, 0.9), start_epoch=1, every_n_epochs=2),
+            "iterative to 0.9 at epochs 1, 3, 5; first non-zero target 0.5000 at epoch 3",
+        ),
+        (
+            LinearSchedule(final_sparsity=0.0, start_epoch=0, end_epoch=4),
+            "linear to 0 over epochs 0-4 (every 1); every target is 0: nothing is pruned",
+        ),
+    ],
+)
+def test_describe_says_when_the_first_non_zero_target_comes(schedule, line):
+    assert schedule.describe() == line

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_prune._helpers import is_int
 from lightning_prune.app.config import ConfigError
+from lightning_prune.app.quiet import quiet_third_party
 from lightning_prune.app.train import instantiate_logger, instantiate_module, instantiate_pruning, resolve_output_dir
 from lightning_prune.app.validation import validate
 from lightning_prune.sensitivity.allocation import allocate, check_constraints
@@ -125,6 +126,7 @@ def sensitivity_options(cfg: DictConfig) -> SensitivityOptions:
     )
 
 
+@quiet_third_party()  # Lightning's product tips, a known deprecation warning, ONNX INFO lines: during the job only
 def run_sensitivity(cfg: DictConfig) -> SensitivityRun:
     """Train densely (or load a checkpoint), analyse on the validation split, allocate, write and print.
 
@@ -134,7 +136,9 @@ def run_sensitivity(cfg: DictConfig) -> SensitivityRun:
     the same model) is loaded instead. The allocation targets ``sensitivity.target_sparsity``, by default
     ``pruning.sparsity``, unless ``sensitivity.macs_budget`` is set. Writes ``sensitivity.csv``,
     ``sensitivity.md``, ``sensitivity.png`` (unless ``sensitivity.plot=false``) and ``allocation.yaml`` into
-    the run directory, and prints the table.
+    the run directory (the tables with ``.sha256`` digests beside them), and prints the table. Third-party noise
+    (Lightning's product tips, a known dependency deprecation warning, ONNX INFO lines) is dropped while it runs
+    (:func:`~lightning_prune.app.quiet.quiet_third_party`); every other warning shows.
 
     Args:
         cfg: A config composed from ``conf/`` with the ``sensitivity`` group.

@@ -2,7 +2,10 @@
 
 :func:`summarize_sweep` is a pure function of the sweep directory: it reads each run's ``metrics.json`` (written
 by :func:`lightning_prune.app.train.train`) or ``failure.json`` (written by :class:`SweepSummaryCallback` when a run
-raised) and writes ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.png`` next to them.
+raised) and writes ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.png`` next to them; the two tables
+get a ``.sha256`` digest file beside them. Each run is compared with a dense model trained for the same schedule
+when the sweep holds one (``-m pruning.sparsity=0,0.5,0.9``: see :mod:`lightning_prune.app.baselines`), else with
+its dense snapshot from when pruning started, and the table and plot say which.
 :class:`SweepSummaryCallback` is the Hydra callback that records failures and calls it when a multirun ends;
 ``python scripts/summarize.py <sweep_dir>`` rebuilds the same files later. :func:`search_objective` is the
 value an Optuna search for the highest sparsity within an accuracy budget maximises
@@ -20,7 +23,7 @@ import math
 import re
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +33,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from typing_extensions import override
 
-from lightning_prune._files import atomic_write, atomic_write_text, verify_json_digest
+from lightning_prune._files import atomic_write, atomic_write_text, verify_json_digest, write_sidecar
 from lightning_prune._helpers import is_number, markdown_table
+from lightning_prune.app.baselines import Baseline, is_dense_run, match_baselines, snapshot_baseline
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,10 @@ _MAX_ERROR_CHARS = 500
 Status = Literal["completed", "failed", "incomplete"]
 
 
-# One row per run in results.csv, in this order. Classifier runs fill the accuracy columns; language-model runs
-# (module=language) the perplexity ones (validation perplexity of the dense, pruned and compact models).
+# One row per run in results.csv, in this order. `accuracy_drop` is `baseline_test_acc - pruned_test_acc`;
+# `baseline` says what the baseline is (dense runs of the same schedule, or the run's dense snapshot).
+# Language-model runs (module=language) fill the perplexity columns instead of the accuracy ones (validation
+# perplexity of the dense, pruned and compact models).
 RESULT_COLUMNS = (
     "job",
     "overrides",
@@ -82,12 +88,18 @@ RESULT_COLUMNS = (
     "dense_macs",
     "wall_time_s",
     "error",
+    "baseline_test_acc",
+    "baseline",
 )
 
 
 # The columns read from a run's metrics.json as they are; the others describe the run or are computed.
-_COMPUTED = ("job", "overrides", "status", "accuracy_drop", "ppl_increase", "error")
-_METRIC_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in _COMPUTED)
+_METRIC_COLUMNS = tuple(
+    c
+    for c in RESULT_COLUMNS
+    if c
+    not in ("job", "overrides", "status", "accuracy_drop", "ppl_increase", "error", "baseline_test_acc", "baseline")
+)
 
 
 class SweepResultsError(FileNotFoundError):
@@ -105,6 +117,8 @@ class RunResult:
             ``status`` says so) or ``"incomplete"`` (neither: still running, killed or timed out).
         metrics: The run's ``metrics.json``; empty unless completed.
         error: One line, ``"<ExceptionType>: <message>"``, for a failed run.
+        baseline: The dense accuracy the run is compared with (set by :func:`collect_runs`); None: the run's own
+            dense snapshot (:attr:`dense_baseline`).
 
     Example:
         >>> RunResult(job="0", overrides=["pruning.sparsity=0.9"], status="incomplete").row()["status"]
@@ -116,14 +130,20 @@ class RunResult:
     status: Status
     metrics: Mapping[str, Any] = field(default_factory=dict)
     error: str = ""
+    baseline: Baseline | None = None
+
+    @property
+    def dense_baseline(self) -> Baseline | None:
+        """:attr:`baseline`, or the run's dense snapshot when none was matched; None when neither is known."""
+        return self.baseline if self.baseline is not None else snapshot_baseline(self)
 
     @property
     def accuracy_drop(self) -> float | None:
-        """Dense minus pruned test accuracy, or None when either is missing."""
-        dense, pruned = self.metrics.get("dense_test_acc"), self.metrics.get("pruned_test_acc")
-        if dense is None or pruned is None:
+        """Baseline (:attr:`dense_baseline`) minus pruned test accuracy, or None when either is missing."""
+        baseline, pruned = self.dense_baseline, self.metrics.get("pruned_test_acc")
+        if baseline is None or pruned is None:
             return None
-        return float(dense) - float(pruned)
+        return baseline.accuracy - float(pruned)
 
     @property
     def ppl_increase(self) -> float | None:
@@ -136,6 +156,7 @@ class RunResult:
     def row(self) -> dict[str, Any]:
         """The run as a ``results.csv`` row: every key of :data:`RESULT_COLUMNS`, None where unknown."""
         row: dict[str, Any] = {key: self.metrics.get(key) for key in _METRIC_COLUMNS}
+        baseline = self.dense_baseline if self.status == "completed" else None
         row.update(
             job=self.job,
             overrides=" ".join(self.overrides),
@@ -143,6 +164,8 @@ class RunResult:
             accuracy_drop=self.accuracy_drop,
             ppl_increase=self.ppl_increase,
             error=self.error,
+            baseline_test_acc=None if baseline is None else baseline.accuracy,
+            baseline="" if baseline is None else baseline.describe(),
         )
         return {key: row[key] for key in RESULT_COLUMNS}
 
@@ -175,7 +198,8 @@ class SweepSummary:
 def search_objective(metrics: Mapping[str, Any], max_drop: float | None) -> float:
     """The value an Optuna search for the highest sparsity within an accuracy budget maximises.
 
-    A run is feasible when its pruned test accuracy is at most ``max_drop`` below its dense one; its value is
+    A run is feasible when its pruned test accuracy is at most ``max_drop`` below its dense one (its own
+    ``dense_test_acc``: one run cannot see the sweep's dense runs); its value is
     then its achieved sparsity, in [0, 1]. An infeasible run scores minus the excess drop, below every feasible
     run and the higher the closer it came to the budget, so the sampler still learns from it.
 
@@ -284,7 +308,8 @@ def _read_run(sweep_dir: Path, job_dir: Path) -> RunResult:
 
 
 def collect_runs(sweep_dir: str | Path) -> list[RunResult]:
-    """Every run under ``sweep_dir``, in job order (``0, 1, ..., 10``).
+    """Every run under ``sweep_dir``, in job order (``0, 1, ..., 10``), each with its baseline
+    (:func:`~lightning_prune.app.baselines.match_baselines`).
 
     A job directory is one holding ``metrics.json``, ``failure.json`` or ``.hydra/overrides.yaml``.
 
@@ -302,7 +327,7 @@ def collect_runs(sweep_dir: str | Path) -> list[RunResult]:
             f"failed run) or `{OVERRIDES_FILE.as_posix()}` (written by Hydra). Is this the directory of a "
             "`python scripts/train.py -m ...` sweep (hydra.sweep.dir)?"
         )
-    return runs
+    return [replace(run, baseline=baseline) for run, baseline in zip(runs, match_baselines(runs), strict=True)]
 
 
 def _format(value: Any, key: str) -> str:
@@ -327,7 +352,7 @@ _MD_COLUMNS = (
     ("job", "job"),
     ("overrides", "overrides"),
     ("status", "status"),
-    ("dense_test_acc", "dense acc"),
+    ("baseline_test_acc", "baseline acc"),
     ("pruned_test_acc", "pruned acc"),
     ("accuracy_drop", "drop"),
     ("sparsity", "sparsity"),
@@ -394,6 +419,38 @@ def _write_csv(runs: Sequence[RunResult], path: Path) -> None:
     for run in runs:
         writer.writerow({k: "" if v is None else v for k, v in run.row().items()})
     atomic_write_text(path, text.getvalue())
+    write_sidecar(path)
+
+
+def baseline_text(runs: Sequence[RunResult]) -> str:
+    """One sentence naming the baseline of the completed runs (grouped by baseline when they differ).
+
+    Example:
+        >>> run = RunResult("1", [], "completed", {"dense_test_acc": 0.9, "dense_epoch": 10, "pruned_test_acc": 0.8})
+        >>> print(baseline_text([run]))  # doctest: +ELLIPSIS
+        Baseline: dense snapshot at the start of pruning (epoch 10), not a dense model trained for the same ...
+    """
+    groups: dict[str, list[str]] = {}
+    kinds = set()
+    for run in runs:
+        baseline = run.dense_baseline if run.status == "completed" else None
+        if baseline is not None:
+            groups.setdefault(baseline.describe(), []).append(run.job)
+            kinds.add(baseline.kind)
+    if not groups:
+        return "Baseline: none (no completed run recorded a dense accuracy)."
+    if len(groups) == 1:
+        text = f"Baseline: {next(iter(groups))}"
+    else:
+        text = "Baselines: " + "; ".join(
+            f"{what} for job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)}" for what, jobs in groups.items()
+        )
+    if "snapshot" in kinds:
+        text += (
+            ", not a dense model trained for the same schedule; add dense runs to the sweep "
+            "(`-m pruning.sparsity=0,...`) to compare with one"
+        )
+    return text + "."
 
 
 def _write_markdown(
@@ -412,8 +469,10 @@ def _write_markdown(
             ]
             if is_language_sweep(runs)
             else [
-                "Accuracies are top-1 on the test split; `drop` is dense minus pruned accuracy in percentage points;",
+                "Accuracies are top-1 on the test split; `drop` is baseline minus pruned accuracy in percentage "
+                "points;",
                 "`sparsity` is the achieved fraction of zeros among the prunable weights.",
+                baseline_text(runs),
             ]
         ),
     ]
@@ -435,53 +494,138 @@ def _write_markdown(
     if plot_path is not None:
         lines += ["", f"![accuracy against sparsity]({plot_path.name})"]
     atomic_write_text(path, "\n".join(lines) + "\n")
+    write_sidecar(path)
 
 
-def _plot(runs: Sequence[RunResult], path: Path, max_drop: float | None) -> None:
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def accuracy_figure(runs: Sequence[RunResult], max_drop: float | None = None) -> Any:
+    """The accuracy-against-sparsity plot as a matplotlib ``Figure`` (what ``accuracy_vs_sparsity.png`` shows).
+
+    The pruned runs' test accuracies against their achieved sparsities, and the baseline as a horizontal line
+    that its legend entry and the title name: the dense runs of the same schedule, dashed (their range shaded
+    when they differ), or, for runs without one in the sweep, the dense snapshot at the start of pruning,
+    dotted. With ``max_drop``, the accuracy bound below the baseline in red.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> runs = [RunResult("0", [], "completed", {"target_sparsity": 0.9, "sparsity": 0.9,
+        ...                   "pruned_test_acc": 0.9, "dense_test_acc": 0.95, "dense_epoch": 10})]
+        >>> [t.get_text() for t in accuracy_figure(runs).axes[0].get_legend().get_texts()]
+        ['pruned', 'dense snapshot at the start of pruning (epoch 10)']
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - matplotlib is in the `sweep` extra
         raise ImportError("The sweep plot needs matplotlib: `pip install 'lightning-prune[sweep]'`.") from e
 
     completed = [r for r in runs if r.status == "completed"]
-    language = is_language_sweep(runs)
-    # Accuracy in percent; perplexity as it is (lower is better), without an accuracy budget.
-    pruned_key, dense_key, scale = (
-        ("pruned_val_ppl", "dense_val_ppl", 1) if language else ("pruned_test_acc", "dense_test_acc", 100)
-    )
-    max_drop = None if language else max_drop
+    pruned = [r for r in completed if not is_dense_run(r)]
     points = sorted(
-        (float(r.metrics["sparsity"]), float(r.metrics[pruned_key]))
-        for r in completed
-        if r.metrics.get("sparsity") is not None and r.metrics.get(pruned_key) is not None
+        (float(r.metrics["sparsity"]), float(r.metrics["pruned_test_acc"]))
+        for r in pruned
+        if r.metrics.get("sparsity") is not None and r.metrics.get("pruned_test_acc") is not None
     )
-    dense = [float(r.metrics[dense_key]) for r in completed if r.metrics.get(dense_key) is not None]
+    baselines = [b for b in (r.dense_baseline for r in pruned or completed) if b is not None]
+    # The dense runs' own accuracies (each once), and the snapshots of the runs that found no dense run.
+    jobs = sorted({job for b in baselines if b.kind == "dense_runs" for job in b.jobs})
+    dense = [float(r.metrics["pruned_test_acc"]) for r in completed if r.job in jobs]
+    snapshots = [b for b in baselines if b.kind == "snapshot"]
     # A Figure without pyplot: no global backend or figure registry is touched.
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.subplots()
     if points:
         xs, ys = zip(*points)
-        ax.plot(xs, [scale * y for y in ys], marker="o", label="pruned")
+        ax.plot(xs, [100 * y for y in ys], marker="o", label="pruned")
+    lines: list[tuple[float, str]] = []  # (accuracy, name) of each baseline drawn, the main one first
     if dense:
-        baseline = sum(dense) / len(dense)
-        label = "dense baseline" + (f" (mean of {len(dense)} runs)" if len(set(dense)) > 1 else "")
-        ax.axhline(scale * baseline, color="black", linestyle="--", linewidth=1, label=label)
+        name = "dense, same schedule" + (f" (mean of {len(dense)} runs)" if len(dense) > 1 else " (1 run)")
+        ax.axhline(100 * _mean(dense), color="black", linestyle="--", linewidth=1, label=name)
         if len(set(dense)) > 1:
-            ax.axhspan(scale * min(dense), scale * max(dense), color="black", alpha=0.08, linewidth=0)
-        if max_drop is not None:
-            ax.axhline(
-                100 * (baseline - max_drop), color="tab:red", linestyle=":", label=f"dense - {100 * max_drop:.2f} pp"
-            )
-    not_shown = len(runs) - len(points)
-    what = "Validation perplexity" if language else "Test accuracy"
-    ax.set_title(f"{what} against sparsity" + (f" ({not_shown} runs not shown)" if not_shown else ""))
+            ax.axhspan(100 * min(dense), 100 * max(dense), color="black", alpha=0.08, linewidth=0)
+        lines.append((_mean(dense), "dense runs of the same schedule"))
+    if snapshots:
+        epochs = sorted({b.epoch for b in snapshots if b.epoch is not None})
+        if not epochs:
+            when = "epoch not recorded"
+        else:
+            when = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+        accuracies = [b.accuracy for b in snapshots]
+        mean = f", mean of {len(accuracies)} runs" if len(set(accuracies)) > 1 else ""
+        name = f"dense snapshot at the start of pruning ({when}{mean})"
+        ax.axhline(100 * _mean(accuracies), color="dimgray", linestyle=":", linewidth=1.2, label=name)
+        if len(set(accuracies)) > 1 and not dense:
+            ax.axhspan(100 * min(accuracies), 100 * max(accuracies), color="black", alpha=0.08, linewidth=0)
+        lines.append((_mean(accuracies), f"dense snapshot at the start of pruning ({when}), not the same schedule"))
+    if lines and max_drop is not None:
+        ax.axhline(
+            100 * (lines[0][0] - max_drop), color="tab:red", linestyle=":", label=f"baseline - {100 * max_drop:.2f} pp"
+        )
+    not_shown = len(runs) - len(points) - len([r for r in completed if is_dense_run(r)])
+    title = "Test accuracy against sparsity" + (f" ({not_shown} runs not shown)" if not_shown else "")
+    if lines:
+        title += "\nbaseline: " + lines[0][1] + (" (some runs: " + lines[1][1] + ")" if len(lines) > 1 else "")
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("sparsity (fraction of zero weights)")
-    ax.set_ylabel("validation perplexity" if language else "test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    if points or lines:
+        ax.legend(loc="lower left", fontsize="small")
+    return fig
+
+
+def perplexity_figure(runs: Sequence[RunResult]) -> Any:
+    """The language-model runs' validation perplexity against their achieved sparsity as a matplotlib ``Figure``,
+    with the dense perplexity (each run's snapshot at the start of pruning; their mean) as a dashed line.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> runs = [RunResult("0", [], "completed", {"sparsity": 0.26, "pruned_val_ppl": 4.3, "dense_val_ppl": 4.0})]
+        >>> [t.get_text() for t in perplexity_figure(runs).axes[0].get_legend().get_texts()]
+        ['pruned', 'dense, at the start of pruning']
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - matplotlib is in the `sweep` extra
+        raise ImportError("The sweep plot needs matplotlib: `pip install 'lightning-prune[sweep]'`.") from e
+
+    completed = [r for r in runs if r.status == "completed"]
+    points = sorted(
+        (float(r.metrics["sparsity"]), float(r.metrics["pruned_val_ppl"]))
+        for r in completed
+        if r.metrics.get("sparsity") is not None and r.metrics.get("pruned_val_ppl") is not None
+    )
+    dense = [float(r.metrics["dense_val_ppl"]) for r in completed if r.metrics.get("dense_val_ppl") is not None]
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label="pruned")
+    if dense:
+        name = "dense, at the start of pruning" + (f" (mean of {len(dense)} runs)" if len(set(dense)) > 1 else "")
+        ax.axhline(_mean(dense), color="black", linestyle="--", linewidth=1, label=name)
+        if len(set(dense)) > 1:
+            ax.axhspan(min(dense), max(dense), color="black", alpha=0.08, linewidth=0)
+    not_shown = len(runs) - len(points)
+    ax.set_title("Validation perplexity against sparsity" + (f" ({not_shown} runs not shown)" if not_shown else ""))
+    ax.set_xlabel("sparsity (fraction of the prunable weights)")
+    ax.set_ylabel("validation perplexity (lower is better)")
     ax.grid(True, alpha=0.3)
     if points or dense:
-        ax.legend(loc="upper left" if language else "lower left")
+        ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
+def _plot(runs: Sequence[RunResult], path: Path, max_drop: float | None) -> None:
     image = io.BytesIO()
-    fig.savefig(image, dpi=120, format="png")
+    figure = perplexity_figure(runs) if is_language_sweep(runs) else accuracy_figure(runs, max_drop)
+    figure.savefig(image, dpi=120, format="png")
     atomic_write(path, image.getbuffer())
 
 
@@ -491,9 +635,13 @@ def summarize_sweep(
     """Write ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.png`` for the runs under ``sweep_dir``.
 
     Completed runs come from their ``metrics.json``; a run that raised is listed as failed with its error (from
-    ``failure.json``), and a job directory with neither file as incomplete. The plot shows the pruned test
-    accuracy of the completed runs against their achieved sparsity, with the dense accuracy as a dashed line; for
-    language-model runs (:func:`is_language_sweep`) the table and the plot show validation perplexity instead.
+    ``failure.json``), and a job directory with neither file as incomplete. Each run is compared with the dense
+    runs of the same schedule in the sweep (``pruning.sparsity=0``, matched per seed), or, without any, with its
+    dense snapshot from when pruning started; ``results.md`` and the plot say which. The plot shows the pruned
+    test accuracy of the completed runs against their achieved sparsity, with the baseline as a dashed line
+    (:func:`accuracy_figure`); for language-model runs (:func:`is_language_sweep`) the table and the plot show
+    validation perplexity instead (:func:`perplexity_figure`). ``results.csv`` and ``results.md`` are written
+    atomically, each with a ``<name>.sha256`` file beside it holding the SHA-256 of its bytes, as exports have.
 
     Args:
         sweep_dir: A Hydra sweep directory (``hydra.sweep.dir``), or a single run's directory.

@@ -428,7 +428,9 @@ def train(cfg: DictConfig) -> float:
     ``cfg.ckpt_path`` (a path, or ``last``: see :func:`resume_path`) resumes from it. Under DDP every rank trains
     and tests; rank 0 alone reports. Test accuracy is measured before pruning starts (the
     dense accuracy) and after training (the pruned accuracy). Prints a summary and writes ``metrics.json`` to
-    the run directory (see :func:`resolve_output_dir`), with ``status: "ok"`` and the pruned model's MACs per
+    the run directory (see :func:`resolve_output_dir`), with ``status: "ok"``, ``seed``, ``epochs`` (the epochs
+    trained), ``dense_epoch`` (the epochs trained when ``dense_test_acc`` was measured: ``pruning.start_epoch``, or
+    ``epochs`` without pruning, whose final model is the dense one) and the pruned model's MACs per
     sample (:func:`lightning_prune.deploy.profile.count_macs`: ``macs`` counts nonzero weights, ``dense_macs`` all).
     ``sparsity`` is the callback's achieved sparsity, a fraction of weights or, for channel pruning, of
     channels, as ``sparsity_of`` says; ``weight_sparsity`` is the fraction of zeros among all Linear and Conv
@@ -509,6 +511,8 @@ def train(cfg: DictConfig) -> float:
     final_acc = evaluate_accuracy(module, datamodule.test_dataloader())
     # Without pruning, or if pruning never started, the final model is the dense one.
     dense_acc = dense_probe.accuracy if dense_probe.accuracy is not None else final_acc
+    epochs = int(trainer.current_epoch)  # the epochs trained: trainer.max_epochs unless stopped early
+    dense_epoch = start_epoch if dense_probe.accuracy is not None else epochs
     if not trainer.is_global_zero:  # under DDP every rank gets here with the same model; rank 0 reports
         return final_acc
 
@@ -532,11 +536,17 @@ def train(cfg: DictConfig) -> float:
         "compact": compaction,
         "wall_time_s": time.perf_counter() - start,
         "overrides": task_overrides(),
+        "seed": int(cfg.seed),
+        "epochs": epochs,
+        "dense_epoch": dense_epoch,
     }
     if export is not None:
         metrics["export"] = export
     save_error = getattr(pruning, "compact_save_error", None)
-    dense_when = f"start of epoch {start_epoch}, before pruning" if pruning else "no pruning"
+    if dense_probe.accuracy is not None:
+        dense_when = f"start of epoch {start_epoch}, before pruning"
+    else:
+        dense_when = "no pruning" if pruning is None else f"pruning never started: the model after {epochs} epochs"
     lines = [
         f"Summary ({type(net).__name__}, seed {cfg.seed})",
         f"  dense test acc   {dense_acc:.4f}  ({dense_when})",
@@ -574,6 +584,12 @@ def _size_figures(
         f"  sparsity         {figures['sparsity']:.4f}  (of the prunable {unit}; target "
         f"{figures['target_sparsity']:.4f})",
     ]
+    schedule = getattr(pruning, "schedule", None)
+    if schedule is not None:
+        lines.append(f"  schedule         {schedule.describe()}")
+    schedule = getattr(pruning, "schedule", None)
+    if schedule is not None:
+        lines.append(f"  schedule         {schedule.describe()}")
     if unit != "weights":
         lines.append(f"  weight sparsity  {figures['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
     lines += [
@@ -628,6 +644,7 @@ def _finish_language_run(
         The pruned model's validation perplexity (lower is better).
     """
     pruned = evaluate_splits(net, datamodule)
+    epochs = int(trainer.current_epoch)  # the epochs trained: trainer.max_epochs unless stopped early
     if not trainer.is_global_zero:
         return pruned["val"]
     dense = dense_probe.perplexity  # None without pruning, or when pruning never started
@@ -647,6 +664,9 @@ def _finish_language_run(
         "compact": compaction,
         "wall_time_s": time.perf_counter() - start,
         "overrides": task_overrides(),
+        "seed": int(cfg.seed),
+        "epochs": epochs,
+        "dense_epoch": pruning.start_epoch if dense is not None and pruning else epochs,
     }
     start_epoch = pruning.start_epoch if pruning else None
     dense_when = f"start of epoch {start_epoch}, before pruning"

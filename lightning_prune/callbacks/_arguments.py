@@ -54,6 +54,10 @@ def _check_rewind_epoch(rewind_epoch: object, first: int) -> int | None:
     return rewind_epoch
 
 
+#: ``PruningCallback``'s defaults of the schedule's arguments; ``None`` means the same.
+SCHEDULE_DEFAULTS: dict[str, int] = {"start_epoch": 0, "every_n_epochs": 1}
+
+
 def _schedule_args(
     schedule: object,
     sparsity: float,
@@ -65,6 +69,8 @@ def _schedule_args(
     arguments are refused)."""
     given = {"start_epoch": start_epoch, "end_epoch": end_epoch, "every_n_epochs": every_n_epochs}
     if isinstance(schedule, SparsitySchedule):
+        # The signature's defaults stand for "the schedule's own": only other values can contradict it.
+        given = {k: None if v == SCHEDULE_DEFAULTS.get(k) else v for k, v in given.items()}
         own = {
             "sparsity": schedule.final_sparsity,
             "start_epoch": schedule.start_epoch,
@@ -85,9 +91,9 @@ def _schedule_args(
         )
     return {
         "sparsity": sparsity,
-        "start_epoch": 0 if start_epoch is None else start_epoch,
+        "start_epoch": SCHEDULE_DEFAULTS["start_epoch"] if start_epoch is None else start_epoch,
         "end_epoch": end_epoch,
-        "every_n_epochs": 1 if every_n_epochs is None else every_n_epochs,
+        "every_n_epochs": SCHEDULE_DEFAULTS["every_n_epochs"] if every_n_epochs is None else every_n_epochs,
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -81,11 +81,12 @@ class PruningCallback(Callback):
             pattern matches stay dense, and each layer follows the schedule's shape to its own target.
         schedule: ``"one_shot"``, ``"linear"``, ``"cubic"`` (Zhu & Gupta, 2017), ``"exponential"``,
             ``"iterative"`` or a schedule object.
-        start_epoch: first pruning epoch. ``None`` (the default): 0, or a schedule object's own.
+        start_epoch: first pruning epoch (default 0). With a schedule object, leave it at its default (or
+            ``None``): the schedule's own is used.
         end_epoch: epoch at which ``sparsity`` is reached; ``None`` means the last training epoch
             (``max_epochs - 1``). Leave epochs after it for fine-tuning.
-        every_n_epochs: prune every n epochs between ``start_epoch`` and ``end_epoch``. ``None`` (the default):
-            1, or a schedule object's own.
+        every_n_epochs: prune every n epochs between ``start_epoch`` and ``end_epoch`` (default 1). With a
+            schedule object, leave it at its default (or ``None``): the schedule's own is used.
         importance: ``"magnitude"``, ``"l1"``, ``"l2"``, ``"taylor"`` (Molchanov et al., 2019), ``"fisher"``
             (LeCun et al., 1990), ``"apoz"`` (Hu et al., 2016) and ``"activation"`` (channels only), or an
             :class:`~lightning_prune.criteria.base.Importance` object. For channels, ``"magnitude"`` is ``"l1"``: the
@@ -99,8 +100,9 @@ class PruningCallback(Callback):
             every ``m`` consecutive input weights zero, :class:`~lightning_prune.structures.nm.NMStructure`) or a
             :class:`~lightning_prune.structures.base.Structure` object. With channels (blocks), ``sparsity`` is the
             fraction of channels (blocks) pruned.
-        scope: ``"global"`` (one threshold across all prunable layers) or ``"layer"`` (each layer reaches
-            ``sparsity`` on its own). ``None`` (the default): ``"global"``, or ``"layer"`` for per-layer targets.
+        scope: ``"global"`` (the default: one threshold across all prunable layers) or ``"layer"`` (each layer
+            reaches ``sparsity`` on its own). Per-layer targets (``sparsity`` a mapping) always prune each layer
+            to its own target: the default then reads ``"layer"``. ``None`` means the default.
         ignore: module-name patterns (``fnmatch`` syntax, matching a name or a dotted suffix of it) whose
             weights stay dense, e.g. ``["head"]`` for the classifier. With channels: layers whose output
             channels stay whole (groups that reach the model's output are always kept).
@@ -174,12 +176,12 @@ class PruningCallback(Callback):
         self,
         sparsity: float | Mapping[str, float] | None = None,
         schedule: str | SparsitySchedule = "cubic",
-        start_epoch: int | None = None,
+        start_epoch: int | None = 0,
         end_epoch: int | None = None,
-        every_n_epochs: int | None = None,
+        every_n_epochs: int | None = 1,
         importance: str | Importance = "magnitude",
         structure: str | Structure = "unstructured",
-        scope: str | None = None,
+        scope: Literal["global", "layer"] | None = "global",
         ignore: Sequence[str] = (),
         *,
         log_per_layer: bool = True,
@@ -207,6 +209,8 @@ class PruningCallback(Callback):
         )
         if sparsity is None and isinstance(schedule, SparsitySchedule):
             sparsity = schedule.final_sparsity
+        if isinstance(sparsity, Mapping) and scope == "global":
+            scope = None  # per-layer targets: each layer to its own, the only scope they have
         #: The engine: masks, structure, importance, targets, rewinding.
         self.pruner: Pruner = _misconfig(
             Pruner,
@@ -395,7 +399,8 @@ class PruningCallback(Callback):
             last = max(max_epochs - 1, self._schedule_args["start_epoch"])
             self.schedule = schedule.with_end_epoch(last) if schedule is not None else self._build_schedule(last)
         schedule = self._schedule()
-        first = next((e for e in schedule.pruning_epochs() if schedule.sparsity_at(e) > 0), None)
+        first = schedule.first_nonzero_epoch()
+        rank_zero_info(f"PruningCallback: {schedule.describe()}.")
         if self.importance.collects != "nothing" and first == 0:
             raise MisconfigurationException(
                 f"PruningCallback: {self.importance!r} scores from {self.importance.collects} that training computes, "

@@ -15,8 +15,11 @@ It then times, on the CPU at each batch size (1 and 64 by default), side by side
 dense model (``reference``, or a copy of the model with its zero weights refilled: dense kernels take as long
 whatever the values), the masked model itself, the compacted and folded copy, the ``ExportedProgram``, the
 ONNX file under ONNX Runtime, and the compacted copy with sparse kernels where they are faster
-(:func:`~lightning_prune.deploy.kernels.sparse_inference`). Speed-ups are medians of per-block ratios
-against the dense model, so that the machine's drifts cancel.
+(:func:`~lightning_prune.deploy.kernels.sparse_inference`); then the same variants again at batch 1 on one
+thread (``torch.set_num_threads(1)``, restored after), where other processes do least harm. Speed-ups are
+medians of per-block ratios against the dense model, so that the machine's drifts cancel, and each measurement is
+judged on its own (:func:`~lightning_prune.deploy.timing.judge_timing`): the table prints "unstable (machine busy)"
+instead of a ratio it cannot trust.
 
 Example:
     >>> import tempfile
@@ -69,7 +72,7 @@ from lightning_prune.deploy.export import (
     onnx_runner,
 )
 from lightning_prune.deploy.kernels import sparse_inference
-from lightning_prune.deploy.timing import UNSTABLE, OtherLoad, judge_timing, warn_if_slower
+from lightning_prune.deploy.timing import UNSTABLE, OtherLoad, TimingVerdict, judge_timing, warn_if_slower
 
 #: The files :func:`export_model` can write, by form.
 FILE_NAMES: dict[str, str] = {
@@ -118,6 +121,9 @@ class ExportReport:
     stable: dict[str, dict[int, bool]] = field(default_factory=dict)
     """Whether each speed-up can be trusted (:func:`~lightning_prune.deploy.timing.judge_timing`): False when other
     processes kept the cores busy or the blocks disagreed; the table then prints "unstable (machine busy)"."""
+    one_thread: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Batch 1 on one thread, where other processes do least harm, timed apart: each variant's ``latency_ms``,
+    ``speedup`` over the dense model and ``stable``, as above."""
     sparse_layers: list[dict[str, Any]] = field(default_factory=list)
     """One :meth:`~lightning_prune.deploy.kernels.LayerChoice.as_dict` per layer considered for sparse kernels."""
     settings: dict[str, Any] = field(default_factory=dict)
@@ -158,26 +164,27 @@ class ExportReport:
             lines.append(text_table(rows, align="llrr", rule=False, strip=True, indent="  "))
         if self.latency_ms:
             sizes = list(next(iter(self.latency_ms.values())))
-            header = ["latency (ms)"] + [f"b{b}" for b in sizes] + [f"x dense b{b}" for b in sizes]
-            rows = [tuple(header)]
+            labels = [f"b{b}" for b in sizes] + (["b1 1 thread"] if self.one_thread else [])
+            rows = [("latency (ms)", *labels, *(f"x dense {label}" for label in labels))]
             for variant, by in self.latency_ms.items():
-                ups = self.speedup.get(variant, {})
-                stable = self.stable.get(variant, {})
+                ups, stable = self.speedup.get(variant, {}), self.stable.get(variant, {})
+                cells = {f"b{b}": (by[b], ups.get(b), stable.get(b, True)) for b in sizes}
+                single = self.one_thread.get(variant)
+                if single:
+                    cells["b1 1 thread"] = (single["latency_ms"], single["speedup"], single["stable"])
                 rows.append(
                     (
                         _DESCRIPTIONS.get(variant, variant),
-                        *(f"{by[b]:.3f}" for b in sizes),
-                        *(
-                            ("-" if b not in ups else f"{ups[b]:.2f}x" if stable.get(b, True) else UNSTABLE)
-                            for b in sizes
-                        ),
+                        *(f"{cells[label][0]:.3f}" if label in cells else "-" for label in labels),
+                        *(_speedup_cell(*cells[label][1:]) if label in cells else "-" for label in labels),
                     )
                 )
             lines.append(text_table(rows, rule=False, strip=True, indent="  "))
             s = self.settings
+            on_one = "; b1 1 thread: batch 1 timed apart on one thread" if self.one_thread else ""
             lines.append(
                 f"  (median of {s.get('repeats')} calls per block, {s.get('blocks')} blocks alternating, "
-                f"{s.get('threads')} threads; x dense: median of per-block ratios)"
+                f"{s.get('threads')} threads{on_one}; x dense: median of per-block ratios)"
             )
             if s.get("unstable_reason"):
                 lines.append(f"  unstable: {s['unstable_reason']}")
@@ -190,6 +197,13 @@ class ExportReport:
             )
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def _speedup_cell(ratio: float | None, stable: bool) -> str:
+    """A speed-up as the table prints it: ``-`` when not measured, :data:`UNSTABLE` when it cannot be trusted."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" if stable else UNSTABLE
 
 
 def _bytes(size: int) -> str:
@@ -251,6 +265,25 @@ def _state_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
         if not torch.equal(x.view(view), y.view(view)):
             return False
     return True
+
+
+def _verdict(
+    per_block: Sequence[Mapping[tuple[str, int], float]], name: str, size: int, load_cores: float | None
+) -> TimingVerdict:
+    """How much faster than the dense model ``name`` ran at batch ``size``, judged from its blocks."""
+    return judge_timing([r[("dense", size)] / r[(name, size)] for r in per_block], load_cores)
+
+
+def _add_reasons(reasons: list[str], verdict: TimingVerdict, what: str, load_what: str = "") -> None:
+    """Add why ``verdict`` is unstable to ``reasons``, each once: the load (after ``load_what``, the measurement it
+    spoilt) and each disagreement of blocks (after ``what``, the variant and batch size)."""
+    for part in verdict.reason.split("; ") if verdict.reason else []:
+        if part.startswith("other processes"):
+            item = f"{load_what}: {part}" if load_what else part
+        else:
+            item = f"{what}: {part}"
+        if item not in reasons:
+            reasons.append(item)
 
 
 def _caller(run: Callable[..., object]) -> Callable[[tuple[Tensor, ...]], object]:
@@ -417,28 +450,42 @@ def export_model(
             variants["onnx"] = _caller(onnx_runner(report.files["onnx"], threads=threads_used))
         if sparse_model is not None:
             variants["sparse_kernels"] = _caller(sparse_model)
-        batches = {size: batched(tuple(x[:1] for x in inputs), size) for size in sizes}
+        first = tuple(x[:1] for x in inputs)
+        batches = {size: batched(first, size) for size in sizes}
         with num_threads(threads_used), eval_mode(dense), eval_mode(cpu_model), OtherLoad() as load:
             per_block = _timed_blocks(variants, batches, blocks, repeats)
-        reasons = []
+        # Batch 1 on one thread as well: no intra-op peers to wait for, the figure a busy machine spoils least.
+        single = dict(variants)
+        if "onnx" in single:
+            single["onnx"] = _caller(onnx_runner(report.files["onnx"], threads=1))
+        with num_threads(1), eval_mode(dense), eval_mode(cpu_model), OtherLoad() as load_single:
+            per_block_single = _timed_blocks(single, {1: batched(first, 1)}, blocks, repeats)
+        reasons: list[str] = []
         for name in variants:
             report.latency_ms[name] = {b: 1e3 * statistics.median(r[(name, b)] for r in per_block) for b in sizes}
-            verdicts = {b: judge_timing([r[("dense", b)] / r[(name, b)] for r in per_block], load.cores) for b in sizes}
+            verdicts = {b: _verdict(per_block, name, b, load.cores) for b in sizes}
             report.speedup[name] = {b: v.ratio for b, v in verdicts.items()}
             report.stable[name] = {b: v.stable for b, v in verdicts.items()}
-            for b, v in verdicts.items():  # the load once, each disagreement of blocks with its variant
-                for part in v.reason.split("; ") if v.reason else []:
-                    item = part if part.startswith("other processes") else f"{name} b{b}: {part}"
-                    reasons += [] if item in reasons else [item]
+            for b, v in verdicts.items():
+                _add_reasons(reasons, v, f"{name} b{b}")
+            verdict = _verdict(per_block_single, name, 1, load_single.cores)
+            report.one_thread[name] = {
+                "latency_ms": 1e3 * statistics.median(r[(name, 1)] for r in per_block_single),
+                "speedup": verdict.ratio,
+                "stable": verdict.stable,
+            }
+            _add_reasons(reasons, verdict, f"{name} b1 1 thread", load_what="b1 1 thread")
             if name != "dense":
                 for b, v in verdicts.items():
                     warn_if_slower(v, f"The {_DESCRIPTIONS.get(name, name)} at batch {b}")
+                warn_if_slower(verdict, f"The {_DESCRIPTIONS.get(name, name)} at batch 1 on one thread")
         report.settings = {
             "batch_sizes": list(sizes),
             "threads": threads_used,
             "blocks": blocks,
             "repeats": repeats,
             "other_load_cores": load.cores,
+            "one_thread_other_load_cores": load_single.cores,
             "unstable_reason": "; ".join(reasons),
         }
         if reference is None:

@@ -33,6 +33,7 @@ from lightning_prune.sensitivity.allocation import allocate, check_constraints
 from lightning_prune.sensitivity.analysis import DEFAULT_RATIOS, analyze, check_ratios
 from lightning_prune.sensitivity.report import (
     plot_sensitivity,
+    sensitivity_figure,
     sensitivity_markdown,
     write_allocation,
     write_csv,
@@ -58,6 +59,7 @@ __all__ = [
     "check_constraints",
     "check_ratios",
     "plot_sensitivity",
+    "sensitivity_figure",
     "sensitivity_markdown",
     "write_allocation",
     "write_csv",

@@ -3,6 +3,8 @@ allocation as YAML.
 
 :func:`write_report` writes all four into a directory (``sensitivity.csv``, ``sensitivity.md``,
 ``sensitivity.png``, ``allocation.yaml``); the plot needs matplotlib (``pip install 'lightning-prune[sweep]'``).
+Every file is written atomically; the two tables get a ``<name>.sha256`` file beside them holding the SHA-256 of
+their bytes, as exports have.
 
 Example:
     >>> from lightning_prune.sensitivity.table import LayerSensitivity, SensitivityPoint, SensitivityTable
@@ -24,11 +26,12 @@ from typing import Any
 
 import yaml
 
-from lightning_prune._files import atomic_write, atomic_write_text
+from lightning_prune._files import atomic_write, atomic_write_text, write_sidecar
 from lightning_prune._helpers import markdown_table
 from lightning_prune.sensitivity.table import SensitivityTable
 
 __all__ = [
+    "ALLOCATED_LABEL",
     "ALLOCATION_FILE",
     "CSV_COLUMNS",
     "CSV_FILE",
@@ -36,6 +39,7 @@ __all__ = [
     "PLOT_FILE",
     "allocation_record",
     "plot_sensitivity",
+    "sensitivity_figure",
     "sensitivity_markdown",
     "table_rows",
     "write_allocation",
@@ -77,7 +81,8 @@ def table_rows(table: SensitivityTable) -> list[dict[str, Any]]:
 
 
 def write_csv(table: SensitivityTable, path: str | Path) -> Path:
-    """Write :func:`table_rows` to ``path`` as CSV (empty cells for missing values); returns the path.
+    """Write :func:`table_rows` to ``path`` as CSV (empty cells for missing values), atomically, with its digest
+    in ``<path>.sha256``; returns the path.
 
     Example:
         >>> import tempfile
@@ -93,7 +98,9 @@ def write_csv(table: SensitivityTable, path: str | Path) -> Path:
     writer.writeheader()
     for row in table_rows(table):
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return atomic_write_text(path, text.getvalue())
+    atomic_write_text(path, text.getvalue())
+    write_sidecar(path)
+    return Path(path)
 
 
 def _drop_text(table: SensitivityTable, drop: float) -> str:
@@ -150,11 +157,71 @@ def sensitivity_markdown(table: SensitivityTable, allocation: Mapping[str, float
     return "\n".join([*lines, "", markdown_table(header, rows)])
 
 
-def plot_sensitivity(table: SensitivityTable, path: str | Path, allocation: Mapping[str, float] | None = None) -> Path:
-    """Plot the metric against the ratio each layer is pruned to, one line per layer, the baseline dashed; with
-    ``allocation``, a cross on each line at the layer's allocated sparsity. Returns the path.
+#: The legend entry of the crosses :func:`sensitivity_figure` draws at the allocated sparsities.
+ALLOCATED_LABEL = "allocated sparsity (x on each layer's curve)"
+
+
+def sensitivity_figure(table: SensitivityTable, allocation: Mapping[str, float] | None = None) -> Any:
+    """The sensitivity plot as a matplotlib ``Figure``: the metric against the ratio each layer is pruned to, one
+    line per layer (a dot per measured ratio, the first at ratio 0 the baseline), the baseline dashed; with
+    ``allocation``, a cross on each line at the layer's allocated sparsity, explained in the legend
+    (:data:`ALLOCATED_LABEL`).
 
     Needs matplotlib (the ``sweep`` extra). No global matplotlib state is touched (no pyplot).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> from lightning_prune.sensitivity.table import LayerSensitivity, SensitivityPoint
+        >>> layer = LayerSensitivity("fc.weight", 10, 40, (SensitivityPoint(0.5, 0.5, 0.8, 0.1),))
+        >>> table = SensitivityTable("accuracy", 0.9, "weights", "", "", (0.5,), (layer,))
+        >>> legend = sensitivity_figure(table, {"fc.weight": 0.25}).axes[0].get_legend()
+        >>> [text.get_text() for text in legend.get_texts()]
+        ['fc.weight', 'baseline (unpruned)', "allocated sparsity (x on each layer's curve)"]
+    """
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError as err:
+        raise ImportError(
+            "The sensitivity plot needs matplotlib: `pip install 'lightning-prune[sweep]'` (or write the table "
+            "without it: `write_report(..., plot=False)`)."
+        ) from err
+
+    scale = 100.0 if table.metric == "accuracy" else 1.0
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    crosses = False
+    for layer in table.layers:
+        points = sorted([(0.0, table.baseline)] + [(p.ratio, p.metric) for p in layer.points if p.ratio > 0])
+        xs, ys = zip(*points)
+        (line,) = ax.plot(xs, [scale * y for y in ys], marker="o", markersize=3, linewidth=1.2, label=layer.name)
+        if allocation is not None and layer.name in allocation:
+            x = allocation[layer.name]
+            ax.plot([x], [scale * _metric_at(xs, ys, x)], marker="x", markersize=8, color=line.get_color())
+            crosses = True
+    ax.axhline(scale * table.baseline, color="black", linestyle="--", linewidth=1, label="baseline (unpruned)")
+    handles, _ = ax.get_legend_handles_labels()
+    if crosses:  # one entry for all the crosses, drawn in each layer's colour
+        handles.append(Line2D([], [], color="black", marker="x", markersize=8, linestyle="none", label=ALLOCATED_LABEL))
+    ax.set_title(f"Each layer pruned alone: {table.structure}, {table.importance}", fontsize=10)
+    ax.set_xlabel(f"ratio the layer is pruned to (fraction of its {table.unit})")
+    ax.set_ylabel(f"{table.metric} (%)" if scale == 100.0 else table.metric)
+    ax.grid(True, alpha=0.3)
+    many = len(table.layers) > 12
+    ax.legend(
+        handles=handles,
+        loc="upper left" if many else "lower left",
+        bbox_to_anchor=(1.01, 1.0) if many else None,
+        fontsize="x-small" if many else "small",
+        ncol=max(1, math.ceil(len(handles) / 30)),
+    )
+    return fig
+
+
+def plot_sensitivity(table: SensitivityTable, path: str | Path, allocation: Mapping[str, float] | None = None) -> Path:
+    """Write :func:`sensitivity_figure` to ``path`` as a PNG, atomically. Returns the path.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -168,39 +235,8 @@ def plot_sensitivity(table: SensitivityTable, path: str | Path, allocation: Mapp
         ...     plot_sensitivity(table, Path(directory) / "s.png", {"fc.weight": 0.25}).stat().st_size > 0
         True
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(
-            "The sensitivity plot needs matplotlib: `pip install 'lightning-prune[sweep]'` (or write the table "
-            "without it: `write_report(..., plot=False)`)."
-        ) from err
-
-    path = Path(path)
-    scale = 100.0 if table.metric == "accuracy" else 1.0
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for layer in table.layers:
-        points = sorted([(0.0, table.baseline)] + [(p.ratio, p.metric) for p in layer.points if p.ratio > 0])
-        xs, ys = zip(*points)
-        (line,) = ax.plot(xs, [scale * y for y in ys], marker="o", markersize=3, linewidth=1.2, label=layer.name)
-        if allocation is not None and layer.name in allocation:
-            x = allocation[layer.name]
-            ax.plot([x], [scale * _metric_at(xs, ys, x)], marker="x", markersize=8, color=line.get_color())
-    ax.axhline(scale * table.baseline, color="black", linestyle="--", linewidth=1, label="baseline (unpruned)")
-    ax.set_title(f"Each layer pruned alone: {table.structure}, {table.importance}", fontsize=10)
-    ax.set_xlabel(f"ratio the layer is pruned to (fraction of its {table.unit})")
-    ax.set_ylabel(f"{table.metric} (%)" if scale == 100.0 else table.metric)
-    ax.grid(True, alpha=0.3)
-    many = len(table.layers) > 12
-    ax.legend(
-        loc="upper left" if many else "lower left",
-        bbox_to_anchor=(1.01, 1.0) if many else None,
-        fontsize="x-small" if many else "small",
-        ncol=max(1, math.ceil(len(table.layers) / 30)),
-    )
     image = io.BytesIO()
-    fig.savefig(image, dpi=120, format="png")
+    sensitivity_figure(table, allocation).savefig(image, dpi=120, format="png")
     return atomic_write(path, image.getbuffer())
 
 
@@ -299,7 +335,8 @@ def write_report(
     plot: bool = True,
 ) -> dict[str, Path]:
     """Write ``sensitivity.csv``, ``sensitivity.md``, ``sensitivity.png`` (unless ``plot=False``) and, with an
-    ``allocation``, ``allocation.yaml`` into ``directory`` (created if needed).
+    ``allocation``, ``allocation.yaml`` into ``directory`` (created if needed), each atomically; the two tables
+    with their digests (``sensitivity.csv.sha256``, ``sensitivity.md.sha256``).
 
     Returns:
         The paths written, by kind: ``csv``, ``markdown``, ``plot``, ``allocation``.
@@ -322,6 +359,7 @@ def write_report(
         markdown += f"\n\n![metric against sparsity, per layer]({PLOT_FILE})"
     paths["markdown"] = directory / MARKDOWN_FILE
     atomic_write_text(paths["markdown"], markdown + "\n")
+    write_sidecar(paths["markdown"])
     if allocation is not None:
         paths["allocation"] = write_allocation(
             directory / ALLOCATION_FILE,

@@ -1,4 +1,5 @@
 import csv
+import errno
 import importlib.util
 import json
 import os
@@ -16,11 +17,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lightning_prune import _files
+from lightning_prune._files import ArtifactWriteError, file_digest, verify_sidecar
 from lightning_prune.app.sweep import (
     RESULT_COLUMNS,
     RunResult,
     SweepResultsError,
     SweepSummaryCallback,
+    accuracy_figure,
     collect_runs,
     common_overrides,
     failure_record,
@@ -126,15 +130,20 @@ def test_markdown_has_a_table_of_the_runs_and_links_the_plot(sweep):
         "job",
         "overrides",
         "status",
-        "dense acc",
+        "baseline acc",
         "pruned acc",
         "drop",
     ]
     # seed=0 is common to every run: stated once above the table, not repeated in it.
-    assert table[2].startswith("| 0   | pruning.sparsity=0.5  | completed  | 0.9700    | 0.9700     | +0.00 pp |")
+    assert table[2].startswith("| 0   | pruning.sparsity=0.5  | completed  | 0.9700       | 0.9700     | +0.00 pp |")
     assert "Overrides of every run (left out of the table): `seed=0`." in lines
     assert "Highest sparsity within a drop of 1.00 pp: 0.8000 (job 1)." in lines
     assert "![accuracy against sparsity](accuracy_vs_sparsity.png)" in lines
+    # No dense run in the sweep: the baseline is each run's snapshot, and the summary says so.
+    assert (
+        "Baseline: dense snapshot at the start of pruning (epoch not recorded), not a dense model trained for the "
+        "same schedule; add dense runs to the sweep (`-m pruning.sparsity=0,...`) to compare with one." in lines
+    )
 
 
 def test_plot_is_a_valid_png(sweep):
@@ -216,6 +225,107 @@ def test_failure_record_keeps_the_cause_on_one_line():
     assert record["error"] == "ValueError: Error in call to target 'X': MisconfigurationException('bad `sparsity`')"
     assert record["traceback"].startswith("Traceback") and "test_failure_record" in record["traceback"]
     assert failure_record(KeyboardInterrupt())["error"] == "KeyboardInterrupt"
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+
+
+def _schedule_sweep(sweep: Path, dense_overrides: str = "pruning.sparsity=0") -> Path:
+    """Sparsities 0 (or `dense_overrides`) and 0.9 at seeds 0 and 1, 30 epochs, pruning from epoch 10: the pruned
+    runs beat their dense snapshots (0.90, 0.92) but not the dense runs of the same schedule (0.97, 0.95)."""
+    for i, (seed, dense, pruned) in enumerate([(0, 0.97, 0.96), (1, 0.95, 0.93)]):
+        common = {"epochs": 30, "seed": seed}
+        overrides = [dense_overrides, f"seed={seed}"]
+        metrics = _metrics(0.0, dense, dense=dense, dense_epoch=30, overrides=overrides, **common)
+        _job(sweep, str(2 * i), overrides, metrics=metrics)
+        overrides = ["pruning.sparsity=0.9", f"seed={seed}"]
+        metrics = _metrics(0.9, pruned, dense=0.9 + 0.02 * seed, dense_epoch=10, overrides=overrides, **common)
+        _job(sweep, str(2 * i + 1), overrides, metrics=metrics)
+    return sweep
+
+
+def test_dense_runs_of_the_same_schedule_are_the_baseline_matched_per_seed(tmp_path):
+    sweep = _schedule_sweep(tmp_path / "sweep")
+    summarize_sweep(sweep, max_accuracy_drop=0.015)
+    rows = _read_csv(sweep / "results.csv")
+    assert [r["baseline"] for r in rows] == [
+        "dense run of the same schedule (job 0)",
+        "dense run of the same schedule (job 0)",
+        "dense run of the same schedule (job 2)",
+        "dense run of the same schedule (job 2)",
+    ]
+    assert [float(r["baseline_test_acc"]) for r in rows] == [0.97, 0.97, 0.95, 0.95]
+    assert [float(r["accuracy_drop"]) for r in rows] == pytest.approx([0.0, 0.01, 0.0, 0.02])
+    assert [float(r["dense_test_acc"]) for r in rows] == [0.97, 0.9, 0.95, 0.92]  # metrics.json's, kept
+    lines = (sweep / "results.md").read_text().splitlines()
+    assert (
+        "Baselines: dense run of the same schedule (job 0) for jobs 0, 1; "
+        "dense run of the same schedule (job 2) for jobs 2, 3." in lines
+    )
+    assert "Highest sparsity within a drop of 1.50 pp: 0.9000 (job 1)." in lines  # job 3 drops 2 pp
+    assert any(line.startswith("| 3   | pruning.sparsity=0.9 seed=1 | completed | 0.9500") for line in lines)
+
+
+def test_pruning_none_runs_are_dense_baselines_and_other_schedules_are_not(tmp_path):
+    sweep = _schedule_sweep(tmp_path / "sweep", dense_overrides="pruning=none")
+    assert [r.baseline.jobs for r in collect_runs(sweep)] == [("0",), ("0",), ("2",), ("2",)]
+    # A dense run trained for fewer epochs is another schedule: the pruned runs keep their snapshots.
+    for job in ("0", "2"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        (sweep / job / "metrics.json").write_text(json.dumps({**metrics, "epochs": 20}))
+    assert [r.baseline.describe() for r in collect_runs(sweep)][1::2] == [
+        "dense snapshot at the start of pruning (epoch 10)"
+    ] * 2
+
+
+def _legend_and_title(figure) -> tuple[list[str], str]:
+    ax = figure.axes[0]
+    return [t.get_text() for t in ax.get_legend().get_texts()], ax.get_title()
+
+
+def test_plot_names_the_baseline_it_shows(tmp_path):
+    sweep = _schedule_sweep(tmp_path / "sweep")
+    legend, title = _legend_and_title(accuracy_figure(collect_runs(sweep), max_drop=0.01))
+    assert legend == ["pruned", "dense, same schedule (mean of 2 runs)", "baseline - 1.00 pp"]
+    assert title == "Test accuracy against sparsity\nbaseline: dense runs of the same schedule"
+    for job in ("0", "2"):
+        (sweep / job / "metrics.json").unlink()
+        (sweep / job / ".hydra" / "overrides.yaml").unlink()
+    legend, title = _legend_and_title(accuracy_figure(collect_runs(sweep)))
+    assert legend == ["pruned", "dense snapshot at the start of pruning (epoch 10, mean of 2 runs)"]
+    assert title == (
+        "Test accuracy against sparsity\nbaseline: dense snapshot at the start of pruning (epoch 10), not the same "
+        "schedule"
+    )
+
+
+# --------------------------------------------------------------------------------------------- table digests
+
+
+def test_tables_are_written_with_a_digest_beside_them(sweep):
+    summarize_sweep(sweep, plot=False)
+    for name in ("results.csv", "results.md"):
+        path = sweep / name
+        assert (sweep / f"{name}.sha256").read_text() == f"{file_digest(path)}  {name}\n"
+        assert verify_sidecar(path) is True
+    (sweep / "results.md").write_text("edited")
+    with pytest.raises(ValueError, match=r"results\.md' is damaged: its bytes do not match the digest"):
+        verify_sidecar(sweep / "results.md")
+
+
+def test_a_failing_write_leaves_the_previous_tables(sweep, monkeypatch):
+    summarize_sweep(sweep, plot=False)
+    before = {p.name: p.read_bytes() for p in sweep.glob("results.*")}
+    _job(sweep, "4", ["pruning.sparsity=0.7", "seed=0"], metrics=_metrics(0.7, 0.96))
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_files, "_os_write", disk_full)
+    with pytest.raises(ArtifactWriteError, match=r"results\.csv'.*the disk is full"):
+        summarize_sweep(sweep, plot=False)
+    assert {p.name: p.read_bytes() for p in sweep.glob("results.*")} == before
+    assert not list(sweep.glob(".results*"))  # no temporary file left
 
 
 # ------------------------------------------------------------------------------------------ the search objective
@@ -343,16 +453,26 @@ def _train(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Complet
 
 
 def test_multirun_writes_the_summary(tmp_path):
+    # Sparsity 0 is the dense run of the same schedule: same epochs, same callbacks, no weight removed.
     sweep = tmp_path / "sweep"
-    _train(tmp_path, "-m", "pruning.sparsity=0.5,0.8", f"hydra.sweep.dir={sweep}")
+    _train(tmp_path, "-m", "pruning.sparsity=0,0.8", f"hydra.sweep.dir={sweep}")
     rows = _read_csv(sweep / "results.csv")
     assert [r["status"] for r in rows] == ["completed", "completed"]
-    assert [float(r["target_sparsity"]) for r in rows] == [0.5, 0.8]
-    assert [float(r["sparsity"]) for r in rows] == pytest.approx([0.5, 0.8], abs=0.01)
-    assert all(r["overrides"].startswith(f"pruning.sparsity={s}") for r, s in zip(rows, ("0.5", "0.8")))
-    assert int(rows[1]["nonzero_params"]) < int(rows[0]["nonzero_params"]) < int(rows[0]["total_params"])
+    assert [float(r["target_sparsity"]) for r in rows] == [0.0, 0.8]
+    assert [float(r["sparsity"]) for r in rows] == pytest.approx([0.0, 0.8], abs=0.01)
+    assert all(r["overrides"].startswith(f"pruning.sparsity={s}") for r, s in zip(rows, ("0", "0.8")))
+    assert int(rows[1]["nonzero_params"]) < int(rows[0]["nonzero_params"]) == int(rows[0]["total_params"])
+    metrics = [json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")]
+    assert [(m["epochs"], m["dense_epoch"]) for m in metrics] == [(2, 0), (2, 0)]
+    assert rows[1]["baseline"] == "dense run of the same schedule (job 0)"
+    assert float(rows[1]["baseline_test_acc"]) == metrics[0]["pruned_test_acc"]
+    assert float(rows[1]["accuracy_drop"]) == pytest.approx(
+        metrics[0]["pruned_test_acc"] - metrics[1]["pruned_test_acc"]
+    )
     assert (sweep / "accuracy_vs_sparsity.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "| 1   | pruning.sparsity=0.8 | completed |" in (sweep / "results.md").read_text()
+    markdown = (sweep / "results.md").read_text()
+    assert "| 1   | pruning.sparsity=0.8 | completed |" in markdown
+    assert "Baseline: dense run of the same schedule (job 0)." in markdown
 
 
 def test_a_failing_run_is_summarised_as_failed(tmp_path):

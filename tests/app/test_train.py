@@ -42,6 +42,9 @@ METRIC_KEYS = {
     "compact",
     "wall_time_s",
     "overrides",
+    "seed",
+    "epochs",
+    "dense_epoch",
     "digest",
 }
 # A small, fast version of the main job: 3 epochs, pruning at the starts of epochs 0 and 1.
@@ -140,6 +143,7 @@ def test_dense_accuracy_is_measured_before_pruning(tmp_path):
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["dense_test_acc"] > 0.5  # trained, unlike at epoch 0
+    assert (metrics["dense_epoch"], metrics["epochs"], metrics["seed"]) == (2, 3, 0)
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
     assert not list(tmp_path.glob("**/*.ckpt"))
 
@@ -158,6 +162,7 @@ def test_train_without_pruning(tmp_path, capsys):
     assert metrics["nonzero_params"] == metrics["total_params"]
     assert metrics["macs"] == metrics["dense_macs"] > 0
     assert metrics["dense_test_acc"] == metrics["pruned_test_acc"] == pytest.approx(accuracy)
+    assert metrics["dense_epoch"] == metrics["epochs"] == 3  # the final model is the dense one
     # Without pruning, the lr milestone falls back to max_epochs: a constant learning rate.
     assert list(cfg.optimizer.lr_milestones) == [cfg.trainer.max_epochs]
 
@@ -180,6 +185,7 @@ def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path, capsys)
     train(cfg)
     # The summary says how the model was trained.
     summary = capsys.readouterr().out
+    assert "  schedule         one_shot to 0.9 at epoch 1; first non-zero target 0.9000 at epoch 1\n" in summary
     assert "  regularization   l1, strength 0.0003, epoch 0 (stopped at epoch 1)\n" in summary
     assert (
         "  distillation     alpha 0.5, temperature 4, from epoch 1, teacher: the dense model at epoch 1\n"

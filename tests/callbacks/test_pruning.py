@@ -1,4 +1,6 @@
 import csv
+import inspect
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -196,6 +198,37 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         PruningCallback(**kwargs)
 
 
+def test_the_signature_defaults_are_the_values_used():
+    """``help(PruningCallback)`` and ``--print_config`` show the defaults in force; ``None`` means the same."""
+    shown = inspect.signature(PruningCallback).parameters
+    assert {k: shown[k].default for k in ("start_epoch", "end_epoch", "every_n_epochs", "scope")} == {
+        "start_epoch": 0,
+        "end_epoch": None,
+        "every_n_epochs": 1,
+        "scope": "global",
+    }
+    for pruning in (
+        PruningCallback(sparsity=0.5),
+        PruningCallback(sparsity=0.5, start_epoch=None, every_n_epochs=None, scope=None),
+    ):
+        assert (pruning.start_epoch, pruning.schedule.every_n_epochs, pruning.scope) == (0, 1, "global")
+    # Per-layer targets prune each layer to its own target under the default scope.
+    assert PruningCallback(sparsity={"head": 0.5}).scope == "layer"
+    assert PruningCallback(sparsity={"head": 0.5}, scope="layer").scope == "layer"
+
+
+def test_a_schedule_object_keeps_its_own_epochs_unless_contradicted():
+    schedule = CubicSchedule(final_sparsity=0.9, start_epoch=2, end_epoch=6, every_n_epochs=2)
+    for pruning in (PruningCallback(schedule=schedule), PruningCallback(schedule=schedule, start_epoch=2)):
+        assert (pruning.start_epoch, pruning.schedule.every_n_epochs) == (2, 2)
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"contradicting arguments: `start_epoch`=3 but the schedule has 2, `every_n_epochs`=4 but the schedule "
+        r"has 2\. Set them on the schedule object only\.",
+    ):
+        PruningCallback(schedule=schedule, start_epoch=3, every_n_epochs=4)
+
+
 def test_bad_model_dependent_arguments_fail_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="`ignore` pattern 'classifier' matches no module of Net"):
         tiny_trainer(tmp_path, [PruningCallback(ignore=["classifier"])], max_epochs=1).fit(Net(), images())
@@ -222,9 +255,15 @@ def test_warns_when_the_schedule_outlasts_training(tmp_path):
         tiny_trainer(tmp_path, [pruning], max_epochs=2).fit(Net(), images())
 
 
-def test_open_end_uses_the_last_epoch_and_state_keys_differ(tmp_path):
+def test_open_end_uses_the_last_epoch_and_state_keys_differ(tmp_path, caplog):
     pruning = PruningCallback(sparsity=0.5, schedule="linear")
-    tiny_trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), images())
+    with caplog.at_level(logging.INFO):
+        tiny_trainer(tmp_path, [pruning], max_epochs=3).fit(Net(), images())
     assert pruning.schedule.end_epoch == 2
+    # The log says when the first weights go: the linear schedule's target is 0 at its start epoch.
+    assert (
+        "PruningCallback: linear to 0.5 over epochs 0-2 (every 1); first non-zero target 0.2500 at epoch 1."
+        in caplog.messages
+    )
     assert pruning.achieved_sparsity == pytest.approx(0.5, abs=1e-3)
     assert PruningCallback(scope="layer").state_key != PruningCallback().state_key

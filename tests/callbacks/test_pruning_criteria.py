@@ -139,7 +139,6 @@ def test_a_criterion_that_needs_training_cannot_prune_at_epoch_zero(tmp_path):
         ({"structure": "channel", "block_shape": (4, 4)}, r"`block_shape` applies to structure='block' only"),
         ({"sparsity": {"head": 1.0}}, r"`sparsity\['head'\]` must be a number in \[0, 1\), got 1\.0"),
         ({"sparsity": {}}, r"non-empty mapping"),
-        ({"sparsity": {"head": 0.5}, "scope": "global"}, r"contradicts `scope`='global'"),
         ({"rewind_epoch": 5, "start_epoch": 2}, r"`rewind_epoch`=5 is after the first pruning step \(epoch 2\)"),
         ({"rewind_epoch": -1}, r"`rewind_epoch` must be an integer >= 0"),
         ({"structure": "5:4"}, r"`n` must satisfy 1 <= n < m \(n zeros in every group of m weights\), got 5:4\."),

@@ -119,6 +119,85 @@ def test_export_model_judges_each_speed_up_from_its_blocks(monkeypatch, tmp_path
     )
     assert result.speedup["compact"] == {1: 2.0} and result.stable["compact"] == {1: True}
     assert result.speedup["masked"] == {1: 1.0} and result.stable["masked"] == {1: False}
-    assert result.settings["unstable_reason"] == "masked b1: the blocks' ratios range 0.33x-5.00x"
+    assert result.settings["unstable_reason"] == (
+        "masked b1: the blocks' ratios range 0.33x-5.00x; masked b1 1 thread: the blocks' ratios range 0.33x-5.00x"
+    )
     (masked,) = [line for line in result.table().splitlines() if line.lstrip().startswith("masked")]
     assert masked.endswith(UNSTABLE)
+
+
+def _row(table: str, description: str) -> list[str]:
+    """The cells of a latency row (separated by two spaces or more)."""
+    (line,) = [line for line in table.splitlines() if line.lstrip().startswith(description)]
+    return [cell.strip() for cell in line.strip().split("  ") if cell.strip()]
+
+
+def test_the_export_report_times_batch_1_on_one_thread_and_guards_it_apart(monkeypatch, tmp_path):
+    # The main measurement is quiet; the one-thread one is contended (other processes used 1.7 cores).
+    threads_seen = []
+
+    def timed_blocks(variants, inputs, blocks, repeats):
+        threads_seen.append((torch.get_num_threads(), sorted(inputs)))
+        per = {"dense": 1.0, "masked": 1.0, "compact": 0.5}
+        return [{(n, b): per[n] for n in variants for b in inputs} for _ in range(blocks)]
+
+    def busy_on_one_thread(self, *exc):
+        self.cores = 1.7 if torch.get_num_threads() == 1 else 0.0
+
+    monkeypatch.setattr(report, "_timed_blocks", timed_blocks)
+    monkeypatch.setattr(timing.OtherLoad, "__exit__", busy_on_one_thread)
+    before = torch.get_num_threads()
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    result = report.export_model(
+        net, torch.randn(2, 4), tmp_path, forms=("dense",), sparse_kernels=False, batch_sizes=(1, 4), threads=2
+    )
+    assert threads_seen == [(2, [1, 4]), (1, [1])] and torch.get_num_threads() == before
+    assert result.speedup["compact"] == {1: 2.0, 4: 2.0} and result.stable["compact"] == {1: True, 4: True}
+    assert result.one_thread["compact"] == {"latency_ms": 500.0, "speedup": 2.0, "stable": False}
+    assert result.settings["unstable_reason"] == "b1 1 thread: other processes used 1.7 cores (limit 0.5)"
+    table = result.table()
+    assert _row(table, "latency (ms)") == [
+        "latency (ms)",
+        "b1",
+        "b4",
+        "b1 1 thread",
+        "x dense b1",
+        "x dense b4",
+        "x dense b1 1 thread",
+    ]
+    assert _row(table, "compacted") == [
+        "compacted + BN folded",
+        "500.000",
+        "500.000",
+        "500.000",
+        "2.00x",
+        "2.00x",
+        UNSTABLE,
+    ]
+    assert "  unstable: b1 1 thread: other processes used 1.7 cores (limit 0.5)" in table.splitlines()
+
+
+def test_a_real_export_report_has_batch_1_on_its_threads_and_on_one_thread(tmp_path):
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    before = torch.get_num_threads()
+    result = report.export_model(
+        net,
+        torch.randn(2, 16),
+        tmp_path,
+        forms=("dense",),
+        sparse_kernels=False,
+        batch_sizes=(1, 4),
+        blocks=1,
+        repeats=2,
+    )
+    assert torch.get_num_threads() == before
+    assert set(result.one_thread) == set(result.latency_ms) == {"dense", "masked", "compact"}
+    assert all(m["latency_ms"] > 0 and m["speedup"] > 0 for m in result.one_thread.values())
+    table = result.table()
+    for variant in ("dense model", "masked (pruned, dense kernels)", "compacted + BN folded"):
+        cells = _row(table, variant)
+        assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:4])  # b1, b4, b1 1 thread
+        assert all(c == UNSTABLE or c.endswith("x") for c in cells[4:])  # each with its guard
+    assert "b1 1 thread: batch 1 timed apart on one thread" in table
+    saved = (tmp_path / "report.json").read_text()
+    assert '"one_thread"' in saved and '"one_thread_other_load_cores"' in saved

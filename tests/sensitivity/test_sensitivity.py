@@ -3,6 +3,7 @@ the Hydra job."""
 
 import copy
 import csv
+import errno
 import json
 import math
 import sys
@@ -18,7 +19,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import MagnitudeImportance, MaskSet, PruningCallback, Unstructured, prunable_parameters
+from lightning_prune import MagnitudeImportance, MaskSet, PruningCallback, Unstructured, _files, prunable_parameters
+from lightning_prune._files import ArtifactWriteError, file_digest, verify_sidecar
 from lightning_prune.app.config import ConfigError
 from lightning_prune.callbacks.sensitivity import SensitivityCallback
 from lightning_prune.deploy.profile import count_macs
@@ -30,8 +32,10 @@ from lightning_prune.sensitivity import (
     allocate,
     analyze,
     check_ratios,
+    sensitivity_figure,
     write_report,
 )
+from lightning_prune.sensitivity.report import ALLOCATED_LABEL
 from lightning_prune.structures.channel import ChannelStructure
 
 
@@ -436,6 +440,50 @@ def test_report_files_exist_and_parse(tmp_path):
     assert record["target_sparsity"] == 0.3 and record["unit"] == "channels"
     assert record["predicted"]["sparsity"] == pytest.approx(0.3)
     assert not write_report(table, tmp_path / "bare", plot=False).keys() & {"plot", "allocation"}
+
+
+def test_plot_legend_explains_the_allocation_crosses():
+    table = table_of(layer("a", 100, (0.5, 0.01), (0.8, 0.05)), layer("b", 100, (0.5, 0.1), (0.8, 0.3)))
+    ax = sensitivity_figure(table, {"a": 0.8, "b": 0.5}).axes[0]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "baseline (unpruned)", ALLOCATED_LABEL]
+    cross = legend.legend_handles[-1]
+    assert (cross.get_marker(), cross.get_linestyle()) == ("x", "None")
+    # The crosses drawn: one per layer, at its allocated sparsity on its curve.
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert [(list(c.get_xdata()), list(c.get_ydata())) for c in crosses] == [
+        ([0.8], [pytest.approx(85.0)]),
+        ([0.5], [pytest.approx(80.0)]),
+    ]
+    # Without an allocation there are no crosses, and the legend does not mention them.
+    legend = sensitivity_figure(table).axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "baseline (unpruned)"]
+
+
+def test_tables_are_written_with_a_digest_beside_them(tmp_path):
+    table = table_of(layer("a", 100, (0.5, 0.01), (0.8, 0.05)))
+    paths = write_report(table, tmp_path, {"a": 0.5}, target_sparsity=0.5, plot=False)
+    for kind, name in (("csv", "sensitivity.csv"), ("markdown", "sensitivity.md")):
+        assert paths[kind] == tmp_path / name
+        assert (tmp_path / f"{name}.sha256").read_text() == f"{file_digest(paths[kind])}  {name}\n"
+        assert verify_sidecar(paths[kind]) is True
+    paths["csv"].write_text("layer\n")
+    with pytest.raises(ValueError, match=r"sensitivity\.csv' is damaged: its bytes do not match the digest"):
+        verify_sidecar(paths["csv"])
+
+
+def test_a_failing_write_leaves_the_previous_tables(tmp_path, monkeypatch):
+    write_report(table_of(layer("a", 100, (0.5, 0.01), (0.8, 0.05))), tmp_path, plot=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["sensitivity.csv", "sensitivity.csv.sha256", "sensitivity.md", "sensitivity.md.sha256"]
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_files, "_os_write", disk_full)
+    with pytest.raises(ArtifactWriteError, match=r"sensitivity\.csv'.*the disk is full"):
+        write_report(table_of(layer("b", 100, (0.5, 0.2))), tmp_path, plot=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
 
 
 def test_plot_without_matplotlib_fails_clearly(tmp_path, monkeypatch):
