@@ -66,6 +66,8 @@ Status = Literal["completed", "failed", "incomplete"]
 
 # One row per run in results.csv, in this order. `accuracy_drop` is `baseline_test_acc - pruned_test_acc`;
 # `baseline` says what the baseline is (dense runs of the same schedule, or the run's dense snapshot).
+# Language-model runs (module=language) fill the perplexity columns instead of the accuracy ones (validation
+# perplexity of the dense, pruned and compact models).
 RESULT_COLUMNS = (
     "job",
     "overrides",
@@ -73,10 +75,15 @@ RESULT_COLUMNS = (
     "dense_test_acc",
     "pruned_test_acc",
     "accuracy_drop",
+    "dense_val_ppl",
+    "pruned_val_ppl",
+    "compact_val_ppl",
+    "ppl_increase",
     "target_sparsity",
     "sparsity",
     "nonzero_params",
     "total_params",
+    "compact_params",
     "macs",
     "dense_macs",
     "wall_time_s",
@@ -90,7 +97,8 @@ RESULT_COLUMNS = (
 _METRIC_COLUMNS = tuple(
     c
     for c in RESULT_COLUMNS
-    if c not in ("job", "overrides", "status", "accuracy_drop", "error", "baseline_test_acc", "baseline")
+    if c
+    not in ("job", "overrides", "status", "accuracy_drop", "ppl_increase", "error", "baseline_test_acc", "baseline")
 )
 
 
@@ -137,6 +145,14 @@ class RunResult:
             return None
         return baseline.accuracy - float(pruned)
 
+    @property
+    def ppl_increase(self) -> float | None:
+        """Pruned over dense validation perplexity, minus 1 (0.05: 5% higher), or None when either is missing."""
+        dense, pruned = self.metrics.get("dense_val_ppl"), self.metrics.get("pruned_val_ppl")
+        if dense is None or pruned is None:
+            return None
+        return float(pruned) / float(dense) - 1.0
+
     def row(self) -> dict[str, Any]:
         """The run as a ``results.csv`` row: every key of :data:`RESULT_COLUMNS`, None where unknown."""
         row: dict[str, Any] = {key: self.metrics.get(key) for key in _METRIC_COLUMNS}
@@ -146,6 +162,7 @@ class RunResult:
             overrides=" ".join(self.overrides),
             status=self.status,
             accuracy_drop=self.accuracy_drop,
+            ppl_increase=self.ppl_increase,
             error=self.error,
             baseline_test_acc=None if baseline is None else baseline.accuracy,
             baseline="" if baseline is None else baseline.describe(),
@@ -316,7 +333,7 @@ def collect_runs(sweep_dir: str | Path) -> list[RunResult]:
 def _format(value: Any, key: str) -> str:
     if value is None:
         return ""
-    if key in ("nonzero_params", "total_params"):
+    if key in ("nonzero_params", "total_params", "compact_params"):
         return str(int(value))
     if key in ("macs", "dense_macs"):
         return f"{value / 1e6:.3f}M"
@@ -324,6 +341,8 @@ def _format(value: Any, key: str) -> str:
         return f"{value:.1f}"
     if key == "accuracy_drop":
         return f"{value * 100:+.2f} pp"
+    if key == "ppl_increase":
+        return f"{value * 100:+.1f}%"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
@@ -341,6 +360,30 @@ _MD_COLUMNS = (
     ("macs", "MACs"),
     ("wall_time_s", "wall time (s)"),
 )
+_MD_LANGUAGE_COLUMNS = (
+    ("job", "job"),
+    ("overrides", "overrides"),
+    ("status", "status"),
+    ("dense_val_ppl", "dense ppl"),
+    ("pruned_val_ppl", "pruned ppl"),
+    ("compact_val_ppl", "compact ppl"),
+    ("ppl_increase", "ppl change"),
+    ("sparsity", "sparsity"),
+    ("total_params", "params"),
+    ("compact_params", "compact params"),
+    ("macs", "MACs"),
+    ("wall_time_s", "wall time (s)"),
+)
+
+
+def is_language_sweep(runs: Sequence[RunResult]) -> bool:
+    """Whether the runs report perplexity (``module=language``) rather than accuracy: the table and plot show it.
+
+    Example:
+        >>> is_language_sweep([RunResult("0", [], "completed", {"pruned_val_ppl": 4.1})])
+        True
+    """
+    return any(r.metrics.get("pruned_val_ppl") is not None for r in runs)
 
 
 def common_overrides(runs: Sequence[RunResult]) -> list[str]:
@@ -360,12 +403,13 @@ def common_overrides(runs: Sequence[RunResult]) -> list[str]:
 def results_table(runs: Sequence[RunResult]) -> str:
     """The runs as a markdown table (the one in ``results.md``); overrides all runs share are left out."""
     common = set(common_overrides(runs)) if len(runs) > 1 else set()
+    columns = _MD_LANGUAGE_COLUMNS if is_language_sweep(runs) else _MD_COLUMNS
     rows = []
     for run in runs:
         row = run.row()
         row["overrides"] = " ".join(o for o in run.overrides if o not in common)
-        rows.append([_format(row[key], key) for key, _ in _MD_COLUMNS])
-    return markdown_table([title for _, title in _MD_COLUMNS], rows)
+        rows.append([_format(row[key], key) for key, _ in columns])
+    return markdown_table([title for _, title in columns], rows)
 
 
 def _write_csv(runs: Sequence[RunResult], path: Path) -> None:
@@ -417,9 +461,20 @@ def _write_markdown(
         f"# Sweep results: `{sweep_dir}`",
         "",
         f"{len(runs)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n) + ".",
-        "Accuracies are top-1 on the test split; `drop` is baseline minus pruned accuracy in percentage points;",
-        "`sparsity` is the achieved fraction of zeros among the prunable weights.",
-        baseline_text(runs),
+        *(
+            [
+                "Perplexities are on the validation split (dense: before pruning; compact: with the pruned heads",
+                "and neurons removed); `ppl change` is pruned over dense perplexity; `sparsity` is the achieved",
+                "fraction of the prunable weights.",
+            ]
+            if is_language_sweep(runs)
+            else [
+                "Accuracies are top-1 on the test split; `drop` is baseline minus pruned accuracy in percentage "
+                "points;",
+                "`sparsity` is the achieved fraction of zeros among the prunable weights.",
+                baseline_text(runs),
+            ]
+        ),
     ]
     common = common_overrides(runs)
     if common and len(runs) > 1:
@@ -523,9 +578,54 @@ def accuracy_figure(runs: Sequence[RunResult], max_drop: float | None = None) ->
     return fig
 
 
+def perplexity_figure(runs: Sequence[RunResult]) -> Any:
+    """The language-model runs' validation perplexity against their achieved sparsity as a matplotlib ``Figure``,
+    with the dense perplexity (each run's snapshot at the start of pruning; their mean) as a dashed line.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> runs = [RunResult("0", [], "completed", {"sparsity": 0.26, "pruned_val_ppl": 4.3, "dense_val_ppl": 4.0})]
+        >>> [t.get_text() for t in perplexity_figure(runs).axes[0].get_legend().get_texts()]
+        ['pruned', 'dense, at the start of pruning']
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - matplotlib is in the `sweep` extra
+        raise ImportError("The sweep plot needs matplotlib: `pip install 'lightning-prune[sweep]'`.") from e
+
+    completed = [r for r in runs if r.status == "completed"]
+    points = sorted(
+        (float(r.metrics["sparsity"]), float(r.metrics["pruned_val_ppl"]))
+        for r in completed
+        if r.metrics.get("sparsity") is not None and r.metrics.get("pruned_val_ppl") is not None
+    )
+    dense = [float(r.metrics["dense_val_ppl"]) for r in completed if r.metrics.get("dense_val_ppl") is not None]
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label="pruned")
+    if dense:
+        name = "dense, at the start of pruning" + (f" (mean of {len(dense)} runs)" if len(set(dense)) > 1 else "")
+        ax.axhline(_mean(dense), color="black", linestyle="--", linewidth=1, label=name)
+        if len(set(dense)) > 1:
+            ax.axhspan(min(dense), max(dense), color="black", alpha=0.08, linewidth=0)
+    not_shown = len(runs) - len(points)
+    ax.set_title("Validation perplexity against sparsity" + (f" ({not_shown} runs not shown)" if not_shown else ""))
+    ax.set_xlabel("sparsity (fraction of the prunable weights)")
+    ax.set_ylabel("validation perplexity (lower is better)")
+    ax.grid(True, alpha=0.3)
+    if points or dense:
+        ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
 def _plot(runs: Sequence[RunResult], path: Path, max_drop: float | None) -> None:
     image = io.BytesIO()
-    accuracy_figure(runs, max_drop).savefig(image, dpi=120, format="png")
+    figure = perplexity_figure(runs) if is_language_sweep(runs) else accuracy_figure(runs, max_drop)
+    figure.savefig(image, dpi=120, format="png")
     atomic_write(path, image.getbuffer())
 
 
@@ -539,8 +639,9 @@ def summarize_sweep(
     runs of the same schedule in the sweep (``pruning.sparsity=0``, matched per seed), or, without any, with its
     dense snapshot from when pruning started; ``results.md`` and the plot say which. The plot shows the pruned
     test accuracy of the completed runs against their achieved sparsity, with the baseline as a dashed line
-    (:func:`accuracy_figure`). ``results.csv`` and ``results.md`` are written atomically, each with a
-    ``<name>.sha256`` file beside it holding the SHA-256 of its bytes, as exports have.
+    (:func:`accuracy_figure`); for language-model runs (:func:`is_language_sweep`) the table and the plot show
+    validation perplexity instead (:func:`perplexity_figure`). ``results.csv`` and ``results.md`` are written
+    atomically, each with a ``<name>.sha256`` file beside it holding the SHA-256 of its bytes, as exports have.
 
     Args:
         sweep_dir: A Hydra sweep directory (``hydra.sweep.dir``), or a single run's directory.

@@ -29,9 +29,17 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune._files import ArtifactWriteError, atomic_write_json, prepare_folder
-from lightning_prune._helpers import check_int, eval_mode
+from lightning_prune._helpers import eval_mode
 from lightning_prune.app.config import ConfigError, register_configs
+from lightning_prune.app.language import (
+    PerplexityAtEpochStart,
+    compact_language_model,
+    evaluate_splits,
+    perplexity_lines,
+    token_example,
+)
 from lightning_prune.app.oneshot import instantiate_oneshot, pruning_arguments
+from lightning_prune.app.probe import EpochStartProbe
 from lightning_prune.app.quiet import quiet_third_party
 from lightning_prune.app.summary import training_aid_lines
 from lightning_prune.app.sweep import search_objective
@@ -41,6 +49,7 @@ from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.deploy.profile import count_macs
 from lightning_prune.deploy.report import run_export
 from lightning_prune.masks.params import PRUNABLE_TYPES
+from lightning_prune.models.language import LanguageModel
 
 _log = logging.getLogger(__name__)
 
@@ -132,7 +141,7 @@ def weight_sparsity(model: nn.Module) -> float:
     return zeros / max(1, sum(w.numel() for w in weights))
 
 
-class AccuracyAtEpochStart(L.Callback):
+class AccuracyAtEpochStart(EpochStartProbe):
     """Measures test accuracy at the start of training epoch ``epoch``, e.g. just before pruning starts.
 
     With ``pruning``, the measurement runs right before that callback's pruning step (it asks the pruning callback to
@@ -151,24 +160,11 @@ class AccuracyAtEpochStart(L.Callback):
     """
 
     def __init__(self, epoch: int, pruning: PruningCallback | None = None) -> None:
-        self.epoch = check_int("epoch", epoch, 0)
-        self.pruning = pruning
+        super().__init__(epoch, pruning)
         self.accuracy: float | None = None
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.pruning is not None:
-            self.pruning.before_pruning(self._measure)
-
-    @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pruning is None:
-            self._measure(trainer, pl_module)
-
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        if trainer.current_epoch != self.epoch or datamodule is None:
-            return
+    def measure(self, pl_module: L.LightningModule, datamodule: Any) -> None:
         self.accuracy = evaluate_accuracy(pl_module, datamodule.test_dataloader())
         pl_module.log("dense/test_acc", self.accuracy, on_step=False, on_epoch=True)
 
@@ -444,11 +440,19 @@ def train(cfg: DictConfig) -> float:
     When the ``export`` group asks for it (``export=all``), the pruned model is exported into the run directory
     after testing (:func:`lightning_prune.deploy.report.run_export`) and ``export`` holds the report.
 
+    A :class:`~lightning_prune.models.LanguageModel` (``module=language``, e.g. ``experiment=pysource_gpt``) is
+    measured by perplexity instead: ``metrics.json`` has ``dense_val_ppl``, ``pruned_val_ppl`` and
+    ``compact_val_ppl`` (and ``*_test_ppl``) in place of the accuracies; pruned heads and neurons are removed after
+    testing (:func:`~lightning_prune.app.language.compact_language_model`), the compact model saved as
+    ``compact.pt`` in the run directory and its figures put in ``compact`` and ``compact_params``; the return
+    value is the pruned model's validation perplexity.
+
     Args:
         cfg: A config composed from this project's ``conf/``.
 
     Returns:
-        The test accuracy of the final, pruned model: the metric a sweep optimises.
+        The test accuracy of the final, pruned model: the metric a sweep optimises (for a language model, its
+        validation perplexity: lower is better).
 
     Raises:
         ConfigError: when ``cfg`` asks for something impossible, e.g. ``pruning.sparsity=1.5``.
@@ -472,7 +476,9 @@ def train(cfg: DictConfig) -> float:
         pruning.compact_path = output_dir / "compact.pt"  # the run directory, next to metrics.json
     start_epoch = pruning.start_epoch if pruning else 0
     # The pruning callback runs the probe and the sensitivity analysis right before its pruning step.
-    dense_probe = AccuracyAtEpochStart(epoch=start_epoch, pruning=pruning)
+    # module=language: perplexity instead of accuracy
+    probe_type = PerplexityAtEpochStart if isinstance(module, LanguageModel) else AccuracyAtEpochStart
+    dense_probe = probe_type(epoch=start_epoch, pruning=pruning)
     oneshot = instantiate_oneshot(cfg, pruning)  # pruning=wanda|sparsegpt: prunes right after the probe
     allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning and oneshot is None else None
     extra = [c for c in (allocation, oneshot) if c is not None]
@@ -498,7 +504,9 @@ def train(cfg: DictConfig) -> float:
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
-    trainer.test(module, datamodule=datamodule, verbose=False)  # logs test/loss and test/acc
+    trainer.test(module, datamodule=datamodule, verbose=False)  # logs test/loss and test/acc (or test/ppl)
+    if isinstance(dense_probe, PerplexityAtEpochStart):
+        return _finish_language_run(cfg, net, datamodule, trainer, pruning, dense_probe, output_dir, start)
     # Measured exactly as the dense accuracy was, so the two numbers compare like for like.
     final_acc = evaluate_accuracy(module, datamodule.test_dataloader())
     # Without pruning, or if pruning never started, the final model is the dense one.
@@ -519,23 +527,12 @@ def train(cfg: DictConfig) -> float:
         export_options = cast(dict[str, Any], OmegaConf.to_container(cfg.export, resolve=True))
         export, export_text = run_export(export_options, net, export_inputs[:8], output_dir, masks=pruning)
 
-    macs = count_macs(net, example_input(datamodule).to(next(net.parameters()).device))
-    total = sum(p.numel() for p in net.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in net.parameters())
-    unit = sparsity_unit(pruning)
+    sizes, size_lines = _size_figures(net, pruning, example_input(datamodule))
     metrics: dict[str, Any] = {
         "status": "ok",
         "dense_test_acc": dense_acc,
         "pruned_test_acc": final_acc,
-        "target_sparsity": pruning.sparsity if pruning else 0.0,
-        "sparsity": float(pruning.achieved_sparsity) if pruning else weight_sparsity(net),
-        "sparsity_of": unit,
-        "weight_sparsity": weight_sparsity(net),
-        "layer_sparsity": dict(pruning.layer_sparsity()) if pruning else {},
-        "nonzero_params": nonzero,
-        "total_params": total,
-        "macs": macs.macs,
-        "dense_macs": macs.dense_macs,
+        **sizes,
         "compact": compaction,
         "wall_time_s": time.perf_counter() - start,
         "overrides": task_overrides(),
@@ -546,9 +543,6 @@ def train(cfg: DictConfig) -> float:
     if export is not None:
         metrics["export"] = export
     save_error = getattr(pruning, "compact_save_error", None)
-    if save_error:  # the run finished; a file it could not write makes it a failed run, with everything else kept
-        metrics["status"] = "failed"
-        metrics["error"] = f"the compact model could not be saved: {save_error}"
     if dense_probe.accuracy is not None:
         dense_when = f"start of epoch {start_epoch}, before pruning"
     else:
@@ -557,28 +551,136 @@ def train(cfg: DictConfig) -> float:
         f"Summary ({type(net).__name__}, seed {cfg.seed})",
         f"  dense test acc   {dense_acc:.4f}  ({dense_when})",
         f"  {'pruned' if pruning else 'final '} test acc  {final_acc:.4f}",
-        f"  sparsity         {metrics['sparsity']:.4f}  (of the prunable {unit}; target "
-        f"{metrics['target_sparsity']:.4f})",
+        *size_lines,
+        *training_aid_lines(cfg, start_epoch if pruning else None),
+        *(_compaction_lines(compaction) if compaction is not None else []),
+    ]
+    _write_run(metrics, lines, output_dir, save_error, export_text)
+    if cfg.get("objective") == "max_sparsity":
+        return search_objective(metrics, cfg.get("max_accuracy_drop"))
+    return final_acc
+
+
+def _size_figures(
+    net: nn.Module, pruning: PruningCallback | None, example: torch.Tensor
+) -> tuple[dict[str, Any], list[str]]:
+    """The pruned network's sparsity, parameters and MACs per sample: ``metrics.json`` entries and summary lines."""
+    macs = count_macs(net, example.to(next(net.parameters()).device))
+    total = sum(p.numel() for p in net.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in net.parameters())
+    unit = sparsity_unit(pruning)
+    figures: dict[str, Any] = {
+        "target_sparsity": pruning.sparsity if pruning else 0.0,
+        "sparsity": float(pruning.achieved_sparsity) if pruning else weight_sparsity(net),
+        "sparsity_of": unit,
+        "weight_sparsity": weight_sparsity(net),
+        "layer_sparsity": dict(pruning.layer_sparsity()) if pruning else {},
+        "nonzero_params": nonzero,
+        "total_params": total,
+        "macs": macs.macs,
+        "dense_macs": macs.dense_macs,
+    }
+    lines = [
+        f"  sparsity         {figures['sparsity']:.4f}  (of the prunable {unit}; target "
+        f"{figures['target_sparsity']:.4f})",
     ]
     schedule = getattr(pruning, "schedule", None)
     if schedule is not None:
         lines.append(f"  schedule         {schedule.describe()}")
+    schedule = getattr(pruning, "schedule", None)
+    if schedule is not None:
+        lines.append(f"  schedule         {schedule.describe()}")
     if unit != "weights":
-        lines.append(f"  weight sparsity  {metrics['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
+        lines.append(f"  weight sparsity  {figures['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
     lines += [
         f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})",
         f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})",
-        *training_aid_lines(cfg, start_epoch if pruning else None),
-        *(_compaction_lines(compaction) if compaction is not None else []),
+    ]
+    return figures, lines
+
+
+def _write_run(
+    metrics: dict[str, Any],
+    lines: list[str],
+    output_dir: Path,
+    save_error: str | None,
+    extra_text: str = "",
+) -> None:
+    """Print the summary ``lines`` (with the wall time) and ``extra_text``, and write ``metrics.json``.
+
+    Raises:
+        OSError: after writing, when the compact model could not be saved (``save_error``): the run failed.
+    """
+    if save_error:  # the run finished; a file it could not write makes it a failed run, with everything else kept
+        metrics["status"] = "failed"
+        metrics["error"] = f"the compact model could not be saved: {save_error}"
+    lines = [
+        *lines,
         f"  wall time        {metrics['wall_time_s']:.1f} s",
         f"  metrics          {output_dir / 'metrics.json'}",
     ]
     _report("\n".join(lines))  # before writing anything more, so that the figures survive a failed write
-    if export_text:
-        _report(export_text)
+    if extra_text:
+        _report(extra_text)
     atomic_write_json(output_dir / "metrics.json", metrics)
     if save_error:
         raise OSError(f"{metrics['error']} The metrics are in {output_dir / 'metrics.json'}.")
-    if cfg.get("objective") == "max_sparsity":
-        return search_objective(metrics, cfg.get("max_accuracy_drop"))
-    return final_acc
+
+
+def _finish_language_run(
+    cfg: DictConfig,
+    net: nn.Module,
+    datamodule: Any,
+    trainer: L.Trainer,
+    pruning: PruningCallback | None,
+    dense_probe: PerplexityAtEpochStart,
+    output_dir: Path,
+    start: float,
+) -> float:
+    """The end of :func:`train` for a language model: perplexity (dense, pruned, compact), compaction of pruned heads
+    (:func:`~lightning_prune.app.language.compact_language_model`), sizes, the summary and ``metrics.json``.
+
+    Returns:
+        The pruned model's validation perplexity (lower is better).
+    """
+    pruned = evaluate_splits(net, datamodule)
+    epochs = int(trainer.current_epoch)  # the epochs trained: trainer.max_epochs unless stopped early
+    if not trainer.is_global_zero:
+        return pruned["val"]
+    dense = dense_probe.perplexity  # None without pruning, or when pruning never started
+    compacted = None
+    if pruning is not None:
+        path = pruning.compact_path or output_dir / "compact.pt"
+        compacted = compact_language_model(net, pruning, datamodule, path, latency=pruning.report_latency)
+    compaction, table = compacted if compacted is not None else (None, "")
+    sizes, size_lines = _size_figures(net, pruning, token_example(datamodule))
+    metrics: dict[str, Any] = {
+        "status": "ok",
+        **{f"dense_{split}_ppl": value for split, value in (dense or pruned).items()},
+        **{f"pruned_{split}_ppl": value for split, value in pruned.items()},
+        **{f"compact_{split}_ppl": (compaction or {}).get(f"{split}_ppl") for split in pruned},
+        **sizes,
+        "compact_params": (compaction or {}).get("params_after"),
+        "compact": compaction,
+        "wall_time_s": time.perf_counter() - start,
+        "overrides": task_overrides(),
+        "seed": int(cfg.seed),
+        "epochs": epochs,
+        "dense_epoch": pruning.start_epoch if dense is not None and pruning else epochs,
+    }
+    start_epoch = pruning.start_epoch if pruning else None
+    dense_when = f"start of epoch {start_epoch}, before pruning"
+    lines = [
+        f"Summary ({type(net).__name__}, seed {cfg.seed})",
+        *perplexity_lines(dense, pruned, compaction, dense_when),
+        *size_lines,
+        *training_aid_lines(cfg, start_epoch),
+    ]
+    if compaction is not None:
+        params = f"{compaction['params_before']:,} -> {compaction['params_after']:,}"
+        lines.append(
+            f"  compact params   {params}  ({1 - compaction['params_after'] / compaction['params_before']:.1%} fewer)"
+        )
+        lines.append(f"  compact model    {compaction['path']}  (lightning_prune.load_compact(model, path))")
+    _write_run(metrics, lines, output_dir, (compaction or {}).get("save_error"), table)
+    return pruned["val"]

@@ -151,8 +151,28 @@ def validate(cfg: DictConfig) -> None:
     export = cfg.get("export")
     if isinstance(export, DictConfig) and "forms" in export:
         _validate_export(check, export)
+    module = cfg.get("module")
+    if isinstance(module, DictConfig) and str(module.get("_target_", "")).endswith("LanguageModel"):
+        _validate_language_run(check, cfg)
     if check.errors:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(check.errors))
+
+
+def _validate_language_run(check: _Checker, cfg: DictConfig) -> None:
+    """``module=language`` reports perplexity: the parts of a run that measure accuracy do not apply."""
+    allocation = cfg.get("allocation")
+    target = str(allocation.get("_target_")) if isinstance(allocation, DictConfig) else "None"
+    if target != "None" and not target.startswith("lightning_prune.oneshot"):
+        check.fail(
+            "allocation", target, "measures accuracy, which module=language does not report: use allocation=none"
+        )
+    export = cfg.get("export")
+    if isinstance(export, DictConfig) and export.get("forms"):
+        check.fail("export.forms", list(export.forms), "exports classifiers; with module=language use export=none")
+    if cfg.get("objective") == "max_sparsity":
+        check.fail(
+            "objective", "max_sparsity", "searches within an accuracy drop, which module=language does not report"
+        )
 
 
 def _check_root_keys(check: _Checker, cfg: DictConfig) -> None:

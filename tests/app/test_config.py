@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import lightning_prune.app.train as train_module
@@ -56,17 +56,8 @@ GROUPS = _groups()
 IN_DEFAULTS = set(_compose([], hydra=True).hydra.runtime.choices)
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
 #: Language-model options go together (an image model cannot read bytes, a GPT cannot read images).
-LANGUAGE_OPTIONS = {("data", "pysource"), ("model", "gpt_tiny")}
-LANGUAGE = ["data=pysource", "model=gpt_tiny"]
-
-
-def as_language_model(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with LanguageModel as its module: the root config's is ImageClassifier (with ``num_classes``), which
-    train() is built around for now. Done here because an override cannot delete a key whose interpolation fails."""
-    with open_dict(cfg):
-        del cfg.module["num_classes"]
-        cfg.module._target_ = "lightning_prune.models.LanguageModel"
-    return cfg
+LANGUAGE_OPTIONS = {("data", "pysource"), ("model", "gpt_tiny"), ("module", "language"), ("experiment", "pysource_gpt")}
+LANGUAGE = ["data=pysource", "model=gpt_tiny", "module=language"]
 
 
 def _override(group: str, option: str) -> str:
@@ -84,6 +75,7 @@ def test_groups_are_discovered():
     assert "digits_resnet20_channel" in GROUPS["experiment"]
     assert set(GROUPS["regularization"]) == {"none", "l1", "group_lasso", "bn_slimming"}
     assert set(GROUPS["distillation"]) == {"none", "kd"}
+    assert set(GROUPS["module"]) == {"classifier", "language"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -92,8 +84,6 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
     extra = ["pruning=wanda"] if (group, option) == ("allocation", "owl") else []  # OWL allocates one-shot pruning
     overrides = [_override(group, option), *(LANGUAGE if language else []), *extra]
     cfg = _compose(overrides, hydra=group.startswith("hydra/"))
-    if language:
-        cfg = as_language_model(cfg)
     validate(cfg)
     # Building objects: cheap ones always; datamodules only constructed (no files read before setup()).
     datamodule = instantiate(cfg.data)

@@ -11,7 +11,7 @@ import torch
 from _checks import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune import PruningCallback
 from lightning_prune.app.config import ConfigError
@@ -66,6 +66,7 @@ def _language_config(tmp_path) -> DictConfig:
         [
             "data=pysource",
             "model=gpt_tiny",
+            "module=language",
             f"data.root={corpus}",
             "data.pattern=*.txt",
             "data.seq_len=32",
@@ -81,9 +82,6 @@ def _language_config(tmp_path) -> DictConfig:
             "model.config.num_key_value_heads=2",
         ]
     )
-    with open_dict(cfg):
-        del cfg.module["num_classes"]
-        cfg.module._target_ = "lightning_prune.models.LanguageModel"
     return cfg
 
 

@@ -7,7 +7,6 @@ import torch
 from _checks import CONF
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import open_dict
 from torch import nn
 
 from lightning_prune.app.train import instantiate_module
@@ -250,15 +249,13 @@ def test_language_model_configs_follow_the_data_and_take_a_step(model, tmp_path)
     overrides = [
         "data=pysource",
         f"model={model}",
+        "module=language",
         f"data.root={tmp_path}",
         "data.seq_len=64",
         "data.batch_size=4",
         "optimizer=adamw",
     ]
     cfg = _compose(overrides, tmp_path)
-    with open_dict(cfg):  # the root config's module is ImageClassifier, which train() is built around for now
-        del cfg.module["num_classes"]
-        cfg.module._target_ = "lightning_prune.models.LanguageModel"
     assert cfg.model.config.vocab_size == cfg.data.vocab_size == 256
     assert cfg.model.config.max_position_embeddings == cfg.data.seq_len == 64
     datamodule = instantiate(cfg.data)
