@@ -452,12 +452,18 @@ def _train(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Complet
     return result
 
 
-def test_multirun_writes_the_summary(tmp_path):
-    # Sparsity 0 is the dense run of the same schedule: same epochs, same callbacks, no weight removed.
+def test_multirun_writes_the_summary_and_records_a_failed_run(tmp_path):
+    # Sparsity 0 is the dense run of the same schedule: same epochs, same callbacks, no weight removed. Hydra's basic
+    # sweeper re-raises the failure of job 2 once every job has run: the exit status says so, and the summary is
+    # written all the same.
     sweep = tmp_path / "sweep"
-    _train(tmp_path, "-m", "pruning.sparsity=0,0.8", f"hydra.sweep.dir={sweep}")
+    result = _train(tmp_path, "-m", "pruning.sparsity=0,0.8,1.5", f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
     rows = _read_csv(sweep / "results.csv")
-    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert [r["status"] for r in rows] == ["completed", "completed", "failed"]
+    assert "sparsity" in rows[2]["error"] and "1.5" in rows[2]["error"]
+    assert json.loads((sweep / "2" / "failure.json").read_text())["status"] == "failed"
+    rows = rows[:2]
     assert [float(r["target_sparsity"]) for r in rows] == [0.0, 0.8]
     assert [float(r["sparsity"]) for r in rows] == pytest.approx([0.0, 0.8], abs=0.01)
     assert all(r["overrides"].startswith(f"pruning.sparsity={s}") for r, s in zip(rows, ("0", "0.8")))
@@ -473,18 +479,6 @@ def test_multirun_writes_the_summary(tmp_path):
     markdown = (sweep / "results.md").read_text()
     assert "| 1   | pruning.sparsity=0.8 | completed |" in markdown
     assert "Baseline: dense run of the same schedule (job 0)." in markdown
-
-
-def test_a_failing_run_is_summarised_as_failed(tmp_path):
-    # Hydra's basic sweeper re-raises the failure once every job has run: the exit status says so, and the
-    # summary is written all the same.
-    sweep = tmp_path / "sweep"
-    result = _train(tmp_path, "-m", "pruning.sparsity=0.5,1.5", f"hydra.sweep.dir={sweep}", check=False)
-    assert result.returncode == 1
-    rows = _read_csv(sweep / "results.csv")
-    assert [r["status"] for r in rows] == ["completed", "failed"]
-    assert "sparsity" in rows[1]["error"] and "1.5" in rows[1]["error"]
-    assert json.loads((sweep / "1" / "failure.json").read_text())["status"] == "failed"
 
 
 def _summarize_script():
