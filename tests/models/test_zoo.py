@@ -175,6 +175,7 @@ EXPERIMENTS = [
     "digits_resnet20_channel",
     "mnist_lenet5",
 ]
+LANGUAGE_EXPERIMENTS = ["pysource_gpt"]  # tested end to end in tests/app/test_language_job.py
 # One grey-scale 8x8 and one colour 32x32 dataset; MNIST's 28x28 is covered by the experiments and test_datasets.
 DATA_FOR_MODEL = {"digits": [], "cifar10": ["data.num_workers=0"]}
 
@@ -197,7 +198,7 @@ def _compose(overrides: list[str], root: Path):
 
 def test_config_options_are_the_tested_ones():
     assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted(MODEL_OPTIONS + LANGUAGE_MODEL_OPTIONS)
-    assert sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) == EXPERIMENTS
+    assert sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) == sorted(EXPERIMENTS + LANGUAGE_EXPERIMENTS)
 
 
 @pytest.mark.parametrize("data", list(DATA_FOR_MODEL))
