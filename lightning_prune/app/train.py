@@ -587,9 +587,6 @@ def _size_figures(
     schedule = getattr(pruning, "schedule", None)
     if schedule is not None:
         lines.append(f"  schedule         {schedule.describe()}")
-    schedule = getattr(pruning, "schedule", None)
-    if schedule is not None:
-        lines.append(f"  schedule         {schedule.describe()}")
     if unit != "weights":
         lines.append(f"  weight sparsity  {figures['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
     lines += [

@@ -137,6 +137,7 @@ def test_the_summary_prints_perplexity_and_sizes(sweep):
     assert f"    compact        {metrics['compact_val_ppl']:<11.4f}" in out
     before, after = metrics["compact"]["params_before"], metrics["compact"]["params_after"]
     assert f"  compact params   {before:,} -> {after:,}  ({1 - after / before:.1%} fewer)" in out
+    assert out.count("  schedule         cubic to ") == 1
     assert "latency b1" in printed[1][1] and "latency b1" not in out  # the table of the run that timed
 
 

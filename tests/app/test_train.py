@@ -185,7 +185,8 @@ def test_train_with_l1_distillation_and_a_finetuning_rate_drop(tmp_path, capsys)
     train(cfg)
     # The summary says how the model was trained.
     summary = capsys.readouterr().out
-    assert "  schedule         one_shot to 0.9 at epoch 1; first non-zero target 0.9000 at epoch 1\n" in summary
+    schedule_line = "  schedule         one_shot to 0.9 at epoch 1; first non-zero target 0.9000 at epoch 1\n"
+    assert summary.count(schedule_line) == 1 and summary.count("  schedule ") == 1
     assert "  regularization   l1, strength 0.0003, epoch 0 (stopped at epoch 1)\n" in summary
     assert (
         "  distillation     alpha 0.5, temperature 4, from epoch 1, teacher: the dense model at epoch 1\n"
