@@ -152,3 +152,12 @@ def value_error_message(fn: Callable[[], Any]) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def fork_ranks(worker: Callable[[int, int, str], None], world: int, out: Path) -> list[Any]:
+    """Run ``worker(rank, port, out)`` in ``world`` forked processes that form a gloo group on a free port, and
+    load what each rank saved as ``out / f"rank{rank}.pt"``."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=world, start_method="fork", join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]

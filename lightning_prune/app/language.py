@@ -134,7 +134,7 @@ def compact_language_model(
 
     Returns:
         None when ``pruning`` does not prune heads; otherwise the figures for ``metrics.json`` (as
-        :func:`~lightning_prune.app.train.compaction_metrics`: ``<figure>_before`` and ``<figure>_after`` for
+        :func:`~lightning_prune.app.summary.compaction_metrics`: ``<figure>_before`` and ``<figure>_after`` for
         ``params``, ``macs`` and ``latency_b<batch>_ms``, ``latency_b<batch>_stable``, ``path``; plus ``val_ppl``,
         ``test_ppl``, ``widths`` (each layer's heads, key/value heads and MLP width), and ``save_error`` when the
         file could not be written) and the comparison table.

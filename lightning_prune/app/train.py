@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -41,14 +41,17 @@ from lightning_prune.app.language import (
 from lightning_prune.app.oneshot import instantiate_oneshot, pruning_arguments
 from lightning_prune.app.probe import EpochStartProbe
 from lightning_prune.app.quiet import quiet_third_party
-from lightning_prune.app.summary import training_aid_lines
+from lightning_prune.app.summary import (
+    compaction_lines,
+    compaction_metrics,
+    size_figures,
+    training_aid_lines,
+)
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
 from lightning_prune.callbacks.pruning import PruningCallback
-from lightning_prune.deploy.profile import count_macs
 from lightning_prune.deploy.report import run_export
-from lightning_prune.masks.params import PRUNABLE_TYPES
 from lightning_prune.models.language import LanguageModel
 
 _log = logging.getLogger(__name__)
@@ -123,22 +126,6 @@ def evaluate_accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, tor
     if total == 0:
         raise ValueError("`loader` yielded no samples.")
     return correct / total
-
-
-def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of zeros among the weights of ``model``'s Linear and Conv layers.
-
-    Example:
-        >>> net = nn.Linear(2, 2)
-        >>> _ = nn.init.zeros_(net.weight)
-        >>> weight_sparsity(net)
-        1.0
-    """
-    weights: list[torch.Tensor] = [
-        cast(torch.Tensor, m.weight) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
-    ]
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    return zeros / max(1, sum(w.numel() for w in weights))
 
 
 class AccuracyAtEpochStart(EpochStartProbe):
@@ -350,67 +337,6 @@ def example_input(datamodule: Any) -> torch.Tensor:
     return inputs[:1]
 
 
-def sparsity_unit(pruning: Any) -> Literal["weights", "channels", "blocks"]:
-    """What ``pruning``'s sparsity counts: ``"channels"`` for channel pruning, ``"blocks"`` for block pruning, else
-    ``"weights"``.
-
-    Example:
-        >>> from lightning_prune import PruningCallback
-        >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="channel")), sparsity_unit(None)
-        ('channels', 'weights')
-        >>> sparsity_unit(PruningCallback(sparsity=0.5, structure="block"))
-        'blocks'
-    """
-    name = getattr(getattr(pruning, "structure", None), "name", None)
-    return "channels" if name == "channel" else "blocks" if name == "block" else "weights"
-
-
-def compaction_metrics(pruning: Any) -> dict[str, Any] | None:
-    """The pruning callback's compaction report for ``metrics.json``, or None when it did not compact.
-
-    The keys are the callback's ``compaction_report`` without the ``compact/`` prefix: ``<figure>_before``
-    (the masked model) and ``<figure>_after`` (the compact one) for each figure of
-    :meth:`lightning_prune.deploy.profile.ModelProfile.as_dict` (``params``, ``macs``, ``latency_b<batch>_ms`` when
-    latency was measured), plus ``path``, where the compact model was saved.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> callback = SimpleNamespace(
-        ...     compaction_report={"compact/params_before": 100, "compact/params_after": 40}, compact_path="c.pt"
-        ... )
-        >>> compaction_metrics(callback)
-        {'params_before': 100, 'params_after': 40, 'path': 'c.pt'}
-    """
-    report = getattr(pruning, "compaction_report", None)
-    if not report:
-        return None
-    figures: dict[str, Any] = {key.removeprefix("compact/"): value for key, value in report.items()}
-    path = getattr(pruning, "compact_path", None)
-    figures["path"] = None if path is None else str(path)
-    return figures
-
-
-def _compaction_lines(compaction: dict[str, Any]) -> list[str]:
-    """Summary lines: each figure of the masked and the compact model, and where the compact one is."""
-    lines = ["  compaction       masked -> compact model"]
-    names = [key.removesuffix("_before") for key in compaction if key.endswith("_before")]
-    for name in names:
-        before, after = compaction[name + "_before"], compaction.get(name + "_after")
-        if after is None or before == after == 0:  # not measured (e.g. MACs of a model with several inputs)
-            continue
-        ratio = f"{before / after:.2f}x" if after else "-"
-        if name.startswith("latency_"):
-            label = "latency " + name.removeprefix("latency_").removesuffix("_ms")
-            lines.append(f"    {label:<13}  {before:.2f} ms -> {after:.2f} ms  ({ratio} faster)")
-        else:
-            label = "MACs/sample" if name == "macs" else name
-            lines.append(f"    {label:<13}  {int(before):,} -> {int(after):,}  ({ratio} smaller)")
-    if "test_acc" in compaction:
-        lines.append(f"    {'test acc':<13}  {compaction['test_acc']:.4f}  (the compact model's own)")
-    lines.append(f"    {'saved to':<13}  {compaction['path']}  (lightning_prune.load_compact(model, path))")
-    return lines
-
-
 @quiet_third_party()  # Lightning's product tips, a known deprecation warning, ONNX INFO lines: during the run only
 def train(cfg: DictConfig) -> float:
     """Train, prune, fine-tune and test the model described by ``cfg``.
@@ -527,7 +453,7 @@ def train(cfg: DictConfig) -> float:
         export_options = cast(dict[str, Any], OmegaConf.to_container(cfg.export, resolve=True))
         export, export_text = run_export(export_options, net, export_inputs[:8], output_dir, masks=pruning)
 
-    sizes, size_lines = _size_figures(net, pruning, example_input(datamodule))
+    sizes, size_lines = size_figures(net, pruning, example_input(datamodule))
     metrics: dict[str, Any] = {
         "status": "ok",
         "dense_test_acc": dense_acc,
@@ -553,47 +479,12 @@ def train(cfg: DictConfig) -> float:
         f"  {'pruned' if pruning else 'final '} test acc  {final_acc:.4f}",
         *size_lines,
         *training_aid_lines(cfg, start_epoch if pruning else None),
-        *(_compaction_lines(compaction) if compaction is not None else []),
+        *(compaction_lines(compaction) if compaction is not None else []),
     ]
     _write_run(metrics, lines, output_dir, save_error, export_text)
     if cfg.get("objective") == "max_sparsity":
         return search_objective(metrics, cfg.get("max_accuracy_drop"))
     return final_acc
-
-
-def _size_figures(
-    net: nn.Module, pruning: PruningCallback | None, example: torch.Tensor
-) -> tuple[dict[str, Any], list[str]]:
-    """The pruned network's sparsity, parameters and MACs per sample: ``metrics.json`` entries and summary lines."""
-    macs = count_macs(net, example.to(next(net.parameters()).device))
-    total = sum(p.numel() for p in net.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in net.parameters())
-    unit = sparsity_unit(pruning)
-    figures: dict[str, Any] = {
-        "target_sparsity": pruning.sparsity if pruning else 0.0,
-        "sparsity": float(pruning.achieved_sparsity) if pruning else weight_sparsity(net),
-        "sparsity_of": unit,
-        "weight_sparsity": weight_sparsity(net),
-        "layer_sparsity": dict(pruning.layer_sparsity()) if pruning else {},
-        "nonzero_params": nonzero,
-        "total_params": total,
-        "macs": macs.macs,
-        "dense_macs": macs.dense_macs,
-    }
-    lines = [
-        f"  sparsity         {figures['sparsity']:.4f}  (of the prunable {unit}; target "
-        f"{figures['target_sparsity']:.4f})",
-    ]
-    schedule = getattr(pruning, "schedule", None)
-    if schedule is not None:
-        lines.append(f"  schedule         {schedule.describe()}")
-    if unit != "weights":
-        lines.append(f"  weight sparsity  {figures['weight_sparsity']:.4f}  (zeros among all Linear/Conv weights)")
-    lines += [
-        f"  nonzero params   {nonzero} / {total}  ({nonzero / total:.1%})",
-        f"  MACs per sample  {macs.macs} / {macs.dense_macs}  ({macs.macs / max(1, macs.dense_macs):.1%})",
-    ]
-    return figures, lines
 
 
 def _write_run(
@@ -650,7 +541,7 @@ def _finish_language_run(
         path = pruning.compact_path or output_dir / "compact.pt"
         compacted = compact_language_model(net, pruning, datamodule, path, latency=pruning.report_latency)
     compaction, table = compacted if compacted is not None else (None, "")
-    sizes, size_lines = _size_figures(net, pruning, token_example(datamodule))
+    sizes, size_lines = size_figures(net, pruning, token_example(datamodule))
     metrics: dict[str, Any] = {
         "status": "ok",
         **{f"dense_{split}_ppl": value for split, value in (dense or pruned).items()},

@@ -14,7 +14,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -28,6 +27,7 @@ from lightning_prune.callbacks._arguments import (
     _resolve_importance,
     _schedule_args,
 )
+from lightning_prune.callbacks._fit_end import check_resumable, compact_after_fit, compact_target, trace_inputs
 from lightning_prune.callbacks.sharding import (
     add_mask_shards,
     add_statistics_shards,
@@ -39,8 +39,6 @@ from lightning_prune.callbacks.sharding import (
     statistics_state,
 )
 from lightning_prune.criteria.base import Importance
-from lightning_prune.deploy.compact import compact, save_compact
-from lightning_prune.deploy.profile import compaction_report
 from lightning_prune.masks.distributed import world_size
 from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
 from lightning_prune.masks.params import Prunable, prunable_parameters
@@ -431,11 +429,11 @@ class PruningCallback(Callback):
         pruner = self.pruner
         if not pruner.is_bound_to(pl_module):
             if self.structure.needs_example_inputs:
-                self._example = self._resolve_example(trainer, pl_module)
+                self._example = trace_inputs(self.example_inputs, trainer, pl_module)
             _misconfig(pruner.bind, pl_module, self._example)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
-            self._check_resumable(state, trainer.current_epoch)
+            check_resumable(state, self._schedule(), self.importance, trainer.current_epoch)
             if state.get("sharded_masks"):
                 if not isinstance(pruner.masks, ShardedMaskSet):
                     raise MisconfigurationException(
@@ -577,54 +575,13 @@ class PruningCallback(Callback):
             f"{self.sparsity:g}. Raise the training length or end the schedule earlier (`end_epoch`)."
         )
 
-    # ------------------------------------------------------------------ channels: inputs and compaction
-    def _resolve_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """Inputs to trace the model with: ``example_inputs``, the module's ``example_input_array``, or two
-        samples of the first training batch (drawn without touching the global random state)."""
-        example = self.example_inputs
-        if example is None:
-            example = pl_module.example_input_array
-        if example is None:
-            loader = trainer.train_dataloader
-            if loader is None:
-                raise MisconfigurationException(
-                    "PruningCallback(structure='channel') needs inputs to trace the model: pass `example_inputs` "
-                    "or set the LightningModule's `example_input_array`."
-                )
-            with torch.random.fork_rng(devices=[]):
-                batch = next(iter(loader))
-            example = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if isinstance(example, torch.Tensor):
-                example = example[:2]
-        return move_data_to_device(example, pl_module.device)
+    def _compact_target(self, trainer: pl.Trainer) -> Path:
+        return compact_target(self.compact_path, trainer)
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        try:
-            small = compact(pl_module, self._example, self.ignore)
-        except (ValueError, RuntimeError) as err:
-            raise MisconfigurationException(f"PruningCallback could not compact the model: {err}") from err
-        report, text = compaction_report(pl_module, small, self._example, latency=self.report_latency)
-        rank_zero_info(text)
-        self.compaction_report = report
-        for logger in trainer.loggers:
-            logger.log_metrics(report, step=trainer.global_step)
-        path = self._compact_target(trainer)
-        self.compact_model = small.cpu()  # kept whether or not the file can be written
-        try:
-            save_compact(small, path)
-        except OSError as err:  # the fit is finished: warn and keep the model rather than lose the run
-            self.compact_save_error = str(err)
-            rank_zero_warn(
-                f"PruningCallback could not save the compact model: {err} It is kept in memory as "
-                "`PruningCallback.compact_model`; save it with lightning_prune.save_compact(model, path)."
-            )
-            return
-        rank_zero_info(f"Compact model saved to {path}; reload it with lightning_prune.load_compact(model, path).")
-
-    def _compact_target(self, trainer: pl.Trainer) -> Path:
-        if self.compact_path is not None:
-            return self.compact_path
-        return Path(trainer.log_dir or trainer.default_root_dir) / "compact.pt"
+        self.compaction_report, self.compact_model, self.compact_save_error = compact_after_fit(
+            trainer, pl_module, self._example, self.ignore, self._compact_target(trainer), self.report_latency
+        )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -650,39 +607,6 @@ class PruningCallback(Callback):
             "achieved_sparsity": self.achieved_sparsity,
             "layer_sparsity": self.layer_sparsity(),
         }
-
-    def _check_resumable(self, state: dict[str, Any], epoch: int) -> None:
-        """Refuse saved masks that this schedule cannot continue from; warn where it continues differently (the pruner
-        refuses masks of another structure)."""
-        saved = state.get("target")
-        if not is_number(saved) or not 0.0 <= saved < 1.0:
-            raise MisconfigurationException(
-                f"PruningCallback cannot resume: the checkpoint's pruning state has the target {saved!r}, not a "
-                "sparsity in [0, 1); the checkpoint was edited or damaged. Resume from another checkpoint."
-            )
-        saved_target = float(state["target"])
-        schedule = self._schedule()
-        target_now = schedule.sparsity_at(epoch)
-        if saved_target > target_now + 1e-12:
-            raise MisconfigurationException(
-                f"PruningCallback cannot resume: the checkpoint's masks are grown to a target of {saved_target:g}, but "
-                f"this callback's schedule {schedule!r} asks for {target_now:g} at epoch {epoch}, and pruned "
-                f"entries are never revived. Resume with the schedule the run was started with "
-                f"({state.get('schedule', 'not recorded')}), or start a new run."
-            )
-        changed = [
-            f"{what} {state[key]} -> {now}"
-            for key, what, now in (
-                ("schedule", "schedule", repr(schedule)),
-                ("importance", "importance", repr(self.importance)),
-            )
-            if state.get(key) is not None and state[key] != now
-        ]
-        if changed:
-            rank_zero_warn(
-                f"PruningCallback: resuming with another pruning configuration ({'; '.join(changed)}). The saved masks "
-                f"(target {saved_target:g}) are kept and grow from epoch {epoch} on as the new configuration says."
-            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -13,13 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
+from lightning_prune.app.summary import compaction_metrics, sparsity_unit
 from lightning_prune.app.train import (
     AccuracyAtEpochStart,
-    compaction_metrics,
     evaluate_accuracy,
     instantiate_module,
     resolve_output_dir,
-    sparsity_unit,
     train,
 )
 from lightning_prune.data import DigitsDataModule

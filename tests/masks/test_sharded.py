@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _checks import free_port, value_error_message
+from _checks import fork_ranks, value_error_message
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -112,8 +111,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="fork", join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return fork_ranks(_worker, WORLD, out)
 
 
 def _single(weights: dict[str, torch.Tensor], before: dict[str, torch.Tensor] | None, target: float, scope: str):

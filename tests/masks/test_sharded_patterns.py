@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _checks import free_port, value_error_message
+from _checks import fork_ranks, value_error_message
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
@@ -172,8 +171,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_patterns")
-    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="fork", join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return fork_ranks(_worker, WORLD, out)
 
 
 @pytest.mark.parametrize("case", RUNS, ids=[r[0] for r in RUNS])
