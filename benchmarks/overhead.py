@@ -34,7 +34,8 @@ gradient pass and the optimizer post-step hook; ModelPruning: its forward pre-ho
 of ``weight_orig * weight_mask`` is not included). Last, the same training step runs in a plain PyTorch loop
 with the three variants interleaved step by step (the per-step work each callback leaves on the model, without
 Lightning's own per-step cost), which cancels the machine's drifts best; it is repeated, like a block, when
-other processes were busy meanwhile.
+other processes were busy meanwhile. A fourth network in that loop multiplies its gradients by the same masks in
+one bare ``torch._foreach_mul_`` before each step, without hooks: the floor of any per-step gradient masking.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ from _common import (
 )
 
 VARIANTS = ("none", "PruningCallback", "ModelPruning")
+#: The plain loop's extra variant: the same masks, each gradient multiplied by its mask in one bare
+#: ``torch._foreach_mul_`` per step, no hooks: what any per-step masking of the gradients costs at the least.
+FLOOR = "floor: one fused multiply"
+PLAIN_VARIANTS = (*VARIANTS, FLOOR)
 SPARSITY = 0.9
 
 
@@ -274,11 +279,15 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
 
     torch.manual_seed(seed)
     base = build()
-    nets = {v: copy.deepcopy(base) for v in VARIANTS}
+    nets = {v: copy.deepcopy(base) for v in PLAIN_VARIANTS}
     opts = {v: torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for v, net in nets.items()}
     masks = MaskSet(prunable_parameters(nets["PruningCallback"]))
     Unstructured().prune_(masks, MagnitudeImportance(), sparsity=SPARSITY, scope="global")
     masks.attach([opts["PruningCallback"]])
+    floor_params = [p for p, _ in zip(prunable_parameters(nets[FLOOR]).values(), masks.masks)]
+    floor_mults = [m.to(p.dtype) for p, m in zip(floor_params, masks.masks)]
+    with torch.no_grad():
+        torch._foreach_mul_(floor_params, floor_mults)
     pairs = _prunable(nets["ModelPruning"])
     prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=SPARSITY)
 
@@ -292,19 +301,22 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
         loss = F.cross_entropy(nets[v](x), y)
         opts[v].zero_grad(set_to_none=True)
         loss.backward()
+        if v == FLOOR:
+            torch._foreach_mul_([p.grad for p in floor_params], floor_mults)
         opts[v].step()
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in PLAIN_VARIANTS}
     with gc_paused():
         for i in range(warmup + rounds):
-            t = {v: step(v, i) for v in rotated(VARIANTS, i)}
+            t = {v: step(v, i) for v in rotated(PLAIN_VARIANTS, i)}
             if i >= warmup:
-                for v in VARIANTS:
+                for v in PLAIN_VARIANTS:
                     times[v].append(t[v])
     masks.detach()
     sparsity = {
         "PruningCallback": masks.sparsity(),
+        FLOOR: sum(int((p == 0).sum()) for p in floor_params) / masks.numel(),
         "ModelPruning": _sparsity(pairs, "ModelPruning"),
     }
     return {"times": times, "sparsity": sparsity}
@@ -313,6 +325,18 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
 def _report_busy_plain_loop(label: str, cores: float, last: bool) -> None:
     print(f"{label}: plain loop: other processes used {cores:.2f} cores", end="")
     print(", kept (last attempt)" if last else ", repeated", flush=True)
+
+
+def _added(times: dict[str, list[float]], variant: str, lightning_step_ms: float) -> str:
+    """The plain loop's cell: per-round overhead over ``none`` (median and IQR), the median added time per step
+    and that as a share of a Lightning step."""
+    per_round = [(t / b - 1) * 100 for t, b in zip(times[variant], times["none"])]
+    q1, q3 = quartiles(per_round)
+    added_ms = 1e3 * median([t - b for t, b in zip(times[variant], times["none"])])
+    return (
+        f"{median(per_round):+.1f} (IQR {q1:+.1f}..{q3:+.1f}); {added_ms:+.3f} ms = "
+        f"{100 * added_ms / lightning_step_ms:+.1f}% of the Lightning step"
+    )
 
 
 def _spread(values: list[float]) -> str:
@@ -442,13 +466,7 @@ def main() -> None:
                 wall, robust, hook = "-", "-", "-"
                 loop = f"{1e3 * median(plain_t[v]):.3f} ms"
             else:
-                per_round = [(t / b - 1) * 100 for t, b in zip(plain_t[v], plain_t["none"])]
-                q1, q3 = quartiles(per_round)
-                added_ms = 1e3 * median([t - b for t, b in zip(plain_t[v], plain_t["none"])])
-                loop = (
-                    f"{median(per_round):+.1f} (IQR {q1:+.1f}..{q3:+.1f}); {added_ms:+.3f} ms = "
-                    f"{100 * added_ms / base_step:+.1f}% of the Lightning step"
-                )
+                loop = _added(plain_t, v, base_step)
                 wall = _spread([(1 - s / b["steps_per_s"]) * 100 for s, b in zip(speed, base)])
                 robust = _spread([(r["median_step_ms"] / b["median_step_ms"] - 1) * 100 for r, b in zip(runs[v], base)])
                 hook_ms = median(hooks[v])
@@ -457,6 +475,7 @@ def main() -> None:
             q1, q3 = quartiles(over)
             iqr = f"{q1:+.1f}..{q3:+.1f}" if v != "none" else "-"
             rows.append([label, v, f"{median(speed):.1f}", wall, iqr, robust, hook, loop])
+        rows.append([label, FLOOR, "-", "-", "-", "-", "-", _added(plain["times"], FLOOR, base_step)])
 
     print()
     print(

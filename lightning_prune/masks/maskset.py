@@ -125,6 +125,7 @@ class MaskSet:
         self._handles: list[RemovableHandle] = []
         self._attached = False
         self._multipliers: list[Tensor] = []  # the masks in each parameter's dtype, while attached, if small
+        self._fused = False  # multipliers held for unsharded parameters: gradients masked by one fused multiply
         self._pending: list[torch.optim.Optimizer] = []  # re-mask after their next step (lazily created state)
         self._every_step: dict[int, bool] = {}  # id(optimizer) -> re-mask after each of its steps
         self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}  # the 0 that torch.where writes
@@ -240,6 +241,9 @@ class MaskSet:
         # history) and no per-tensor calls beyond the fused multiply.
         grads = [p.grad for p in self.params]
         if all(g is not None and not g.requires_grad for g in grads):
+            if self._fused:  # unsharded parameters with their multipliers: nothing to check per tensor
+                torch._foreach_mul_(grads, self._multipliers)  # type: ignore[arg-type]
+                return
             self._mask_([local_shard(g) for g in grads], self.masks, self._multipliers)  # type: ignore[arg-type]
             return
         with torch.no_grad():  # gradients of a `create_graph=True` backward, or frozen and unused parameters
@@ -316,6 +320,8 @@ class MaskSet:
         locals_ = [local_shard(p) for p in self.params]
         if sum(p.numel() * p.element_size() for p in locals_) <= SMALL_MASK_BYTES:
             self._multipliers = [m.to(p.dtype) for p, m in zip(locals_, self.masks)]
+            # A gradient has its parameter's dtype, so the multipliers' dtypes match whenever nothing is sharded.
+            self._fused = all(p is q for p, q in zip(self.params, locals_))
         self.mask_gradients_()  # gradients accumulated before the masks grew
         for opt in optimizers:
             if step_hook:
@@ -347,6 +353,7 @@ class MaskSet:
             handle.remove()
         self._handles.clear()
         self._multipliers = []
+        self._fused = False
         self._pending = []
         self._every_step = {}
         self._attached = False
