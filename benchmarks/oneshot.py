@@ -7,6 +7,8 @@ magnitude, Wanda, SparseGPT and OWL one-shot pruning, before and after a short r
     .venv/bin/python benchmarks/oneshot.py --combine s0.json s1.json s2.json
     .venv/bin/python benchmarks/oneshot.py --seq-len 256 --train-steps 800 --finetune-steps 50 --calibration 128 \
         --eval-windows 128                                    # a stronger model, on a quiet machine
+    .venv/bin/python benchmarks/oneshot.py --seq-len 256 --dense-run RUN0 RUN1 RUN2   # trained dense models:
+        # one run directory per seed of `scripts/train.py experiment=pysource_gpt pruning.sparsity=0 seed=S`
 
 The defaults are sized for a shared 2-core machine (each training step of the GPT at seq_len 64 took about 5 s
 there under a load of 12): a short dense run, a 5-step recovery. Perplexity does not depend on the load; the
@@ -18,7 +20,10 @@ For each seed:
    sharing 4 key/value heads, SwiGLU 384, tied embeddings, 0.82M parameters) trained from that seed for
    ``--train-steps`` steps of 16 windows of ``--seq-len`` bytes of :class:`lightning_prune.data.PySourceDataModule`
    (the standard library's sources), AdamW lr 3e-3, betas (0.9, 0.95), weight decay 0.1, 50 warm-up steps, cosine
-   to 0.1x, in a plain PyTorch loop.
+   to 0.1x, in a plain PyTorch loop. With ``--dense-run`` (one training run directory per seed, e.g. the dense
+   runs of ``scripts/train.py -m experiment=pysource_gpt seed=0,1,2 pruning.sparsity=0``), the dense model is the
+   network of that run's newest checkpoint instead, rebuilt from the run's Hydra config; ``--seq-len`` must be the
+   run's (256 for ``experiment=pysource_gpt``).
 2. **One-shot pruning** of a copy of the dense model with :func:`lightning_prune.oneshot.prune_one_shot` from
    ``--calibration`` training windows (drawn once per seed, the same for every variant): magnitude, Wanda and
    SparseGPT at 50/60/70% unstructured and at 2:4 and 4:8; Wanda and SparseGPT with OWL's layer sparsity
@@ -121,8 +126,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
 
     from lightning_prune.data import PySourceDataModule
     from lightning_prune.models import GPT, GPTConfig
-    from lightning_prune.models.language import evaluate_perplexity
-    from lightning_prune.oneshot import prune_one_shot
 
     data = PySourceDataModule(
         seq_len=args.seq_len,
@@ -140,6 +143,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     val = data.val_dataloader()
 
     torch.manual_seed(seed)
+    if args.dense_run:
+        dense = _trained_dense(args.dense_run[args.seeds.index(seed)], args.seq_len)
+        return _prune_variants(seed, dense, calibration, tune_batches, val, args)
     config = GPTConfig(
         vocab_size=256,
         max_position_embeddings=args.seq_len,
@@ -152,14 +158,56 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     dense = GPT(config)
     began = time.perf_counter()
     _train(dense, train_batches, lr=3e-3, warmup=min(50, args.train_steps // 4), weight_decay=0.1)
+    print(f"seed {seed}: dense model trained in {time.perf_counter() - began:.0f} s", flush=True)
+    return _prune_variants(seed, dense, calibration, tune_batches, val, args)
+
+
+def _trained_dense(run: str, seq_len: int) -> Any:
+    """The network of the newest checkpoint under the training run directory ``run``, rebuilt from its Hydra
+    config (``<run>/.hydra/config.yaml``)."""
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from lightning_prune.app.train import instantiate_module
+    from lightning_prune.models import GPT
+
+    folder = Path(run)
+    config = folder / ".hydra" / "config.yaml"
+    checkpoints = sorted(folder.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not config.is_file() or not checkpoints:
+        raise SystemExit(
+            f"--dense-run {run!r}: expected a training run directory with .hydra/config.yaml and a *.ckpt."
+        )
+    module = instantiate_module(OmegaConf.load(config))
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    dense = module.model
+    if not isinstance(dense, GPT) or dense.config.max_position_embeddings != seq_len:
+        raise SystemExit(
+            f"--dense-run {run!r}: its model is {type(dense).__name__} with "
+            f"{getattr(getattr(dense, 'config', None), 'max_position_embeddings', '?')} positions; this benchmark "
+            f"needs lightning_prune's GPT with --seq-len ({seq_len}) positions."
+        )
+    print(f"dense model: {checkpoints[-1]} ({sum(p.numel() for p in dense.parameters()):,} parameters)", flush=True)
+    return dense.eval()
+
+
+def _prune_variants(
+    seed: int, dense: Any, calibration: list[Any], tune_batches: list[Any], val: Any, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """Every variant of :data:`VARIANTS` pruned from a copy of ``dense``, before and after recovery."""
+    from lightning_prune.masks import MaskSet, prunable_parameters
+    from lightning_prune.models.language import evaluate_perplexity
+    from lightning_prune.oneshot import prune_one_shot
+
     results: dict[str, dict[str, float]] = {}
     dense_ppl = evaluate_perplexity(dense, val)
     tuned = copy.deepcopy(dense)  # the dense model fine-tuned as long, so recovery is compared like for like
-    from lightning_prune.masks import MaskSet, prunable_parameters
-
     _finetune(tuned, MaskSet(prunable_parameters(tuned)), tune_batches, lr=args.finetune_lr)
     results["dense"] = {"before": dense_ppl, "after": evaluate_perplexity(tuned, val), "sparsity": 0.0}
-    print(f"seed {seed}: dense ppl {dense_ppl:.3f} after {time.perf_counter() - began:.0f} s", flush=True)
+    print(f"seed {seed}: dense ppl {dense_ppl:.3f}", flush=True)
     for name, (method, structure, sparsity, allocation) in VARIANTS.items():
         model = copy.deepcopy(dense)
         tick = time.perf_counter()
@@ -202,6 +250,12 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument(
+        "--dense-run",
+        nargs="+",
+        default=None,
+        help="training run directories, one per seed in --seeds order, whose newest checkpoint is the dense model",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="write every figure to this file")
     parser.add_argument("--threads", type=int, default=1, help="perplexity does not depend on it; 1 avoids stalls")
@@ -209,6 +263,10 @@ def main() -> None:
         "--combine", nargs="+", default=None, help="print the table of the --json files of earlier runs (one per seed)"
     )
     args = parser.parse_args()
+    if args.dense_run and len(args.dense_run) != len(args.seeds):
+        parser.error(
+            f"--dense-run needs one run directory per seed: {len(args.seeds)} seeds, {len(args.dense_run)} runs"
+        )
     if args.quick:
         args.seeds, args.train_steps, args.finetune_steps, args.calibration, args.eval_windows = [0], 60, 5, 32, 32
 
@@ -279,7 +337,11 @@ def main() -> None:
             threads=args.threads,
             extra={
                 "model": "GPT h128 x4 layers (0.82M params), byte vocabulary, seq_len "
-                f"{args.seq_len}, batch 16, {args.train_steps} dense steps",
+                + (
+                    f"{args.seq_len}, dense models from the runs {' '.join(args.dense_run)}"
+                    if args.dense_run
+                    else f"{args.seq_len}, batch 16, {args.train_steps} dense steps"
+                ),
                 "one-shot": f"{args.calibration} calibration windows; recovery {args.finetune_steps} AdamW steps at "
                 f"lr {args.finetune_lr:g}, masks fixed",
                 "eval": f"validation perplexity on {args.eval_windows} fixed windows of {args.seq_len} bytes",
