@@ -190,8 +190,10 @@ def test_bad_sharding_is_refused_on_every_rank(ranks):
 # ------------------------------------------------------------------ memory: nothing of whole-tensor size on a rank
 #: A whole weight of 4096 x 4096 (64 MiB in float32, 2048 rows per rank); gathering it once costs a rank twice that.
 BIG = 4096
-#: What the selection may hold beside the masks: its fixed buffers of a few chunks of 2**20 entries.
-SELECTION_BYTES = 40 * 2**20
+#: What the selection may hold beside the masks: its buffers for one chunk of 2**20 entries (scores, keys, digits,
+#: three flags: 15.5 MiB) and the histograms, with room to spare; the tie-break's old int64 running count per entry
+#: and its converted copy (16 MiB more) do not fit, nor does a gathered weight (128 MiB with its all-to-all chunks).
+SELECTION_BYTES = 28 * 2**20
 
 
 def _status_bytes(key: str) -> int:
