@@ -12,7 +12,9 @@ processes.
 
 Each rank is a fresh process and reports the rise of its ``ru_maxrss`` while it builds the masks
 (``mask_set_for``: one bool per local weight) and prunes 90% of the weights with one global magnitude threshold
-(``Unstructured().prune_``: histograms summed over the ranks), and the wall time of the pruning alone. Every rank
+(``Unstructured().prune_``: histograms summed over the ranks), and the wall time of the pruning alone; beside it
+the change of its file-backed resident pages (``RssFile``: code and mapped files, which a first use of a code path
+can fault in; the warm-up on a tiny sharded model runs the same path first, so this stays near zero). Every rank
 writes its mask shards, bit-packed; the driver puts them together and checks they are bit-identical to the
 1-process masks. Memory and mask equality do not depend on the machine's load; times do: they are reported with
 the other processes' load and, on this shared 2-core machine, as contended.
@@ -53,6 +55,15 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss_file_bytes() -> int:
+    """The file-backed part of the resident set (code pages, mapped files): ``RssFile`` of ``/proc/self/status``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- worker
 def _worker(rank: int, world: int, port: int, numel: int, out: Path) -> None:
     import numpy as np
@@ -90,13 +101,13 @@ def _worker(rank: int, world: int, port: int, numel: int, out: Path) -> None:
     Unstructured().prune_(mask_set_for(prunable_parameters(tiny)), MagnitudeImportance(), SPARSITY)
     dist.barrier()
 
-    before = _maxrss_bytes()
+    before, file_before = _maxrss_bytes(), _rss_file_bytes()
     with OtherLoad() as load:
         masks = mask_set_for(params)
         start_t = time.perf_counter()
         Unstructured().prune_(masks, MagnitudeImportance(), SPARSITY, "global")
         threshold_s = time.perf_counter() - start_t
-    rise = _maxrss_bytes() - before
+    rise, file_rise = _maxrss_bytes() - before, _rss_file_bytes() - file_before
     local_bytes = sum(m.numel() * m.element_size() for m in masks.masks)
     for i, m in enumerate(masks.masks):  # bit-packed shards; COLS is a multiple of 8, so shards concatenate
         np.packbits(m.numpy().reshape(-1)).tofile(out / f"w{world}_r{rank}_t{i}.bits")
@@ -104,6 +115,7 @@ def _worker(rank: int, world: int, port: int, numel: int, out: Path) -> None:
         "world": world,
         "rank": rank,
         "rise_bytes": rise,
+        "file_rise_bytes": file_rise,
         "mask_bytes": local_bytes,
         "local_weights": sum(m.numel() for m in masks.masks),
         "threshold_s": threshold_s,
@@ -186,6 +198,7 @@ def main() -> None:
                         f"{r['local_weights'] / 1e6:.1f}M",
                         f"{r['mask_bytes'] / MB:.1f}",
                         f"{r['rise_bytes'] / MB:.1f}",
+                        f"{r['file_rise_bytes'] / MB:.1f}",
                         f"{r['threshold_s']:.2f}",
                         f"{r['other_load_cores']:.2f}",
                         "yes" if r["pruned"] == expected else f"no ({r['pruned']} != {expected})",
@@ -206,6 +219,7 @@ def main() -> None:
                 "local weights",
                 "mask MB",
                 "peak rise MB (masks + threshold)",
+                "file-backed RSS change MB",
                 "threshold s (contended)",
                 "other load, cores",
                 "exact count",

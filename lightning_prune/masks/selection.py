@@ -49,7 +49,8 @@ ScoreTransform = Callable[[Tensor], object]
 
 
 class _Workspace:
-    """Preallocated buffers for one chunk: scores, keys, digits and two boolean masks."""
+    """Preallocated buffers for one chunk: scores, keys, digits (also the running count of tied entries) and three
+    boolean masks."""
 
     def __init__(self, chunk: int, float_dtype: torch.dtype, device: torch.device) -> None:
         self.float_dtype = float_dtype
@@ -61,6 +62,7 @@ class _Workspace:
         self.tmp = torch.empty(chunk, dtype=self.int_dtype, device=device)
         self.flag = torch.empty(chunk, dtype=torch.bool, device=device)
         self.flag2 = torch.empty(chunk, dtype=torch.bool, device=device)
+        self.flag3 = torch.empty(chunk, dtype=torch.bool, device=device)
         self.ones = torch.ones(min(chunk, _BINS), dtype=torch.int64, device=device)
 
     def keys_of(self, values: Tensor, transform: ScoreTransform | None) -> Tensor:
@@ -332,9 +334,14 @@ def _clear(
             if ties > 0:
                 tied = int(torch.count_nonzero(equal))
                 if tied > ties:
-                    # Only the first `ties` of the equal entries go: keep the rest.
-                    rank = equal.cumsum(0)
-                    survive.logical_or_(equal & (rank > ties))
+                    # Only the first `ties` of the equal entries go: keep the rest. In the chunk's buffers: a
+                    # cumulative sum of the bools would allocate an int64 count per entry and a converted copy.
+                    rank = work.tmp[:n]
+                    rank.copy_(equal)
+                    rank.cumsum_(0)
+                    later = work.flag3[:n]
+                    torch.gt(rank, ties, out=later)
+                    survive.logical_or_(later.logical_and_(equal))
                 ties -= min(tied, ties)
             else:
                 survive.logical_or_(equal)

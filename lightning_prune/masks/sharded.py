@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -129,7 +130,8 @@ def _shard_info(name: str, param: DTensor) -> tuple[dist.ProcessGroup, int]:
             f"contiguous rows {expected} FSDP2's even row sharding gives; masks cannot follow this sharding. Shard "
             "it with `fully_shard` (dim 0), or `ignore` this layer."
         )
-    return group, start * (param[0].numel() if param.dim() > 1 else 1)
+    # The row length from the shape: indexing the DTensor (`param[0]`) would gather the whole tensor on every rank.
+    return group, start * math.prod(param.shape[1:])
 
 
 class ShardedMaskSet(MaskSet):

@@ -3,6 +3,9 @@ masks, gathered, equal one process's on the same weights (global and layer scope
 byte per local weight; pruned weights and their optimizer state stay exactly zero while training; whole masks load
 into shards; bad sharding is refused on every rank alike.
 
+Building and pruning sharded masks never gathers a weight: no collective but the counts' and histograms' all-reduces,
+and a peak no higher than the local masks plus the selection's fixed chunk buffers.
+
 The ranks are forked from the test process (``start_method="fork"``), one thread each.
 """
 
@@ -18,9 +21,12 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
 
 from lightning_prune import Pruner
+from lightning_prune.criteria import MagnitudeImportance
 from lightning_prune.masks import MaskSet, ShardedMaskSet, mask_set_for, prunable_parameters
+from lightning_prune.structures import Unstructured
 
 WORLD = 2
 
@@ -179,3 +185,59 @@ def test_bad_sharding_is_refused_on_every_rank(ranks):
         assert "['extra.weight'] are whole on every rank while" in mixed and "fully_shard" in mixed
         assert "'fc.weight' is a DTensor placed as (Shard(dim=1),)" in columns and "tensor_parallel_size=1" in columns
     assert ranks[0]["errors"] == ranks[1]["errors"]
+
+
+# ------------------------------------------------------------------ memory: nothing of whole-tensor size on a rank
+#: A whole weight of 4096 x 4096 (64 MiB in float32, 2048 rows per rank); gathering it once costs a rank twice that.
+BIG = 4096
+#: What the selection may hold beside the masks: its buffers for one chunk of 2**20 entries (scores, keys, digits,
+#: three flags: 15.5 MiB) and the histograms, with room to spare; the tie-break's old int64 running count per entry
+#: and its converted copy (16 MiB more) do not fit, nor does a gathered weight (128 MiB with its all-to-all chunks).
+SELECTION_BYTES = 28 * 2**20
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _memory_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        # The collectives of the whole path on a tiny model (this also warms it up: code pages, gloo buffers).
+        tiny = _shard(_model(), mesh)
+        with CommDebugMode() as comm:
+            Unstructured().prune_(mask_set_for(prunable_parameters(tiny)), MagnitudeImportance(), 0.5)
+        with torch.device("meta"):
+            big = _shard(nn.Sequential(nn.Linear(BIG, BIG, bias=False)), mesh)
+        big.to_empty(device="cpu")
+        params = prunable_parameters(big)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():
+            params["0.weight"].to_local().random_(-64, 65, generator=g).div_(64)  # 129 magnitudes: ties
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident size starts again from the current one
+        before = _status_bytes("VmRSS")
+        masks = mask_set_for(params)
+        Unstructured().prune_(masks, MagnitudeImportance(), 0.9)
+        result = {
+            "collectives": {str(op): n for op, n in comm.get_comm_counts().items()},
+            "rise": _status_bytes("VmHWM") - before,
+            "mask_bytes": sum(m.numel() * m.element_size() for m in masks.masks),
+            "pruned": masks.num_pruned(),
+        }
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_masks_and_pruning_stay_within_the_local_shard(tmp_path):
+    ranks = fork_ranks(_memory_worker, WORLD, tmp_path)
+    for r in ranks:
+        assert set(r["collectives"]) == {"c10d.allreduce_"}  # counts, histograms, the tie table: never a gather
+        assert r["mask_bytes"] == BIG * BIG // WORLD
+        assert r["pruned"] == round(0.9 * BIG * BIG)
+        assert r["rise"] <= r["mask_bytes"] + SELECTION_BYTES, r  # a gathered weight alone is 64 MiB
