@@ -3,7 +3,7 @@ a subprocess.
 
 ``python tests/_fsdp_job.py OUT.pt [--devices 2] [--epochs 4] [--scope global|layer] [--ckpt-dir DIR]
 [--resume CKPT] [--consolidated] [--optimizer sgd|adamw] [--clip VALUE] [--structure S] [--importance I]
-[--sparsity S] [--start-epoch E] [--hidden A,B]``
+[--sparsity S] [--start-epoch E] [--hidden A,B] [--invariants]``
 
 The strategy re-runs this command line for every other rank. Before and after each pruning step every rank gathers
 the whole weights and masks (``DTensor.full_tensor``); rank 0 writes them, the pruning targets, the final weights and
@@ -27,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prune import PruningCallback
+from lightning_prune import MaskInvariantChecker, PruningCallback
 
 
 class Net(pl.LightningModule):
@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--start-epoch", type=int, default=0)
     parser.add_argument("--hidden", default="5,7", help="the widths of the two hidden layers")
+    parser.add_argument("--invariants", action="store_true", help="add a MaskInvariantChecker")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pruning = PruningCallback(
@@ -189,6 +190,8 @@ def main() -> None:
         importance=args.importance,
     )
     callbacks: list = [pruning, Recorder(pruning, args.out)]
+    if args.invariants:
+        callbacks.append(MaskInvariantChecker())
     if args.ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, save_top_k=-1, every_n_epochs=1, save_last=False))
     trainer = pl.Trainer(

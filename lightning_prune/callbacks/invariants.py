@@ -10,7 +10,8 @@ of these fails:
   entries (``scope="global"``) or per tensor (``scope="layer"``, or each layer's own target), ``s`` being the
   target of the epoch (:meth:`~lightning_prune.PruningCallback.targets_at`);
 * under DDP, every rank holds bit-identical masks and weights (every ``check_ranks_every_n_steps`` batches and at
-  every pruning step: a small collective that gathers one digest per rank).
+  every pruning step: a small collective that gathers one digest per rank). Under sharded training (FSDP2) each
+  rank checks the shards it holds, and the pruned counts are those of the whole tensors.
 
 It costs one pass over the masked parameters per check: meant for tests, soak runs and debugging, not for every
 production run. :attr:`checks` counts the checks made by this process, and is logged as ``invariants/checks`` at
@@ -34,6 +35,8 @@ from typing_extensions import override
 from lightning_prune._helpers import is_int
 from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
 from lightning_prune.masks.distributed import ranks_agree, world_size
+from lightning_prune.masks.maskset import local_shard
+from lightning_prune.masks.sharded import ShardedMaskSet
 from lightning_prune.structures.unstructured import Unstructured
 
 
@@ -72,13 +75,17 @@ class MaskInvariantChecker(Callback):
             return
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step} ({when})"
         states = [opt.state for opt in trainer.optimizers]
-        with torch.no_grad():
-            for name, param, mask in zip(masks.names, masks.params, masks.masks):
-                if not bool((param[~mask] == 0).all()):
+        with torch.no_grad():  # on the entries this process holds: local shards of sharded parameters
+            for name, param, local, mask in zip(masks.names, masks.params, masks.local_tensors(), masks.masks):
+                if not bool((local[~mask] == 0).all()):
                     raise InvariantViolation(f"{where}: a pruned entry of {name} is not zero.")
                 for state in states:
                     for key, value in state.get(param, {}).items():
-                        if isinstance(value, torch.Tensor) and value.shape == param.shape and bool(value[~mask].any()):
+                        if (
+                            isinstance(value, torch.Tensor)
+                            and value.shape == param.shape
+                            and bool(local_shard(value)[~mask].any())
+                        ):
                             raise InvariantViolation(
                                 f"{where}: optimizer state {key!r} of a pruned entry of {name} is not zero."
                             )
@@ -89,15 +96,17 @@ class MaskInvariantChecker(Callback):
             self._previous = [m.clone() for m in masks.masks]
         if isinstance(pruning.structure, Unstructured):
             targets = pruning.targets_at(trainer.current_epoch)
+            sizes, counts = masks.entry_counts()  # whole tensors: summed over the ranks that hold shards
+            every = list(range(len(sizes)))
             if isinstance(targets, list):  # per-layer targets, one per masked parameter
-                units = [([m], t) for m, t in zip(masks.masks, targets)]
+                units = [([i], t) for i, t in zip(every, targets)]
             elif pruning.scope == "global":
-                units = [(masks.masks, targets)]
+                units = [(every, targets)]
             else:
-                units = [([m], targets) for m in masks.masks]
+                units = [([i], targets) for i in every]
             for unit, target in units:
-                total = sum(m.numel() for m in unit)
-                pruned = total - sum(int(torch.count_nonzero(m)) for m in unit)
+                total = sum(sizes[i] for i in unit)
+                pruned = sum(counts[i] for i in unit)
                 if pruned != round(target * total):
                     raise InvariantViolation(
                         f"{where}: {pruned} of {total} entries are pruned, the schedule's target {target:g} asks for "
@@ -106,6 +115,7 @@ class MaskInvariantChecker(Callback):
         if (
             compare_ranks
             and world_size() > 1
+            and not isinstance(masks, ShardedMaskSet)  # each rank holds other shards
             and not ranks_agree([*masks.masks, *trainer.lightning_module.parameters()])
         ):
             raise InvariantViolation(f"{where}: the ranks hold different masks or weights.")
