@@ -226,8 +226,9 @@ def save_pretrained_compact(model: Any, path: str | Path, **kwargs: Any) -> Path
     """Save a compact Hugging Face model with ``save_pretrained``, its config rewritten to its widths.
 
     The config's ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` (and ``head_dim``, kept as it
-    was) and, for a mixture of experts, its expert count are set from the layers, so ``AutoModel.from_pretrained(path)`` rebuilds the compact model. Every layer must
-    have the same widths (:func:`pretrained_config_widths`).
+    was) and, for a mixture of experts, its expert count are set from the layers, so
+    ``AutoModel.from_pretrained(path)`` rebuilds the compact model. Every layer must have the same widths
+    (:func:`pretrained_config_widths`).
 
     Args:
         model: a ``transformers.PreTrainedModel`` from :func:`compact_heads` or

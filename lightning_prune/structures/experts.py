@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -286,18 +286,23 @@ def _routing_hook(masks: ExpertMaskSet, index: int) -> Any:
     expert = masks.experts[index]
 
     def hook(router: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        # A deep copy of the model carries this hook over: it routes the copy alike, with the copy's own router
+        # weight, and records only the bound model's passes.
+        own = router is expert.router
         routable = masks.routable(index)
         if bool(routable.all()):
-            probabilities, _, chosen = output
-            masks.record(index, probabilities, chosen)
+            if own:
+                masks.record(index, output[0], output[2])
             return None
-        hidden = args[0].reshape(-1, router.weight.shape[1])
-        logits = F.linear(hidden, router.weight).masked_fill(~routable.to(hidden.device), float("-inf"))
+        weight = cast(Tensor, router.weight)
+        hidden = args[0].reshape(-1, weight.shape[1])
+        logits = F.linear(hidden, weight).masked_fill(~routable.to(hidden.device), float("-inf"))
         probabilities = F.softmax(logits, dim=-1, dtype=torch.float)
         top, chosen = torch.topk(probabilities, expert.top_k, dim=-1)
         if expert.normalised:
             top = top / top.sum(dim=-1, keepdim=True)
-        masks.record(index, probabilities, chosen)
+        if own:
+            masks.record(index, probabilities, chosen)
         return probabilities, top.to(probabilities.dtype), chosen
 
     setattr(hook, _ROUTING_HOOK, True)
