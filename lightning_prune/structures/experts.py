@@ -197,7 +197,7 @@ class _Routing:
 
     @classmethod
     def empty(cls, experts: int) -> _Routing:
-        return cls(torch.zeros(experts, dtype=torch.float64), torch.zeros(experts, dtype=torch.float64))
+        return cls(torch.zeros(experts, dtype=torch.float64), torch.zeros(experts, dtype=torch.long))
 
 
 class ExpertMaskSet(ChannelMaskSet):
@@ -262,8 +262,12 @@ class ExpertMaskSet(ChannelMaskSet):
         """Add one pass of block ``index``'s routing: ``probabilities`` ``[tokens, E]`` and the ``chosen`` experts
         ``[tokens, top_k]``."""
         r = self._routing[index]
-        r.mass += probabilities.detach().sum(0).to("cpu", torch.float64)
-        r.selected += torch.bincount(chosen.detach().flatten(), minlength=len(r.mass)).to("cpu", torch.float64)
+        device = probabilities.device
+        if r.mass.device != device:  # accumulate where the router runs: no copy to the host on every pass
+            r.mass = r.mass.to(device, torch.float32 if device.type == "mps" else torch.float64)
+            r.selected = r.selected.to(device)
+        r.mass += probabilities.detach().sum(0, dtype=r.mass.dtype)
+        r.selected += torch.bincount(chosen.detach().flatten(), minlength=len(r.mass))
         r.tokens += int(probabilities.shape[0])
 
     def statistic(self, index: int, score: ExpertScore) -> Tensor | None:
@@ -272,7 +276,7 @@ class ExpertMaskSet(ChannelMaskSet):
         r = self._routing[index]
         if score == "weight" or r.tokens == 0:
             return None
-        return (r.mass if score == "mass" else r.selected).clone()
+        return (r.mass if score == "mass" else r.selected).to("cpu", torch.float64)
 
 
 def remove_routing_hooks(router: nn.Module) -> None:
@@ -286,14 +290,10 @@ def _routing_hook(masks: ExpertMaskSet, index: int) -> Any:
     expert = masks.experts[index]
 
     def hook(router: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        # A deep copy of the model carries this hook over: it routes the copy alike, with the copy's own router
-        # weight, and records only the bound model's passes.
-        own = router is expert.router
+        # The routing is recomputed on every pass, pruned experts or not: asking whether any is pruned would wait
+        # for the device. Unpruned, it is the router's own computation. A deep copy of the model carries this hook
+        # over: it routes the copy alike, with the copy's own router weight, and records only the bound model's passes.
         routable = masks.routable(index)
-        if bool(routable.all()):
-            if own:
-                masks.record(index, output[0], output[2])
-            return None
         weight = cast(Tensor, router.weight)
         hidden = args[0].reshape(-1, weight.shape[1])
         logits = F.linear(hidden, weight).masked_fill(~routable.to(hidden.device), float("-inf"))
@@ -301,7 +301,7 @@ def _routing_hook(masks: ExpertMaskSet, index: int) -> Any:
         top, chosen = torch.topk(probabilities, expert.top_k, dim=-1)
         if expert.normalised:
             top = top / top.sum(dim=-1, keepdim=True)
-        if own:
+        if router is expert.router:
             masks.record(index, probabilities, chosen)
         return probabilities, top.to(probabilities.dtype), chosen
 
