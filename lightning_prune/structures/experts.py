@@ -72,6 +72,7 @@ __all__ = [
     "choose_experts",
     "find_experts",
     "prune_experts_",
+    "remove_routing_hooks",
 ]
 
 #: How experts are scored: router-probability mass, selection frequency (tokens routed to the expert) or the weight
@@ -125,9 +126,8 @@ def _moe_block(name: str, module: nn.Module) -> ExpertGroup | None:
     gate_up, down, weight = (
         getattr(m, n, None) for m, n in ((experts, "gate_up_proj"), (experts, "down_proj"), (router, "weight"))
     )
-    if not all(isinstance(p, nn.Parameter) for p in (gate_up, down, weight)):
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and isinstance(weight, nn.Parameter)):
         return None
-    assert isinstance(gate_up, Tensor) and isinstance(down, Tensor) and isinstance(weight, Tensor)  # for mypy
     if gate_up.dim() != 3 or down.dim() != 3 or weight.dim() != 2:
         return None
     e, hidden = weight.shape
