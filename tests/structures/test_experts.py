@@ -294,3 +294,23 @@ def test_ignored_blocks_stay_whole_and_the_structure_is_registered_by_name():
     assert isinstance(built, ExpertStructure) and built.score == "frequency"
     with pytest.raises(ValueError, match=r"^`score` applies to structure='experts' only, got structure='channel'\.$"):
         build_structure("channel", score="mass")
+
+
+def test_restored_masks_route_the_fresh_model_like_the_saved_one():
+    x = torch.randint(0, 32, (2, 8))
+    model = tiny_mixtral(experts=8)
+    pruner = Pruner(0.5, structure="experts", importance="l2", scope="layer")
+    pruner.bind(model)
+    model(x)
+    pruner.prune(0.5)
+    state = pruner.state_dict()
+    with torch.no_grad():
+        expected = model(x).logits
+
+    fresh = tiny_mixtral(experts=8)  # the same seed: the same dense weights
+    restored = Pruner(0.5, structure="experts", importance="l2", scope="layer")
+    restored.bind(fresh)
+    restored.load_state_dict(state)
+    assert restored.masks.kept_experts() == pruner.masks.kept_experts()
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, expected)
