@@ -98,9 +98,12 @@ class PruningCallback(Callback):
         structure: ``"unstructured"`` (single weights), ``"channel"`` (whole coupled channels, see
             :class:`~lightning_prune.structures.channel.ChannelStructure`), ``"block"`` (whole ``block_shape`` tiles,
             :class:`~lightning_prune.structures.block.BlockStructure`), an ``"N:M"`` pattern such as ``"2:4"`` (``n`` of
-            every ``m`` consecutive input weights zero, :class:`~lightning_prune.structures.nm.NMStructure`) or a
-            :class:`~lightning_prune.structures.base.Structure` object. With channels (blocks), ``sparsity`` is the
-            fraction of channels (blocks) pruned.
+            every ``m`` consecutive input weights zero, :class:`~lightning_prune.structures.nm.NMStructure`),
+            ``"heads"`` (attention heads and MLP neurons, :class:`~lightning_prune.structures.heads.HeadStructure`),
+            ``"experts"`` (whole experts of mixture-of-experts blocks,
+            :class:`~lightning_prune.structures.experts.ExpertStructure`) or a
+            :class:`~lightning_prune.structures.base.Structure` object. With channels (blocks, experts), ``sparsity``
+            is the fraction of channels (blocks, experts) pruned.
         scope: ``"global"`` (the default: one threshold across all prunable layers) or ``"layer"`` (each layer
             reaches ``sparsity`` on its own). Per-layer targets (``sparsity`` a mapping) always prune each layer
             to its own target: the default then reads ``"layer"``. ``None`` means the default.

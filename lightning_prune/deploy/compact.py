@@ -62,6 +62,8 @@ _WIDTH_ATTRS = (
     "nx",
     "num_attention_heads",
     "all_head_size",
+    # expert counts of expert-pruned mixtures of experts (lightning_prune.deploy.experts)
+    "num_experts",
 )
 
 

@@ -6,7 +6,8 @@ copy of the model whose projections hold only the kept heads and neurons, with e
 so its outputs equal the masked model's. :func:`save_pretrained_compact` saves a Hugging Face model whose layers were
 pruned alike with ``save_pretrained``, its config rewritten (``num_attention_heads``, ``num_key_value_heads``,
 ``intermediate_size``), so that ``from_pretrained`` reloads it; layers of different widths reload through
-:func:`~lightning_prune.deploy.compact.load_compact`.
+:func:`~lightning_prune.deploy.compact.load_compact`. Pruned mixture-of-experts models save the same way
+(:mod:`lightning_prune.deploy.experts`).
 
 Example:
     >>> import torch
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.structures.heads import HeadMaskSet, UnitGroup
 
-__all__ = ["compact_heads", "pretrained_config_widths", "save_pretrained_compact"]
+__all__ = ["compact_heads", "expert_counts", "pretrained_config_widths", "save_pretrained_compact"]
 
 
 @torch.no_grad()
@@ -151,12 +152,37 @@ def _set(m: object, **values: int) -> None:
         setattr(m, attr, value)
 
 
+def expert_counts(model: nn.Module) -> list[int]:
+    """The number of experts of every fused MoE expert module of ``model`` (``gate_up_proj`` ``[E, 2*I, hidden]``), in
+    module order.
+
+    Example:
+        >>> from transformers import MixtralConfig, MixtralForCausalLM
+        >>> config = MixtralConfig(hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+        ...                        num_key_value_heads=1, num_local_experts=4, vocab_size=32)
+        >>> expert_counts(MixtralForCausalLM(config))
+        [4, 4]
+    """
+    counts = []
+    for m in model.modules():
+        gate_up = getattr(m, "gate_up_proj", None)
+        if (
+            isinstance(gate_up, nn.Parameter)
+            and gate_up.dim() == 3
+            and isinstance(getattr(m, "down_proj", None), Tensor)
+        ):
+            counts.append(int(gate_up.shape[0]))
+    return counts
+
+
 def pretrained_config_widths(model: nn.Module, masks: MaskSet | None = None) -> dict[str, int]:
     """The Hugging Face config fields a compact model's widths set, when every layer has the same widths.
 
     Reads the layers of ``model`` (a compact model from :func:`compact_heads`): attention modules with
-    ``q_proj``/``k_proj`` and a ``head_dim``, gated MLPs; returns ``num_attention_heads``, ``num_key_value_heads`` and
-    ``intermediate_size`` for what it found.
+    ``q_proj``/``k_proj`` and a ``head_dim``, gated MLPs, fused mixture-of-experts weights (from
+    :func:`~lightning_prune.deploy.experts.compact_experts`); returns ``num_attention_heads``, ``num_key_value_heads``,
+    ``intermediate_size`` and ``num_experts`` (Mixtral's ``num_local_experts``, through its config's attribute map) for
+    what it found.
 
     Raises:
         ValueError: layers of different widths (a config holds one width for all layers; save with
@@ -173,7 +199,12 @@ def pretrained_config_widths(model: nn.Module, masks: MaskSet | None = None) -> 
             up = getattr(m, up_name, None)
             if isinstance(up, nn.Linear) and isinstance(getattr(m, "down_proj", getattr(m, "fc2", None)), nn.Linear):
                 inter.add(up.out_features)
-    uneven = {n: sorted(v) for n, v in (("heads", heads), ("key/value heads", kv), ("MLP widths", inter)) if len(v) > 1}
+    experts = set(expert_counts(model))
+    uneven = {
+        n: sorted(v)
+        for n, v in (("heads", heads), ("key/value heads", kv), ("MLP widths", inter), ("experts", experts))
+        if len(v) > 1
+    }
     if uneven:
         raise ValueError(
             f"The layers have different widths ({uneven}); a Hugging Face config holds one width for all layers. Save "
@@ -186,6 +217,8 @@ def pretrained_config_widths(model: nn.Module, masks: MaskSet | None = None) -> 
         widths["num_key_value_heads"] = kv.pop()
     if inter:
         widths["intermediate_size"] = inter.pop()
+    if experts:
+        widths["num_experts"] = experts.pop()
     return widths
 
 
@@ -193,11 +226,13 @@ def save_pretrained_compact(model: Any, path: str | Path, **kwargs: Any) -> Path
     """Save a compact Hugging Face model with ``save_pretrained``, its config rewritten to its widths.
 
     The config's ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` (and ``head_dim``, kept as it
-    was) are set from the layers, so ``AutoModel.from_pretrained(path)`` rebuilds the compact model. Every layer must
-    have the same widths (:func:`pretrained_config_widths`).
+    was) and, for a mixture of experts, its expert count are set from the layers, so
+    ``AutoModel.from_pretrained(path)`` rebuilds the compact model. Every layer must have the same widths
+    (:func:`pretrained_config_widths`).
 
     Args:
-        model: a ``transformers.PreTrainedModel`` from :func:`compact_heads`.
+        model: a ``transformers.PreTrainedModel`` from :func:`compact_heads` or
+            :func:`~lightning_prune.deploy.experts.compact_experts`.
         path: the folder to write.
         kwargs: passed to ``save_pretrained``.
 

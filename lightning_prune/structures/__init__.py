@@ -5,7 +5,8 @@ The base class is in :mod:`~lightning_prune.structures.base`; the structures are
 (:mod:`~lightning_prune.structures.unstructured`), ``channel`` (:mod:`~lightning_prune.structures.channel`, with the
 tracing of coupled groups in :mod:`~lightning_prune.structures.tracing`), ``block``
 (:mod:`~lightning_prune.structures.block`), ``N:M`` (:mod:`~lightning_prune.structures.nm`) and ``heads``
-(attention heads and MLP neurons, :mod:`~lightning_prune.structures.heads`). :data:`STRUCTURES`
+(attention heads and MLP neurons, :mod:`~lightning_prune.structures.heads`) and ``experts`` (whole experts of
+mixture-of-experts blocks, :mod:`~lightning_prune.structures.experts`). :data:`STRUCTURES`
 maps each name to its class; :func:`build_structure` resolves a name, with the structure's own options.
 
 Example:
@@ -32,6 +33,7 @@ from lightning_prune.structures.base import (
 )
 from lightning_prune.structures.block import BlockStructure
 from lightning_prune.structures.channel import ChannelStructure, prune_channels_
+from lightning_prune.structures.experts import ExpertStructure, prune_experts_
 from lightning_prune.structures.heads import HeadStructure
 from lightning_prune.structures.nm import NMStructure
 from lightning_prune.structures.tracing import channel_groups
@@ -42,6 +44,7 @@ __all__ = [
     "STRUCTURES",
     "BlockStructure",
     "ChannelStructure",
+    "ExpertStructure",
     "HeadStructure",
     "NMStructure",
     "Scope",
@@ -54,6 +57,7 @@ __all__ = [
     "check_sparsity",
     "layer_targets",
     "prune_channels_",
+    "prune_experts_",
     "resolve_layer_targets",
 ]
 
@@ -64,12 +68,14 @@ STRUCTURES: dict[str, type[Structure]] = {
     "block": BlockStructure,
     "2:4": NMStructure,
     "heads": HeadStructure,
+    "experts": ExpertStructure,
 }
 #: The options each structure takes by name: what :func:`build_structure` passes to its constructor.
 _OPTIONS: dict[type[Structure], tuple[str, ...]] = {
     ChannelStructure: ("round_to", "max_layer_sparsity"),
     BlockStructure: ("block_shape",),
     HeadStructure: ("units", "gqa", "round_to", "head_round_to", "max_layer_sparsity"),
+    ExpertStructure: ("score",),
 }
 
 

@@ -250,8 +250,8 @@ MALFORMED = [
     (
         ["pruning=channel", "pruning.structure=blocks"],
         ConfigError,
-        r"pruning\.structure='blocks': must be one of \['2:4', 'block', 'channel', 'heads', 'unstructured', "
-        r"\"an N:M pattern",
+        r"pruning\.structure='blocks': must be one of \['2:4', 'block', 'channel', 'experts', 'heads', "
+        r"'unstructured', \"an N:M pattern",
     ),
     (
         ["pruning.round_to=8"],
