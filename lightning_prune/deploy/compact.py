@@ -214,6 +214,14 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs: ExampleInputs, r
 
 
 # ---------------------------------------------------------------------------------------------- saving
+def _plain_attribute(m: nn.Module, attr: str) -> bool:
+    """True when ``attr`` is a value stored on ``m`` (not a method, and not a property computed from its weights,
+    such as this package's ``SwiGLU.intermediate_size``, which cannot be set)."""
+    return (
+        hasattr(m, attr) and not callable(getattr(m, attr)) and not isinstance(getattr(type(m), attr, None), property)
+    )
+
+
 def compact_state(model: nn.Module) -> dict[str, Any]:
     """What rebuilds a compact model from a fresh instance: its ``state_dict`` and its layers' widths.
 
@@ -229,7 +237,7 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         Linear(in_features=5, out_features=2, bias=True)
     """
     widths = {
-        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a) and not callable(getattr(m, a))}
+        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if _plain_attribute(m, a)}
         for name, m in model.named_modules()
     }
     return {

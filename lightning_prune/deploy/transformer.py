@@ -140,7 +140,7 @@ def _refresh_widths(m: nn.Module) -> None:
 def _rewrite_heads(unit: UnitGroup, m: nn.Module, kept: Tensor) -> None:
     """Rewrite the head bookkeeping of an attention module after its heads were removed."""
     if unit.kind != "heads":
-        if is_int(getattr(m, "intermediate_size", None)):
+        if is_int(vars(m).get("intermediate_size")):  # a stored width (LitGPT's MLPs), not a property
             _set(m, intermediate_size=int(kept.sum()))
         return
     units_left = int(kept.sum())
@@ -256,13 +256,9 @@ def litgpt_config_widths(model: nn.Module) -> dict[str, int]:
         ValueError: layers of different widths (save with :func:`~lightning_prune.deploy.compact.save_compact` and
             reload with ``load_compact``).
 
-    Example:
-        >>> import litgpt
-        >>> from litgpt.model import GPT
-        >>> config = litgpt.Config(n_layer=1, n_head=4, n_query_groups=2, n_embd=32, padded_vocab_size=64,
-        ...                        mlp_class_name="LLaMAMLP", intermediate_size=64, bias=False)
-        >>> litgpt_config_widths(GPT(config))
-        {'n_head': 4, 'n_query_groups': 2, 'intermediate_size': 64}
+    Example (with the ``litgpt`` extra; ``compact_heads`` left every layer 2 heads, 1 key/value head, 32 neurons):
+        >>> litgpt_config_widths(small)  # doctest: +SKIP
+        {'n_head': 2, 'n_query_groups': 1, 'intermediate_size': 32}
     """
     values: dict[str, set[int]] = defaultdict(set)
     for m in model.modules():
@@ -290,21 +286,13 @@ def save_litgpt_compact(model: nn.Module, path: str | Path) -> Path:
         TypeError: ``model`` has no LitGPT ``config``.
         ValueError: layers of different widths.
 
-    Example:
-        >>> import tempfile, litgpt
-        >>> from litgpt.model import GPT
-        >>> from lightning_prune.structures import HeadStructure
-        >>> from lightning_prune.criteria import build_importance
-        >>> config = litgpt.Config(n_layer=1, n_head=4, n_query_groups=2, n_embd=32, padded_vocab_size=64,
-        ...                        mlp_class_name="LLaMAMLP", intermediate_size=64, bias=False)
-        >>> model, structure = GPT(config), HeadStructure()
-        >>> masks = structure.bind(model)
-        >>> structure.prune_(masks, build_importance("l2"), 0.5, scope="layer")
-        >>> folder = save_litgpt_compact(compact_heads(model, masks), tempfile.mkdtemp())
-        >>> small = GPT(litgpt.Config.from_file(folder / "model_config.yaml"))
-        >>> small.load_state_dict(torch.load(folder / "lit_model.pth"))
+    Example (with the ``litgpt`` extra; ``small = compact_heads(model, masks)`` after pruning half of every layer
+    of a LitGPT ``GPT`` with 4 heads sharing 2 key/value heads and 64 neurons, as in the README):
+        >>> folder = save_litgpt_compact(small, "out/compact")  # doctest: +SKIP
+        >>> reloaded = GPT(litgpt.Config.from_file(folder / "model_config.yaml"))  # doctest: +SKIP
+        >>> reloaded.load_state_dict(torch.load(folder / "lit_model.pth"))  # doctest: +SKIP
         <All keys matched successfully>
-        >>> small.config.n_head, small.config.n_query_groups, small.config.intermediate_size
+        >>> reloaded.config.n_head, reloaded.config.n_query_groups, reloaded.config.intermediate_size  # doctest: +SKIP
         (2, 1, 32)
     """
     config = getattr(model, "config", None)
