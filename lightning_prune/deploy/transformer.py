@@ -169,7 +169,8 @@ def _litgpt_widths(m: nn.Module) -> dict[str, int]:
     if not config or not isinstance(proj, nn.Linear):
         return {}
     if isinstance(qkv, nn.Linear):
-        d = int(m.config.head_size)
+        litgpt_config: Any = m.config
+        d = int(litgpt_config.head_size)
         return {"n_head": proj.in_features // d, "n_query_groups": (qkv.out_features - proj.in_features) // (2 * d)}
     if getattr(m, "intermediate_size", None) == config.get("intermediate_size"):
         return {"intermediate_size": proj.in_features}

@@ -186,7 +186,8 @@ def _litgpt_heads(name: str, module: nn.Module, config: Any, gqa: GQA) -> UnitGr
             "neurons only (HeadStructure(units='neurons')) or add it to `ignore`."
         )
     d = int(config.head_size)
-    q_width, rows = int(module.proj.in_features), int(module.qkv.out_features)
+    qkv, proj = getattr_path(module, "qkv"), getattr_path(module, "proj")
+    q_width, rows = int(_weight(proj).shape[1]), int(_weight(qkv).shape[0])
     if (rows - q_width) % 2:
         raise ValueError(
             f"Attention module {name!r} ({type(module).__name__}) has {rows} qkv rows and {q_width} query outputs: "
@@ -195,7 +196,7 @@ def _litgpt_heads(name: str, module: nn.Module, config: Any, gqa: GQA) -> UnitGr
     kv_width = (rows - q_width) // 2
     heads, kv = _check_heads(name, module, q_width, kv_width, d)
     p = lambda n: _qualified(name, n)  # noqa: E731
-    bias = p("qkv.bias") if _bias(module.qkv) else None
+    bias = p("qkv.bias") if _bias(qkv) else None
     fused = [(p("qkv.weight"), bias, first) for first in (0, q_width, q_width + kv_width)]
     return _gqa_heads(name, module, "litgpt", fused, p("proj.weight"), heads, kv, d, gqa)
 
