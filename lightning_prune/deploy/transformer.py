@@ -285,7 +285,8 @@ def save_litgpt_compact(model: nn.Module, path: str | Path) -> Path:
 
     Raises:
         TypeError: ``model`` has no LitGPT ``config``.
-        ValueError: layers of different widths.
+        ValueError: layers of different widths, or pruned mixture-of-experts experts (whose widths the config does
+            not hold per layer).
 
     Example (with the ``litgpt`` extra; ``small = compact_heads(model, masks)`` after pruning half of every layer
     of a LitGPT ``GPT`` with 4 heads sharing 2 key/value heads and 64 neurons, as in the README):
@@ -307,6 +308,15 @@ def save_litgpt_compact(model: nn.Module, path: str | Path) -> Path:
     config = copy.copy(config)
     for field, value in litgpt_config_widths(model).items():
         setattr(config, field, value)
+    with torch.device("meta"):  # shapes only, no memory
+        rebuilt = {k: tuple(v.shape) for k, v in type(model)(config).state_dict().items()}
+    misfits = [k for k, v in model.state_dict().items() if rebuilt.get(k) != tuple(v.shape)]
+    if misfits:
+        raise ValueError(
+            f"A {type(model).__name__} built from the rewritten config would not fit these weights: {misfits[:3]}: "
+            "the config holds one width for all layers of a kind (mixture-of-experts experts are not rewritten). "
+            "Save with lightning_prune.save_compact and reload with load_compact."
+        )
     folder = Path(path)
     atomic_write_text(folder / "model_config.yaml", yaml.dump(dataclasses.asdict(config)))
     atomic_save(model.state_dict(), folder / "lit_model.pth")

@@ -224,7 +224,7 @@ def test_pruning_callback_prunes_heads_and_neurons_in_a_trainer_fit_and_compacts
         assert relative_error(net(x), small(x)) <= 1e-5
 
 
-def test_bad_inputs_are_refused():
+def test_bad_inputs_are_refused(tmp_path):
     broken = config()
     broken.n_query_groups = 3  # 4 query heads cannot share 3 key/value heads
     with pytest.raises(
@@ -248,5 +248,14 @@ def test_bad_inputs_are_refused():
         r"add it to `ignore`\.$",
     ):
         HeadStructure(head_round_to=3).bind(gpt())
+    moe = gpt(mlp_class_name="LLaMAMoE", moe_intermediate_size=48, n_expert=4, n_expert_per_token=2)
+    small = compact_heads(moe, prune(moe, units="neurons"))  # 4 experts per layer, each down to 24 neurons
+    with pytest.raises(
+        ValueError,
+        match=r"^A GPT built from the rewritten config would not fit these weights: \['transformer\.h\.0\.mlp\.experts"
+        r"\.0\.fc_1\.weight', .*\(mixture-of-experts experts are not rewritten\)\. Save with "
+        r"lightning_prune\.save_compact",
+    ):
+        save_litgpt_compact(small, tmp_path / "moe")
     with pytest.raises(TypeError, match=r"^`model` must be LitGPT's GPT \(with a litgpt\.Config as `config`\), got "):
         save_litgpt_compact(nn.Linear(2, 2), "unused")
