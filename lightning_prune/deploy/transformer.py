@@ -2,8 +2,9 @@
 
 :func:`compact_heads` takes the masks of a :class:`~lightning_prune.structures.heads.HeadStructure` and returns a
 copy of the model whose projections hold only the kept heads and neurons, with each module's head bookkeeping
-(``num_heads``, ``num_kv_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, BERT's ``all_head_size``) rewritten,
-so its outputs equal the masked model's. :func:`save_pretrained_compact` saves a Hugging Face model whose layers were
+(``num_heads``, ``num_kv_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, BERT's ``all_head_size``, LitGPT's
+``config.n_head``, ``config.n_query_groups`` and ``config.intermediate_size``) rewritten, so its outputs equal the
+masked model's. :func:`save_pretrained_compact` saves a Hugging Face model whose layers were
 pruned alike with ``save_pretrained``, its config rewritten (``num_attention_heads``, ``num_key_value_heads``,
 ``intermediate_size``), so that ``from_pretrained`` reloads it; :func:`save_litgpt_compact` does the same for LitGPT's
 ``GPT`` (``model_config.yaml`` with ``n_head``, ``n_query_groups``, ``intermediate_size``, and ``lit_model.pth``);
@@ -138,7 +139,8 @@ def _refresh_widths(m: nn.Module) -> None:
 
 
 def _rewrite_heads(unit: UnitGroup, m: nn.Module, kept: Tensor) -> None:
-    """Rewrite the head bookkeeping of an attention module after its heads were removed."""
+    """Rewrite the head bookkeeping of an attention module after its heads were removed, or the stored width of an
+    MLP after its neurons were."""
     if unit.kind != "heads":
         if is_int(vars(m).get("intermediate_size")):  # a stored width (LitGPT's MLPs), not a property
             _set(m, intermediate_size=int(kept.sum()))
