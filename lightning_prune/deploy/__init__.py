@@ -3,7 +3,8 @@
 * :mod:`~lightning_prune.deploy.compact`: remove pruned channels (:func:`compact`), save and reload the smaller
   model (:func:`save_compact`, :func:`load_compact`);
 * :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`),
-  save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`);
+  save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`) and LitGPT's ``GPT`` as a
+  LitGPT checkpoint (:func:`save_litgpt_compact`);
 * :mod:`~lightning_prune.deploy.experts`: remove pruned experts of a mixture of experts (:func:`compact_experts`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
@@ -32,7 +33,7 @@ from lightning_prune.deploy.kernels import sparse_inference
 from lightning_prune.deploy.profile import ModelProfile, count_macs, count_parameters, measure_latency, profile_model
 from lightning_prune.deploy.report import ExportReport, export_model
 from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
-from lightning_prune.deploy.transformer import compact_heads, save_pretrained_compact
+from lightning_prune.deploy.transformer import compact_heads, save_litgpt_compact, save_pretrained_compact
 
 __all__ = [
     "ExportError",
@@ -60,6 +61,7 @@ __all__ = [
     "profile_model",
     "relative_error",
     "save_compact",
+    "save_litgpt_compact",
     "save_pretrained_compact",
     "save_sparse",
     "sparse_inference",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
-from lightning_prune._helpers import check_flag, eval_mode, forward, is_number, output_tensors
+from lightning_prune._helpers import check_flag, eval_mode, forward, is_int, is_number, output_tensors
 from lightning_prune.masks.channels import ChannelGroup
 from lightning_prune.structures.tracing import ExampleInputs, Traced, pruning_group, trace_groups
 
@@ -64,7 +64,34 @@ _WIDTH_ATTRS = (
     "all_head_size",
     # expert counts of expert-pruned mixtures of experts (lightning_prune.deploy.experts)
     "num_experts",
+    "intermediate_size",
 )
+
+#: Width fields of a module's ``config`` that head and neuron compaction rewrite: LitGPT's ``Config``, which its
+#: ``GPT``, blocks, attention modules and MLPs share, recognised by its ``n_query_groups``.
+_CONFIG_WIDTHS = ("n_head", "n_query_groups", "intermediate_size")
+
+
+def _config_widths(m: nn.Module) -> dict[str, int]:
+    """The width fields of ``m``'s LitGPT-style ``config``; empty for a module without one."""
+    config = getattr(m, "config", None)
+    if not is_int(getattr(config, "n_query_groups", None)):
+        return {}
+    return {f: int(getattr(config, f)) for f in _CONFIG_WIDTHS if is_int(getattr(config, f, None))}
+
+
+def _set_config_widths(m: nn.Module, widths: Mapping[str, int], copies: dict[tuple[int, tuple], Any]) -> None:
+    """Give ``m`` a copy of its ``config`` with ``widths``; modules of one config given equal widths share one copy
+    (kept in ``copies``). A module whose config already has these widths keeps it."""
+    if all(_config_widths(m).get(f) == v for f, v in widths.items()):
+        return
+    key = (id(m.config), tuple(sorted(widths.items())))
+    if key not in copies:
+        config = copy.copy(m.config)
+        for field, value in widths.items():
+            setattr(config, field, value)
+        copies[key] = config
+    m.config = copies[key]
 
 
 # ---------------------------------------------------------------------------------------------- compaction
@@ -189,6 +216,14 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs: ExampleInputs, r
 
 
 # ---------------------------------------------------------------------------------------------- saving
+def _plain_attribute(m: nn.Module, attr: str) -> bool:
+    """True when ``attr`` is a value stored on ``m`` (not a method, and not a property computed from its weights,
+    such as this package's ``SwiGLU.intermediate_size``, which cannot be set)."""
+    return (
+        hasattr(m, attr) and not callable(getattr(m, attr)) and not isinstance(getattr(type(m), attr, None), property)
+    )
+
+
 def compact_state(model: nn.Module) -> dict[str, Any]:
     """What rebuilds a compact model from a fresh instance: its ``state_dict`` and its layers' widths.
 
@@ -204,7 +239,7 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         Linear(in_features=5, out_features=2, bias=True)
     """
     widths = {
-        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if hasattr(m, a) and not callable(getattr(m, a))}
+        name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if _plain_attribute(m, a)}
         for name, m in model.named_modules()
     }
     return {
@@ -212,6 +247,7 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         "version": _COMPACT_VERSION,
         "architecture": type(model).__qualname__,
         "widths": {n: w for n, w in widths.items() if w},
+        "configs": {n: c for n, m in model.named_modules() if (c := _config_widths(m))},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
@@ -268,7 +304,7 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
             f"The compact model was saved from a {state.get('architecture')}, not a {type(model).__qualname__}."
         )
     modules = dict(model.named_modules())
-    unknown = [n for n in state["widths"] if n not in modules]
+    unknown = [n for n in (*state["widths"], *state.get("configs", {})) if n not in modules]
     if unknown:
         raise ValueError(f"The compact model has layers this {type(model).__qualname__} lacks: {unknown[:5]}.")
     current = model.state_dict()
@@ -282,6 +318,9 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
     for name, widths in state["widths"].items():
         for attr, value in widths.items():
             setattr(modules[name], attr, value)
+    copies: dict[tuple[int, tuple], Any] = {}
+    for name, fields in state.get("configs", {}).items():
+        _set_config_widths(modules[name], fields, copies)
     for key, saved in state["state_dict"].items():
         if key in current and current[key].shape != saved.shape:
             module_name, _, attr = key.rpartition(".")

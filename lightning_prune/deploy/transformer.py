@@ -2,12 +2,14 @@
 
 :func:`compact_heads` takes the masks of a :class:`~lightning_prune.structures.heads.HeadStructure` and returns a
 copy of the model whose projections hold only the kept heads and neurons, with each module's head bookkeeping
-(``num_heads``, ``num_kv_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, BERT's ``all_head_size``) rewritten,
-so its outputs equal the masked model's. :func:`save_pretrained_compact` saves a Hugging Face model whose layers were
+(``num_heads``, ``num_kv_heads``, ``num_key_value_groups``, GPT-2's ``split_size``, BERT's ``all_head_size``, LitGPT's
+``config.n_head``, ``config.n_query_groups`` and ``config.intermediate_size``) rewritten, so its outputs equal the
+masked model's. :func:`save_pretrained_compact` saves a Hugging Face model whose layers were
 pruned alike with ``save_pretrained``, its config rewritten (``num_attention_heads``, ``num_key_value_heads``,
-``intermediate_size``), so that ``from_pretrained`` reloads it; layers of different widths reload through
-:func:`~lightning_prune.deploy.compact.load_compact`. Pruned mixture-of-experts models save the same way
-(:mod:`lightning_prune.deploy.experts`).
+``intermediate_size``), so that ``from_pretrained`` reloads it; :func:`save_litgpt_compact` does the same for LitGPT's
+``GPT`` (``model_config.yaml`` with ``n_head``, ``n_query_groups``, ``intermediate_size``, and ``lit_model.pth``);
+layers of different widths reload through :func:`~lightning_prune.deploy.compact.load_compact`. Pruned
+mixture-of-experts models save the same way (:mod:`lightning_prune.deploy.experts`).
 
 Example:
     >>> import torch
@@ -29,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,10 +39,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._files import atomic_save, atomic_write_text
+from lightning_prune._helpers import is_int
+from lightning_prune.deploy.compact import _config_widths, _set_config_widths
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.structures.heads import HeadMaskSet, UnitGroup
 
-__all__ = ["compact_heads", "expert_counts", "pretrained_config_widths", "save_pretrained_compact"]
+__all__ = [
+    "compact_heads",
+    "expert_counts",
+    "litgpt_config_widths",
+    "pretrained_config_widths",
+    "save_litgpt_compact",
+    "save_pretrained_compact",
+]
 
 
 @torch.no_grad()
@@ -93,8 +106,10 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
         setattr(owner, attr, new)
     for m in small.modules():
         _refresh_widths(m)
+    layer_widths = {n: w for n, m in small.named_modules() if (w := _litgpt_widths(m))}
     for unit in masks.units:
         _rewrite_heads(unit, modules[unit.group.name[cut:]], kept_units[unit.group.name[cut:]])
+    _rewrite_litgpt_configs(small, layer_widths)
     return small
 
 
@@ -126,8 +141,11 @@ def _refresh_widths(m: nn.Module) -> None:
 
 
 def _rewrite_heads(unit: UnitGroup, m: nn.Module, kept: Tensor) -> None:
-    """Rewrite the head bookkeeping of an attention module after its heads were removed."""
+    """Rewrite the head bookkeeping of an attention module after its heads were removed, or the stored width of an
+    MLP after its neurons were."""
     if unit.kind != "heads":
+        if is_int(vars(m).get("intermediate_size")):  # a stored width (LitGPT's MLPs), not a property
+            _set(m, intermediate_size=int(kept.sum()))
         return
     units_left = int(kept.sum())
     if unit.query_units:
@@ -144,6 +162,45 @@ def _rewrite_heads(unit: UnitGroup, m: nn.Module, kept: Tensor) -> None:
         _set(m, num_heads=heads, split_size=heads * unit.head_dim)
     elif unit.style == "bert":
         _set(getattr(m, "self"), num_attention_heads=heads, all_head_size=heads * unit.head_dim)  # noqa: B009
+
+
+def _litgpt_widths(m: nn.Module) -> dict[str, int]:
+    """The LitGPT config fields that ``m``'s weights set: ``n_head`` and ``n_query_groups`` of an attention module
+    (fused ``qkv`` and ``proj``), ``intermediate_size`` of an MLP built with its config's width (a mixture-of-experts
+    expert has its own); empty for other modules."""
+    config = _config_widths(m)
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    if not config or not isinstance(proj, nn.Linear):
+        return {}
+    if isinstance(qkv, nn.Linear):
+        litgpt_config: Any = m.config
+        d = int(litgpt_config.head_size)
+        return {"n_head": proj.in_features // d, "n_query_groups": (qkv.out_features - proj.in_features) // (2 * d)}
+    if getattr(m, "intermediate_size", None) == config.get("intermediate_size"):
+        return {"intermediate_size": proj.in_features}
+    return {}
+
+
+def _rewrite_litgpt_configs(model: nn.Module, layer_widths: dict[str, dict[str, int]]) -> None:
+    """Write the widths of LitGPT's layers into their configs: when every layer has the same, into the config they
+    share (the model's, so that ``GPT(model.config)`` builds the compact model); otherwise each attention module and
+    MLP gets a copy with its own widths, and the model's config keeps the original ones."""
+    if not layer_widths:
+        return
+    values: dict[str, set[int]] = defaultdict(set)
+    for widths in layer_widths.values():
+        for field, value in widths.items():
+            values[field].add(value)
+    modules = dict(model.named_modules())
+    if all(len(v) == 1 for v in values.values()):
+        uniform = {field: next(iter(v)) for field, v in values.items()}
+        for config in {id(m.config): m.config for m in modules.values() if _config_widths(m)}.values():
+            for field, value in uniform.items():
+                setattr(config, field, value)
+        return
+    copies: dict[tuple[int, tuple], Any] = {}
+    for name, widths in layer_widths.items():
+        _set_config_widths(modules[name], widths, copies)
 
 
 def _set(m: object, **values: int) -> None:
@@ -200,17 +257,9 @@ def pretrained_config_widths(model: nn.Module, masks: MaskSet | None = None) -> 
             if isinstance(up, nn.Linear) and isinstance(getattr(m, "down_proj", getattr(m, "fc2", None)), nn.Linear):
                 inter.add(up.out_features)
     experts = set(expert_counts(model))
-    uneven = {
-        n: sorted(v)
-        for n, v in (("heads", heads), ("key/value heads", kv), ("MLP widths", inter), ("experts", experts))
-        if len(v) > 1
-    }
-    if uneven:
-        raise ValueError(
-            f"The layers have different widths ({uneven}); a Hugging Face config holds one width for all layers. Save "
-            "with lightning_prune.save_compact and reload with load_compact, or prune with scope='layer' for uniform "
-            "widths."
-        )
+    _check_uniform(
+        {"heads": heads, "key/value heads": kv, "MLP widths": inter, "experts": experts}, "a Hugging Face config"
+    )
     widths: dict[str, int] = {}
     if heads:
         widths["num_attention_heads"] = heads.pop()
@@ -220,6 +269,92 @@ def pretrained_config_widths(model: nn.Module, masks: MaskSet | None = None) -> 
     if experts:
         widths["num_experts"] = experts.pop()
     return widths
+
+
+def _check_uniform(widths: dict[str, set[int]], holder: str) -> None:
+    uneven = {n: sorted(v) for n, v in widths.items() if len(v) > 1}
+    if uneven:
+        raise ValueError(
+            f"The layers have different widths ({uneven}); {holder} holds one width for all layers. Save "
+            "with lightning_prune.save_compact and reload with load_compact, or prune with scope='layer' for uniform "
+            "widths."
+        )
+
+
+def litgpt_config_widths(model: nn.Module) -> dict[str, int]:
+    """The LitGPT ``Config`` fields a compact LitGPT ``GPT``'s widths set, when every layer has the same widths.
+
+    Reads the weights of ``model``'s attention modules (``n_head``, ``n_query_groups``) and MLPs
+    (``intermediate_size``); ``head_size`` and ``n_embd`` never change.
+
+    Raises:
+        ValueError: layers of different widths (save with :func:`~lightning_prune.deploy.compact.save_compact` and
+            reload with ``load_compact``).
+
+    Example (with the ``litgpt`` extra; ``compact_heads`` left every layer 2 heads, 1 key/value head, 32 neurons):
+        >>> litgpt_config_widths(small)  # doctest: +SKIP
+        {'n_head': 2, 'n_query_groups': 1, 'intermediate_size': 32}
+    """
+    values: dict[str, set[int]] = defaultdict(set)
+    for m in model.modules():
+        for field, value in _litgpt_widths(m).items():
+            values[field].add(value)
+    labels = {"n_head": "heads", "n_query_groups": "key/value heads", "intermediate_size": "MLP widths"}
+    _check_uniform({labels[f]: v for f, v in values.items()}, "a LitGPT config")
+    return {f: next(iter(values[f])) for f in labels if f in values}
+
+
+def save_litgpt_compact(model: nn.Module, path: str | Path) -> Path:
+    """Save a compact LitGPT ``GPT`` the way LitGPT saves checkpoints: ``model_config.yaml`` (its ``Config`` with
+    ``n_head``, ``n_query_groups`` and ``intermediate_size`` set from the layers) and ``lit_model.pth`` (the state
+    dict), so that ``GPT(Config.from_file(path / "model_config.yaml"))`` rebuilds it and ``load_state_dict`` fills
+    it. Every layer must have the same widths (:func:`litgpt_config_widths`).
+
+    Args:
+        model: a LitGPT ``GPT`` from :func:`compact_heads`.
+        path: the folder to write.
+
+    Returns:
+        The folder.
+
+    Raises:
+        TypeError: ``model`` has no LitGPT ``config``.
+        ValueError: layers of different widths, or pruned mixture-of-experts experts (whose widths the config does
+            not hold per layer).
+
+    Example (with the ``litgpt`` extra; ``small = compact_heads(model, masks)`` after pruning half of every layer
+    of a LitGPT ``GPT`` with 4 heads sharing 2 key/value heads and 64 neurons, as in the README):
+        >>> folder = save_litgpt_compact(small, "out/compact")  # doctest: +SKIP
+        >>> reloaded = GPT(litgpt.Config.from_file(folder / "model_config.yaml"))  # doctest: +SKIP
+        >>> reloaded.load_state_dict(torch.load(folder / "lit_model.pth"))  # doctest: +SKIP
+        <All keys matched successfully>
+        >>> reloaded.config.n_head, reloaded.config.n_query_groups, reloaded.config.intermediate_size  # doctest: +SKIP
+        (2, 1, 32)
+    """
+    config = getattr(model, "config", None)
+    if not _config_widths(model) or not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(
+            f"`model` must be LitGPT's GPT (with a litgpt.Config as `config`), got {type(model).__name__}. Save "
+            "Hugging Face models with save_pretrained_compact and others with lightning_prune.save_compact."
+        )
+    import yaml
+
+    config = copy.copy(config)
+    for field, value in litgpt_config_widths(model).items():
+        setattr(config, field, value)
+    with torch.device("meta"):  # shapes only, no memory
+        rebuilt = {k: tuple(v.shape) for k, v in type(model)(config).state_dict().items()}
+    misfits = [k for k, v in model.state_dict().items() if rebuilt.get(k) != tuple(v.shape)]
+    if misfits:
+        raise ValueError(
+            f"A {type(model).__name__} built from the rewritten config would not fit these weights: {misfits[:3]}: "
+            "the config holds one width for all layers of a kind (mixture-of-experts experts are not rewritten). "
+            "Save with lightning_prune.save_compact and reload with load_compact."
+        )
+    folder = Path(path)
+    atomic_write_text(folder / "model_config.yaml", yaml.dump(dataclasses.asdict(config)))
+    atomic_save(model.state_dict(), folder / "lit_model.pth")
+    return folder
 
 
 def save_pretrained_compact(model: Any, path: str | Path, **kwargs: Any) -> Path:

@@ -5,12 +5,15 @@
 * attention with ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` linear layers (this package's
   :class:`~lightning_prune.models.gpt.GPT`, Hugging Face Llama, Qwen2, Mistral and their kind), with grouped-query
   attention read from the projections' widths;
+* LitGPT's ``CausalSelfAttention``: one fused ``qkv`` linear layer (every query head's rows, then every key head's,
+  then every value head's) and ``proj``, grouped-query attention included, head width from its ``config.head_size``;
 * ``nn.MultiheadAttention`` (``nn.TransformerEncoder``/``Decoder`` layers, torchvision's ViT), packed
   ``in_proj_weight`` or separate ``q/k/v_proj_weight``;
 * Hugging Face GPT-2 attention (``c_attn`` and ``c_proj``, transposed ``Conv1D``) and BERT attention (``self.query``,
   ``self.key``, ``self.value`` and ``output.dense``);
 * MLPs: gated (``gate_proj``, ``up_proj``, ``down_proj``), ``linear1``/``linear2`` (PyTorch's transformer layers),
-  ``c_fc``/``c_proj`` (GPT-2), ``intermediate.dense``/``output.dense`` (BERT) and torchvision's ``MLPBlock``.
+  ``c_fc``/``c_proj`` (GPT-2), ``intermediate.dense``/``output.dense`` (BERT), torchvision's ``MLPBlock`` and
+  LitGPT's ``LLaMAMLP``/``GemmaMLP`` (gated ``fc_1``, ``fc_2``, ``proj``) and ``GptNeoxMLP`` (``fc``, ``proj``).
 
 Each becomes a :class:`~lightning_prune.masks.channels.ChannelGroup` whose units are heads or neurons: a head owns its
 query, key and value rows (and biases) and its output-projection columns; a neuron owns its gate and up rows (fc
@@ -70,7 +73,8 @@ class UnitGroup:
         group: the channel group (its ``channels`` are the units, its slices what each unit owns).
         kind: ``"heads"`` or ``"neurons"``.
         module: the attention module or the MLP.
-        style: which layout the module has (``"qkvo"``, ``"mha"``, ``"gpt2"``, ``"bert"``, ``"gated"``, ``"fc"``).
+        style: which layout the module has (``"qkvo"``, ``"litgpt"``, ``"mha"``, ``"gpt2"``, ``"bert"``, ``"gated"``,
+            ``"fc"``).
         num_heads: query heads (attention), 0 for an MLP.
         num_kv_heads: key/value heads (attention), 0 for an MLP.
         head_dim: width of one head (attention), 0 for an MLP.
@@ -145,6 +149,58 @@ def _check_heads(name: str, module: nn.Module, q_width: int, kv_width: int, head
     return heads, kv
 
 
+#: Where a projection's rows start: (weight name, bias name or None, first row).
+_Rows = tuple[str, str | None, int]
+
+
+def _gqa_heads(
+    name: str, module: nn.Module, style: str, qkv: Sequence[_Rows], out: str, heads: int, kv: int, d: int, gqa: GQA
+) -> UnitGroup:
+    """The heads of a grouped-query attention module whose query, key and value rows are ``qkv`` (separate
+    projections or one fused matrix at three offsets) and whose output projection is ``out``."""
+    per = heads // kv if gqa == "kv" else 1
+    (q_weight, q_bias, q_first), *kv_rows = qkv
+    slices = [_query_rows(q_weight, heads, d, per, q_first)]
+    if q_bias is not None:
+        slices.append(_query_rows(q_bias, heads, d, per, q_first, scored=False))
+    slices.append(_query_rows(out, heads, d, per, dim=1))
+    if gqa == "kv" or kv == heads:
+        for weight, bias, first in kv_rows:
+            slices.append(_rows(weight, kv, d, first))
+            if bias is not None:
+                slices.append(_rows(bias, kv, d, first, scored=False))
+    query_units = gqa == "query" and kv < heads
+    return UnitGroup(
+        ChannelGroup(name, heads // per, tuple(slices)), "heads", module, style, heads, kv, d, per, query_units
+    )
+
+
+def _litgpt_heads(name: str, module: nn.Module, config: Any, gqa: GQA) -> UnitGroup:
+    """The heads of LitGPT's ``CausalSelfAttention``: one fused ``qkv`` whose rows are every query head, then every
+    key head, then every value head (query head h shares key/value head h // (n_head // n_query_groups)), and
+    ``proj``; widths read from the weights, the head width from ``config.head_size``."""
+    if getattr(config, "norm_qk", False) and getattr(config, "norm_qk_type", "default") != "default":
+        raise ValueError(
+            f"Attention module {name!r} ({type(module).__name__}) normalises its queries and keys over all heads at "
+            f"once (norm_qk_type={config.norm_qk_type!r}), so removing a head would change the others. Prune its "
+            "neurons only (HeadStructure(units='neurons')) or add it to `ignore`."
+        )
+    d = int(config.head_size)
+    qkv, proj = getattr_path(module, "qkv"), getattr_path(module, "proj")
+    q_width, rows = int(_weight(proj).shape[1]), int(_weight(qkv).shape[0])
+    if (rows - q_width) % 2:
+        raise ValueError(
+            f"Attention module {name!r} ({type(module).__name__}) has {rows} qkv rows and {q_width} query outputs: "
+            "the key and value rows are not of one width. Add it to `ignore`."
+        )
+    kv_width = (rows - q_width) // 2
+    heads, kv = _check_heads(name, module, q_width, kv_width, d)
+    p = lambda n: _qualified(name, n)  # noqa: E731
+    bias = p("qkv.bias") if _bias(qkv) else None
+    fused = [(p("qkv.weight"), bias, first) for first in (0, q_width, q_width + kv_width)]
+    return _gqa_heads(name, module, "litgpt", fused, p("proj.weight"), heads, kv, d, gqa)
+
+
 def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] | None) -> UnitGroup | None:
     """The heads of ``module`` when it is an attention module of a known layout, else None."""
     p = lambda n: _qualified(name, n)  # noqa: E731
@@ -152,20 +208,14 @@ def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] |
         q, k, v = (getattr(module, n) for n in ("q_proj", "k_proj", "v_proj"))
         d = _head_dim(name, module, q.out_features)
         heads, kv = _check_heads(name, module, q.out_features, k.out_features, d)
-        per = heads // kv if gqa == "kv" else 1
-        slices = [_query_rows(p("q_proj.weight"), heads, d, per)]
-        if _bias(q):
-            slices.append(_query_rows(p("q_proj.bias"), heads, d, per, scored=False))
-        slices.append(_query_rows(p("o_proj.weight"), heads, d, per, dim=1))
-        if gqa == "kv" or kv == heads:
-            for proj, n in ((k, "k_proj"), (v, "v_proj")):
-                slices.append(_rows(p(f"{n}.weight"), kv, d))
-                if _bias(proj):
-                    slices.append(_rows(p(f"{n}.bias"), kv, d, scored=False))
-        query_units = gqa == "query" and kv < heads
-        return UnitGroup(
-            ChannelGroup(name, heads // per, tuple(slices)), "heads", module, "qkvo", heads, kv, d, per, query_units
-        )
+        rows = [
+            (p(f"{n}_proj.weight"), p(f"{n}_proj.bias") if _bias(proj) else None, 0)
+            for n, proj in zip("qkv", (q, k, v))
+        ]
+        return _gqa_heads(name, module, "qkvo", rows, p("o_proj.weight"), heads, kv, d, gqa)
+    config = getattr(module, "config", None)
+    if _has_linear(module, "qkv", "proj") and is_int(getattr(config, "n_query_groups", None)):
+        return _litgpt_heads(name, module, config, gqa)
     if isinstance(module, nn.MultiheadAttention):
         heads, d, e = module.num_heads, module.head_dim, module.embed_dim
         if module._qkv_same_embed_dim:
@@ -222,6 +272,11 @@ def _mlp(name: str, module: nn.Module, conv1d: type[nn.Module] | None) -> UnitGr
 
     if _has_linear(module, "gate_proj", "up_proj", "down_proj"):
         return linear("down_proj", ("gate_proj", "up_proj"), "gated")
+    if is_int(getattr(module, "intermediate_size", None)):  # LitGPT's LLaMAMLP, GemmaMLP, GptNeoxMLP
+        if _has_linear(module, "fc_1", "fc_2", "proj"):
+            return linear("proj", ("fc_1", "fc_2"), "gated")
+        if _has_linear(module, "fc", "proj"):
+            return linear("proj", ("fc",), "fc")
     if _has_linear(module, "linear1", "linear2"):
         return linear("linear2", ("linear1",), "fc")
     if (
@@ -290,8 +345,8 @@ def find_units(
         raise ValueError(
             f"Found no {' or '.join(units)} to prune in {type(model).__name__}"
             f"{' outside `ignore`=' + repr(list(ignore)) if ignore else ''}: HeadStructure knows attention with "
-            "q_proj/k_proj/v_proj/o_proj, nn.MultiheadAttention, GPT-2 and BERT attention, and gated, linear1/linear2, "
-            "GPT-2, BERT and torchvision MLPs."
+            "q_proj/k_proj/v_proj/o_proj, nn.MultiheadAttention, GPT-2, BERT and LitGPT attention, and gated, "
+            "linear1/linear2, GPT-2, BERT, torchvision and LitGPT MLPs."
         )
     return found
 
