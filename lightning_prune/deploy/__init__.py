@@ -4,6 +4,8 @@
   model (:func:`save_compact`, :func:`load_compact`);
 * :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`),
   save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`);
+* :mod:`~lightning_prune.deploy.attention`: the drop-in ``nn.MultiheadAttention`` with fewer heads that a head-pruned
+  one compacts to (:class:`CompactMultiheadAttention`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
 * :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
@@ -23,6 +25,7 @@ Example:
 """
 
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
+from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
 from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
 from lightning_prune.deploy.fold import deployable, relative_error
@@ -33,6 +36,7 @@ from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
 from lightning_prune.deploy.transformer import compact_heads, save_pretrained_compact
 
 __all__ = [
+    "CompactMultiheadAttention",
     "ExportError",
     "ExportReport",
     "ModelProfile",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.structures.heads import HeadMaskSet, UnitGroup
 
@@ -56,21 +57,18 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
 
     Raises:
         TypeError: ``masks`` are not head masks.
-        ValueError: the masks are not ``model``'s, or a layout whose head count cannot shrink in place
-            (``nn.MultiheadAttention`` checks ``num_heads * head_dim == embed_dim``): ignore its attention or prune
-            its neurons only.
+        ValueError: the masks are not ``model``'s.
+
+    An ``nn.MultiheadAttention`` with pruned heads cannot shrink in place (it requires ``num_heads * head_dim ==
+    embed_dim``): it is replaced by a :class:`~lightning_prune.deploy.attention.CompactMultiheadAttention` with the
+    kept heads, the same ``embed_dim`` and ``head_dim``, which :func:`~lightning_prune.deploy.compact.load_compact`
+    reloads; an ``nn.TransformerEncoder`` holding one no longer takes the nested-tensor fast path (outputs at
+    padded positions are then computed, not zeros).
     """
     if not isinstance(masks, HeadMaskSet):
         raise TypeError(f"`masks` must be a HeadMaskSet (from HeadStructure.bind), got {type(masks).__name__}.")
     prefix = _prefix(model, masks)
     cut = len(prefix)
-    for unit in masks.units:
-        if unit.style == "mha" and not bool(masks.kept(unit.group).all()):
-            raise ValueError(
-                f"nn.MultiheadAttention {unit.group.name!r} has pruned heads, but it requires num_heads * head_dim == "
-                "embed_dim, so its heads cannot be removed in place. Keep its heads (HeadStructure(units='neurons') or "
-                "`ignore` it); its zeroed heads stay as zeros."
-            )
     small = copy.deepcopy(model)
     small_params = dict(small.named_parameters())
     modules = dict(small.named_modules())
@@ -79,6 +77,8 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     for unit in masks.units:
         kept = masks.kept(unit.group)
         kept_units[unit.group.name[cut:]] = kept
+        if unit.style == "mha":
+            continue  # replaced as a whole below, by a CompactMultiheadAttention
         for s in unit.group.slices:
             removed[(s.param[cut:], s.dim)].update(s.index[~kept[s.root]].tolist())
     for (name, dim), drop in removed.items():
@@ -93,8 +93,28 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     for m in small.modules():
         _refresh_widths(m)
     for unit in masks.units:
-        _rewrite_heads(unit, modules[unit.group.name[cut:]], kept_units[unit.group.name[cut:]])
+        name = unit.group.name[cut:]
+        _rewrite_heads(unit, modules[name], kept_units[name])
+        if unit.style == "mha" and not bool(kept_units[name].all()):
+            _replace(small, name, CompactMultiheadAttention.from_attention(modules[name], _indices(kept_units[name])))
+    for m in small.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(layer, nn.Module) and isinstance(getattr(layer, "self_attn", None), CompactMultiheadAttention)
+            for layer in m.layers
+        ):
+            m.use_nested_tensor = False  # the nested-tensor path runs PyTorch's fused kernels, which need full heads
     return small
+
+
+def _indices(kept: Tensor) -> list[int]:
+    return [int(i) for i in torch.nonzero(kept).flatten()]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` of ``model`` (not the root)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def _prefix(model: nn.Module, masks: MaskSet) -> str:

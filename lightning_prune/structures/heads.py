@@ -167,13 +167,17 @@ def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] |
             ChannelGroup(name, heads // per, tuple(slices)), "heads", module, "qkvo", heads, kv, d, per, query_units
         )
     if isinstance(module, nn.MultiheadAttention):
-        heads, d, e = module.num_heads, module.head_dim, module.embed_dim
-        if module._qkv_same_embed_dim:
+        # the inner width is embed_dim for torch's own module, less for a compact one (deploy.attention)
+        heads, d = module.num_heads, module.head_dim
+        e = heads * d
+        if module.in_proj_weight is not None:
             slices = [_rows(p("in_proj_weight"), heads, d, offset) for offset in (0, e, 2 * e)]
         else:
             slices = [_rows(p(f"{n}_proj_weight"), heads, d) for n in ("q", "k", "v")]
         if module.in_proj_bias is not None:
             slices += [_rows(p("in_proj_bias"), heads, d, offset, scored=False) for offset in (0, e, 2 * e)]
+        if module.bias_k is not None and module.bias_v is not None:
+            slices += [_rows(p(n), heads, d, dim=2, scored=False) for n in ("bias_k", "bias_v")]
         slices.append(_rows(p("out_proj.weight"), heads, d, dim=1))
         return UnitGroup(ChannelGroup(name, heads, tuple(slices)), "heads", module, "mha", heads, heads, d)
     attn, proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
