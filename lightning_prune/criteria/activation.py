@@ -55,9 +55,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune._attention import attention_context, projections, sequence_first
 from lightning_prune.criteria.base import STATE_VERSION, AllReduce, StatisticsImportance
 from lightning_prune.masks.channels import ChannelGroup, ChannelMaskSet
 from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.params import hf_conv1d_type
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,30 @@ def _reads(module: nn.Module, dim: int) -> bool:
         if module.groups == 1:
             return dim == 1
         return module.groups == module.in_channels == module.out_channels  # depthwise: input c is output c
+    conv1d = hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return dim == 0  # Hugging Face's Conv1D: a linear layer with an (in, out) weight
     return isinstance(module, nn.Linear) and dim == 1
+
+
+#: The arguments of ``nn.MultiheadAttention.forward`` a hook needs, in order.
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def _head_outputs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The concatenated head outputs of ``module`` for a call with ``args`` and ``kwargs``: the input its
+    ``out_proj`` would read, which ``nn.MultiheadAttention`` never calls as a module (None for nested tensors)."""
+    values = dict(zip(_MHA_ARGS, args))
+    values.update(kwargs)
+    query, key, value = values.get("query"), values.get("key"), values.get("value")
+    if not all(isinstance(t, Tensor) and not t.is_nested for t in (query, key, value)):
+        return None
+    q, k, v, padding, _ = sequence_first(query, key, value, values.get("key_padding_mask"), module.batch_first)
+    context, _ = attention_context(
+        q, k, v, projections(module), module.num_heads, module.head_dim,
+        key_padding_mask=padding, attn_mask=values.get("attn_mask"),
+    )  # fmt: skip
+    return context
 
 
 def _channel_dim(module: nn.Module, x: Tensor) -> int:
@@ -347,8 +372,11 @@ class ActivationStatistics(StatisticsImportance):
 
     @torch.no_grad()
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], readers: list[_Reader]) -> None:
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or (self.training_only and not module.training) or self.ready:
+        if (self.training_only and not module.training) or self.ready:
+            return
+        x = _head_outputs(module, args, kwargs) if isinstance(module, nn.MultiheadAttention) else None
+        x = x if x is not None else (args[0] if args else kwargs.get("input"))
+        if not isinstance(x, Tensor) or x.is_nested:
             return
         x = x.detach()
         if x.dim() == 1:
@@ -486,6 +514,9 @@ def _plan(
             if not s.scored or not _reads(layer, s.dim):
                 continue
             device = getattr(layer, attr).device
+            attention_name, _, child = layer_name.rpartition(".")
+            if child == "out_proj" and isinstance(modules.get(attention_name), nn.MultiheadAttention):
+                layer_name, layer = attention_name, modules[attention_name]  # hooked there: see _head_outputs
             positions = torch.bincount(s.root, minlength=group.channels).to(device=device, dtype=_float64(device))
             arange = torch.arange(group.channels)
             identity = torch.equal(s.index, arange) and torch.equal(s.root, arange)
