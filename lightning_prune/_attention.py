@@ -50,8 +50,10 @@ def projections(module: nn.MultiheadAttention) -> Projections:
         q, k, v = module.in_proj_weight.chunk(3)
     else:
         q, k, v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-    biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
-    return Projections(q, k, v, *biases, module.bias_k, module.bias_v, bool(module.add_zero_attn))
+    q_bias = k_bias = v_bias = None
+    if module.in_proj_bias is not None:
+        q_bias, k_bias, v_bias = module.in_proj_bias.chunk(3)
+    return Projections(q, k, v, q_bias, k_bias, v_bias, module.bias_k, module.bias_v, bool(module.add_zero_attn))
 
 
 def _float_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -88,6 +90,7 @@ def attention_context(
         ValueError: a mask of another shape.
     """
     tgt, batch = query.shape[0], query.shape[1]
+    given = tuple(key_padding_mask.shape) if key_padding_mask is not None else ()
     q = F.linear(query, proj.q, proj.q_bias)
     k = F.linear(key, proj.k, proj.k_bias)
     v = F.linear(value, proj.v, proj.v_bias)
@@ -117,15 +120,13 @@ def attention_context(
             merged = mask.view(batch, num_heads, tgt, source)
         else:
             raise ValueError(
-                f"`attn_mask` has shape {tuple(attn_mask.shape) if attn_mask is not None else None}; expected "
+                f"`attn_mask` has shape {tuple(mask.shape)}; expected "
                 f"({tgt}, {source}) or ({batch * num_heads}, {tgt}, {source}) (batch * num_heads, target, source)."
             )
     if padding is not None:
         if tuple(padding.shape) != (batch, source):
             raise ValueError(
-                f"`key_padding_mask` has shape {tuple(key_padding_mask.shape) if key_padding_mask is not None else None}"
-                f"; expected ({batch}, {source - int(proj.add_zero_attn) - int(proj.bias_k is not None)}) (batch, "
-                "source)."
+                f"`key_padding_mask` has shape {given}; expected ({batch}, {key.shape[0]}) (batch, source)."
             )
         padding = padding.view(batch, 1, 1, source)
         merged = padding if merged is None else merged + padding

@@ -99,7 +99,9 @@ def _head_outputs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: 
     values = dict(zip(_MHA_ARGS, args))
     values.update(kwargs)
     query, key, value = values.get("query"), values.get("key"), values.get("value")
-    if not all(isinstance(t, Tensor) and not t.is_nested for t in (query, key, value)):
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return None
+    if query.is_nested or key.is_nested or value.is_nested:
         return None
     q, k, v, padding, _ = sequence_first(query, key, value, values.get("key_padding_mask"), module.batch_first)
     context, _ = attention_context(

@@ -5,7 +5,8 @@
 * :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`),
   save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`);
 * :mod:`~lightning_prune.deploy.attention`: the drop-in ``nn.MultiheadAttention`` with fewer heads that a head-pruned
-  one compacts to (:class:`CompactMultiheadAttention`);
+  one compacts to (:class:`CompactMultiheadAttention`), and :mod:`~lightning_prune.deploy.window_attention`: those of
+  torchvision's Swin and MaxViT (:class:`CompactShiftedWindowAttention`, :class:`CompactRelativeAttention`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
 * :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
@@ -34,9 +35,12 @@ from lightning_prune.deploy.profile import ModelProfile, count_macs, count_param
 from lightning_prune.deploy.report import ExportReport, export_model
 from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
 from lightning_prune.deploy.transformer import compact_heads, save_pretrained_compact
+from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 
 __all__ = [
     "CompactMultiheadAttention",
+    "CompactRelativeAttention",
+    "CompactShiftedWindowAttention",
     "ExportError",
     "ExportReport",
     "ModelProfile",

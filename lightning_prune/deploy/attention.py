@@ -218,11 +218,16 @@ class CompactMultiheadAttention(nn.MultiheadAttention):
             query, key, value, key_padding_mask, self.batch_first
         )
         batch = query.shape[1]
-        if attn_mask is not None and attn_mask.dim() == 3 and self.source_num_heads != self.num_heads:
-            if attn_mask.shape[0] == batch * self.source_num_heads:  # per-head masks of the original heads
-                per_head = attn_mask.view(batch, self.source_num_heads, *attn_mask.shape[1:])
-                index = torch.tensor(self.heads, device=attn_mask.device)
-                attn_mask = per_head.index_select(1, index).reshape(-1, *attn_mask.shape[1:])
+        source = self.source_num_heads
+        if (
+            attn_mask is not None
+            and attn_mask.dim() == 3
+            and source != self.num_heads
+            and len(attn_mask) == batch * source
+        ):
+            per_head = attn_mask.view(batch, source, *attn_mask.shape[1:])  # per-head masks of the original heads
+            index = torch.tensor(self.heads, device=attn_mask.device)
+            attn_mask = per_head.index_select(1, index).reshape(-1, *attn_mask.shape[1:])
         context, weights = attention_context(
             query,
             key,

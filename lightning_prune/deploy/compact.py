@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
 from lightning_prune._helpers import check_flag, eval_mode, forward, is_number, output_tensors
 from lightning_prune.deploy.attention import CompactMultiheadAttention
+from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 from lightning_prune.masks.channels import ChannelGroup
 from lightning_prune.structures.tracing import ExampleInputs, Traced, pruning_group, trace_groups
 
@@ -70,7 +71,9 @@ _WIDTH_ATTRS = (
 
 #: Modules that compaction puts in place of a layer that cannot shrink in place, by class name: saved with their
 #: ``compact_config()`` and rebuilt by :func:`load_compact` (only these classes are ever built from a file).
-_REPLACEMENTS: dict[str, type[nn.Module]] = {"CompactMultiheadAttention": CompactMultiheadAttention}
+_REPLACEMENTS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (CompactMultiheadAttention, CompactShiftedWindowAttention, CompactRelativeAttention)
+}
 
 
 # ---------------------------------------------------------------------------------------------- compaction

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.deploy.attention import CompactMultiheadAttention
+from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.structures.heads import HeadMaskSet, UnitGroup
 
@@ -61,9 +62,12 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
 
     An ``nn.MultiheadAttention`` with pruned heads cannot shrink in place (it requires ``num_heads * head_dim ==
     embed_dim``): it is replaced by a :class:`~lightning_prune.deploy.attention.CompactMultiheadAttention` with the
-    kept heads, the same ``embed_dim`` and ``head_dim``, which :func:`~lightning_prune.deploy.compact.load_compact`
-    reloads; an ``nn.TransformerEncoder`` holding one no longer takes the nested-tensor fast path (outputs at
-    padded positions are then computed, not zeros).
+    kept heads, the same ``embed_dim`` and ``head_dim``; an ``nn.TransformerEncoder`` holding one no longer takes the
+    nested-tensor fast path (outputs at padded positions are then computed, not zeros). torchvision's Swin (v1, v2)
+    and MaxViT attention derive the head width from the residual width, so they are replaced alike, by
+    :class:`~lightning_prune.deploy.window_attention.CompactShiftedWindowAttention` and
+    :class:`~lightning_prune.deploy.window_attention.CompactRelativeAttention`.
+    :func:`~lightning_prune.deploy.compact.load_compact` rebuilds all three.
     """
     if not isinstance(masks, HeadMaskSet):
         raise TypeError(f"`masks` must be a HeadMaskSet (from HeadStructure.bind), got {type(masks).__name__}.")
@@ -77,8 +81,8 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     for unit in masks.units:
         kept = masks.kept(unit.group)
         kept_units[unit.group.name[cut:]] = kept
-        if unit.style == "mha":
-            continue  # replaced as a whole below, by a CompactMultiheadAttention
+        if unit.style in _COMPACT_MODULES:
+            continue  # replaced as a whole below
         for s in unit.group.slices:
             removed[(s.param[cut:], s.dim)].update(s.index[~kept[s.root]].tolist())
     for (name, dim), drop in removed.items():
@@ -95,8 +99,10 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     for unit in masks.units:
         name = unit.group.name[cut:]
         _rewrite_heads(unit, modules[name], kept_units[name])
-        if unit.style == "mha" and not bool(kept_units[name].all()):
-            _replace(small, name, CompactMultiheadAttention.from_attention(modules[name], _indices(kept_units[name])))
+        if unit.style in _COMPACT_MODULES and not bool(kept_units[name].all()):
+            _replace(
+                small, name, _COMPACT_MODULES[unit.style].from_attention(modules[name], _indices(kept_units[name]))
+            )
     for m in small.modules():
         if isinstance(m, nn.TransformerEncoder) and any(
             isinstance(layer, nn.Module) and isinstance(getattr(layer, "self_attn", None), CompactMultiheadAttention)
@@ -104,6 +110,14 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
         ):
             m.use_nested_tensor = False  # the nested-tensor path runs PyTorch's fused kernels, which need full heads
     return small
+
+
+#: Attention layouts whose head count cannot shrink in place, and the compact module each becomes.
+_COMPACT_MODULES: dict[str, Any] = {
+    "mha": CompactMultiheadAttention,
+    "swin": CompactShiftedWindowAttention,
+    "maxvit": CompactRelativeAttention,
+}
 
 
 def _indices(kept: Tensor) -> list[int]:

@@ -180,6 +180,9 @@ def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] |
             slices += [_rows(p(n), heads, d, dim=2, scored=False) for n in ("bias_k", "bias_v")]
         slices.append(_rows(p("out_proj.weight"), heads, d, dim=1))
         return UnitGroup(ChannelGroup(name, heads, tuple(slices)), "heads", module, "mha", heads, heads, d)
+    window = _window_attention(name, module)
+    if window is not None:
+        return window
     attn, proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
     gpt2_heads = getattr(module, "num_heads", None)
     if conv1d is not None and isinstance(attn, conv1d) and isinstance(proj, conv1d) and is_int(gpt2_heads):
@@ -210,6 +213,61 @@ def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] |
     return None
 
 
+def _window_attention(name: str, module: nn.Module) -> UnitGroup | None:
+    """The heads of torchvision's Swin attention (``qkv``, ``proj``, a per-head position bias; v2's ``logit_scale``
+    and ``cpb_mlp``) or MaxViT attention (``to_qkv``, ``merge``, ``relative_position_bias_table``), else None."""
+    p = lambda n: _qualified(name, n)  # noqa: E731
+    m: Any = module
+    if _has_linear(m, "qkv", "proj") and is_int(getattr(m, "num_heads", None)):
+        fused, style, extra = m.qkv, "swin", ("qkv", "proj")
+        heads = int(m.num_heads)
+    elif _has_linear(m, "to_qkv", "merge") and is_int(getattr(m, "n_heads", None)):
+        fused, style, extra = m.to_qkv, "maxvit", ("to_qkv", "merge")
+        heads = int(m.n_heads)
+    else:
+        return None
+    v2 = isinstance(getattr(module, "logit_scale", None), nn.Parameter) and isinstance(
+        getattr(module, "cpb_mlp", None), nn.Sequential
+    )
+    table = getattr(module, "relative_position_bias_table", None)
+    if not v2 and not (isinstance(table, nn.Parameter) and table.dim() == 2 and table.shape[1] == heads):
+        return None
+    width = fused.out_features // 3
+    d = int(getattr(module, "head_dim", width // max(heads, 1)))
+    heads, _ = _check_heads(name, module, width, width, d)
+    qkv_name, out_name = extra
+    slices = [_rows(p(f"{qkv_name}.weight"), heads, d, offset) for offset in (0, width, 2 * width)]
+    if _bias(fused):
+        slices += [_rows(p(f"{qkv_name}.bias"), heads, d, offset, scored=False) for offset in (0, width, 2 * width)]
+    slices.append(_rows(p(f"{out_name}.weight"), heads, d, dim=1))
+    if v2:
+        last = len(m.cpb_mlp) - 1
+        slices += [_rows(p("logit_scale"), heads, 1, scored=False)]
+        slices += [_rows(p(f"cpb_mlp.{last}.weight"), heads, 1, scored=False)]
+        if _bias(m.cpb_mlp[last]):
+            slices += [_rows(p(f"cpb_mlp.{last}.bias"), heads, 1, scored=False)]
+    else:
+        slices.append(_rows(p("relative_position_bias_table"), heads, 1, dim=1, scored=False))
+    return UnitGroup(ChannelGroup(name, heads, tuple(slices)), "heads", module, style, heads, heads, d)
+
+
+#: Modules that act on each feature alone: what may stand between the two layers of an MLP.
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Dropout, nn.Identity)
+
+
+def _sequential_mlp(module: nn.Module) -> tuple[int, int] | None:
+    """The positions of the two linear layers of an ``nn.Sequential`` MLP (torchvision's ``MLP``/``MLPBlock``,
+    MaxViT's ``mlp_layer``): exactly two, with only activations and dropout between them."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    children = list(module)
+    linears = [i for i, m in enumerate(children) if isinstance(m, nn.Linear)]
+    if len(linears) != 2 or not all(isinstance(m, _ELEMENTWISE) for m in children[linears[0] + 1 : linears[1]]):
+        return None
+    first, second = children[linears[0]], children[linears[1]]
+    return (linears[0], linears[1]) if first.out_features == second.in_features else None
+
+
 def _mlp(name: str, module: nn.Module, conv1d: type[nn.Module] | None) -> UnitGroup | None:
     """The hidden neurons of ``module`` when it is an MLP of a known layout, else None."""
     p = lambda n: _qualified(name, n)  # noqa: E731
@@ -234,10 +292,9 @@ def _mlp(name: str, module: nn.Module, conv1d: type[nn.Module] | None) -> UnitGr
         and isinstance(getattr(getattr(module, "output", None), "dense", None), nn.Linear)
     ):
         return linear("output.dense", ("intermediate.dense",), "bert")
-    if type(module).__name__ == "MLPBlock" and isinstance(module, nn.Sequential):
-        linears = [i for i, m in enumerate(module) if isinstance(m, nn.Linear)]
-        if len(linears) == 2:
-            return linear(str(linears[1]), (str(linears[0]),), "fc")
+    pair = _sequential_mlp(module)
+    if pair is not None:
+        return linear(str(pair[1]), (str(pair[0]),), "fc")
     fc, proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
     if conv1d is not None and isinstance(fc, conv1d) and isinstance(proj, conv1d):
         width = int(_weight(fc).shape[1])
@@ -282,11 +339,17 @@ def find_units(
     check_patterns(model, ignore)
     conv1d = hf_conv1d_type()
     found: list[UnitGroup] = []
+    attention: list[str] = []  # what lies inside an attention module (Swin v2's position-bias MLP) is its own
     for name, module in model.named_modules():
         if name and any(name_matches(name, pattern) for pattern in ignore):
             continue
-        unit = _attention(name, module, gqa, conv1d) if "heads" in units else None
-        if unit is None and "neurons" in units:
+        if any(name.startswith(f"{a}.") or not a for a in attention):
+            continue
+        unit = _attention(name, module, gqa, conv1d)
+        if unit is not None:
+            attention.append(name)
+            unit = unit if "heads" in units else None
+        elif "neurons" in units:
             unit = _mlp(name, module, conv1d)
         if unit is not None:
             found.append(unit)

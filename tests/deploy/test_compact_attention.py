@@ -226,5 +226,7 @@ def test_pruning_never_removes_every_head():
     assert int(masks.kept(masks.groups[0]).sum()) == 1
     with pytest.raises(ValueError, match=r"`head_round_to`=8 would empty '0', which has 4 heads\. Lower"):
         HeadStructure(head_round_to=8).bind(model)
-    with pytest.raises(ValueError, match=r"Cannot prune these groups' units to their targets with `max_layer_sparsity`"):
+    with pytest.raises(
+        ValueError, match=r"Cannot prune these groups' units to their targets with `max_layer_sparsity`"
+    ):
         prune(model, 0.95, units="heads")
