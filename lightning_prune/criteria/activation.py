@@ -18,6 +18,12 @@ runs between (pooling, a residual addition), the tensor the network actually pas
   block, a depthwise convolution and the pointwise one after it) pools its statistics over all of them.
 * After a flatten, a channel owns a block of the linear layer's input columns; its statistics pool them.
 
+* Heads and neurons of :class:`~lightning_prune.structures.heads.HeadStructure` are measured the same way: a head
+  at the input of the output projection (its output, before the heads are mixed), a neuron at the input of the
+  down projection (Hugging Face's transposed ``Conv1D`` included). ``nn.MultiheadAttention`` never calls its
+  ``out_proj`` as a module, so its hook recomputes the head outputs from the attention's inputs (one more attention
+  pass per recorded forward, only while the window is open).
+
 The producing layer's own output (the convolution, or its BatchNorm) would be the pre-activation: zeros
 would have to be assumed from its sign, and another nonlinearity or an addition on the way would be missed.
 

@@ -6,11 +6,16 @@
   :class:`~lightning_prune.models.gpt.GPT`, Hugging Face Llama, Qwen2, Mistral and their kind), with grouped-query
   attention read from the projections' widths;
 * ``nn.MultiheadAttention`` (``nn.TransformerEncoder``/``Decoder`` layers, torchvision's ViT), packed
-  ``in_proj_weight`` or separate ``q/k/v_proj_weight``;
+  ``in_proj_weight`` or separate ``q/k/v_proj_weight`` (``kdim``/``vdim``), with ``bias_k``/``bias_v``;
+* torchvision's Swin attention, v1 and v2 (fused ``qkv``, ``proj``, a per-head relative position bias table, or
+  v2's ``logit_scale`` and the last layer of its ``cpb_mlp``), and MaxViT's (``to_qkv``, ``merge``, a per-head
+  table);
 * Hugging Face GPT-2 attention (``c_attn`` and ``c_proj``, transposed ``Conv1D``) and BERT attention (``self.query``,
   ``self.key``, ``self.value`` and ``output.dense``);
 * MLPs: gated (``gate_proj``, ``up_proj``, ``down_proj``), ``linear1``/``linear2`` (PyTorch's transformer layers),
-  ``c_fc``/``c_proj`` (GPT-2), ``intermediate.dense``/``output.dense`` (BERT) and torchvision's ``MLPBlock``.
+  ``c_fc``/``c_proj`` (GPT-2), ``intermediate.dense``/``output.dense`` (BERT), and any ``nn.Sequential`` of two
+  linear layers with only activations and dropout between them (torchvision's ``MLPBlock`` and ``MLP``, MaxViT's
+  ``mlp_layer``). Nothing inside an attention module is a unit of its own (Swin v2's position-bias MLP).
 
 Each becomes a :class:`~lightning_prune.masks.channels.ChannelGroup` whose units are heads or neurons: a head owns its
 query, key and value rows (and biases) and its output-projection columns; a neuron owns its gate and up rows (fc
@@ -378,7 +383,9 @@ class HeadStructure(Structure):
     A unit's score is the Lp norm over every weight it owns (query, key, value rows and output columns of a head;
     gate, up rows and down column of a neuron), as in Michel et al., 2019 ("Are Sixteen Heads Really Better than
     One?") scored by weights, or the sum of a gradient criterion's scores (``"taylor"``, ``"fisher"``: Molchanov et
-    al., 2019) over those weights. ``sparsity`` is the fraction of these modules' parameters pruned:
+    al., 2019) over those weights, or the unit's output measured on training batches (``"activation"``: the mean
+    absolute value of a head's output or a neuron's activation where the next layer reads it; ``"apoz"``).
+    ``sparsity`` is the fraction of these modules' parameters pruned:
     ``scope="layer"`` prunes that fraction of every group's units (uniform widths, which Hugging Face configs can
     express); ``scope="global"`` ranks every unit by its score over its group's mean, cost-weighted, so that
     layers compete.
