@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import PruningCallback
-from lightning_prune.criteria import ActivationImportance, APoZImportance
+from lightning_prune.criteria import ActivationImportance, APoZImportance, build_importance
 from lightning_prune.deploy import CompactMultiheadAttention
 from lightning_prune.deploy.transformer import compact_heads
 from lightning_prune.structures import HeadStructure
@@ -94,4 +94,40 @@ def test_fit_prunes_whole_heads_and_the_compact_model_equals_the_masked_one(tmp_
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a, b = model(x), small(x)
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+
+
+def test_gpt2_heads_and_neurons_are_measured_where_their_conv1d_projections_read_them():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_embd=8, n_layer=1, n_head=4, n_positions=8, vocab_size=20))
+    masks = HeadStructure().bind(model)
+    importance = ActivationImportance(batches=1)
+    importance.start(model, masks)
+    model(torch.randint(0, 20, (2, 6)))
+    assert importance.observe(masks)
+    assert importance.readers == {"h.0.attn": ["h.0.attn.c_proj"], "h.0.mlp": ["h.0.mlp.c_proj"]}
+    assert [tuple(importance.channel_scores(masks, g).shape) for g in masks.groups] == [(4,), (32,)]
+
+
+def test_a_compact_attention_prunes_and_compacts_again():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False).eval()
+    structure = HeadStructure(units="heads")
+    importance = build_importance("l2")
+    first = structure.bind(model)
+    structure.prune_(first, importance, 0.25, scope="layer")
+    small = compact_heads(model, first)
+    second = structure.bind(small)
+    assert [g.channels for g in second.groups] == [3]
+    structure.prune_(second, importance, 1 / 3, scope="layer")
+    smaller = compact_heads(small, second)
+    attention = smaller.layers[0].self_attn
+    assert (attention.num_heads, attention.source_num_heads, len(attention.heads)) == (2, 4, 2)
+    assert set(attention.heads) < set(small.layers[0].self_attn.heads)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = small(x), smaller(x)
     assert float((a - b).norm() / a.norm()) <= 1e-5
