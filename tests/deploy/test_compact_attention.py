@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 from lightning_prune.criteria import build_importance
-from lightning_prune.deploy import CompactMultiheadAttention, load_compact, save_compact
+from lightning_prune.deploy import CompactMultiheadAttention, compact_state, load_compact, save_compact
 from lightning_prune.deploy.transformer import compact_heads
 from lightning_prune.structures import HeadStructure
 
@@ -230,3 +230,18 @@ def test_pruning_never_removes_every_head():
         ValueError, match=r"Cannot prune these groups' units to their targets with `max_layer_sparsity`"
     ):
         prune(model, 0.95, units="heads")
+
+
+def test_load_compact_builds_only_the_package_s_compact_modules():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+    state = compact_state(compact_heads(model, prune(model, units="heads")))
+    assert state["replaced"]["layers.0.self_attn"]["type"] == "CompactMultiheadAttention"
+    state["replaced"]["layers.0.self_attn"]["type"] = "os.system"
+    with pytest.raises(
+        ValueError,
+        match=r"The compact model replaces 'layers.0.self_attn' by 'os.system', which load_compact cannot build: it "
+        r"builds \['CompactMultiheadAttention', 'CompactRelativeAttention', 'CompactShiftedWindowAttention'\]\.",
+    ):
+        load_compact(model, state)
