@@ -4,8 +4,9 @@
 attention has fewer heads of the same width over the same residual width. :func:`attention_context` computes the
 attention of given projections up to, and excluding, the output projection (the concatenated head outputs), with
 torch's semantics for ``key_padding_mask``, ``attn_mask`` (boolean or float, 2-D or per head), ``bias_k``/``bias_v``,
-``add_zero_attn`` and dropout. It serves the compact attention of :mod:`lightning_prune.deploy.attention` and the
-activation criteria, which score a head by its output.
+``add_zero_attn`` and dropout; :func:`window_attention` computes torchvision's Swin window attention (v1, v2) for
+any head count, with or without the output projection. They serve the compact attention modules of
+:mod:`lightning_prune.deploy` and the activation criteria, which score a head by its output.
 
 Private to the package.
 
@@ -22,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,3 +157,80 @@ def sequence_first(
     elif batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     return query, key, value, key_padding_mask, batched
+
+
+def window_attention(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    position_bias: Tensor,
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    num_heads: int,
+    head_dim: int,
+    *,
+    proj_weight: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    logit_scale: Tensor | None = None,
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Swin's (shifted) window attention of ``x`` ``(B, H, W, C)`` as torchvision's ``shifted_window_attention``
+    computes it, for ``num_heads`` heads of width ``head_dim``; with ``logit_scale``, v2's cosine attention.
+
+    Without ``proj_weight`` it returns the concatenated head outputs ``(B, H, W, num_heads * head_dim)``, before the
+    output projection (what the activation criteria measure).
+    """
+    b, h, w, c = x.shape
+    window, shift = list(window_size), list(shift_size)
+    pad_r, pad_b = (window[1] - w % window[1]) % window[1], (window[0] - h % window[0]) % window[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, ph, pw, _ = x.shape
+    if window[0] >= ph:
+        shift[0] = 0
+    if window[1] >= pw:
+        shift[1] = 0
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = (ph // window[0]) * (pw // window[1])
+    x = x.view(b, ph // window[0], window[0], pw // window[1], window[1], c)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * windows, window[0] * window[1], c)
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length : 2 * length].zero_()  # v2 has no key bias
+    tokens, d = x.size(1), head_dim
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(x.size(0), tokens, 3, num_heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * d**-0.5).matmul(k.transpose(-2, -1))
+    attn = attn + position_bias
+    if sum(shift) > 0:
+        mask = x.new_zeros((ph, pw))
+        h_slices = ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None))
+        w_slices = ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None))
+        count = 0
+        for hs in h_slices:
+            for ws in w_slices:
+                mask[hs[0] : hs[1], ws[0] : ws[1]] = count
+                count += 1
+        mask = mask.view(ph // window[0], window[0], pw // window[1], window[1])
+        mask = mask.permute(0, 2, 1, 3).reshape(windows, window[0] * window[1])
+        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        attn = attn.view(x.size(0) // windows, windows, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    out = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, num_heads * d)
+    if proj_weight is not None:
+        out = F.dropout(F.linear(out, proj_weight, proj_bias), p=dropout, training=training)
+    width = out.shape[-1]
+    out = out.view(b, ph // window[0], pw // window[1], window[0], window[1], width)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, width)
+    if sum(shift) > 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return out[:, :h, :w, :].contiguous()

@@ -21,8 +21,9 @@ runs between (pooling, a residual addition), the tensor the network actually pas
 * Heads and neurons of :class:`~lightning_prune.structures.heads.HeadStructure` are measured the same way: a head
   at the input of the output projection (its output, before the heads are mixed), a neuron at the input of the
   down projection (Hugging Face's transposed ``Conv1D`` included). ``nn.MultiheadAttention`` never calls its
-  ``out_proj`` as a module, so its hook recomputes the head outputs from the attention's inputs (one more attention
-  pass per recorded forward, only while the window is open).
+  ``out_proj`` as a module, nor torchvision's Swin attention its ``proj``, so their hooks recompute the head
+  outputs from the attention's inputs (one more attention pass per recorded forward, only while the window is
+  open).
 
 The producing layer's own output (the convolution, or its BatchNorm) would be the pre-activation: zeros
 would have to be assumed from its sign, and another nonlinearity or an addition on the way would be missed.
@@ -61,7 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune._attention import attention_context, projections, sequence_first
+from lightning_prune._attention import attention_context, projections, sequence_first, window_attention
 from lightning_prune.criteria.base import STATE_VERSION, AllReduce, StatisticsImportance
 from lightning_prune.masks.channels import ChannelGroup, ChannelMaskSet
 from lightning_prune.masks.maskset import MaskSet
@@ -97,6 +98,30 @@ def _reads(module: nn.Module, dim: int) -> bool:
 
 #: The arguments of ``nn.MultiheadAttention.forward`` a hook needs, in order.
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def _is_window_attention(module: nn.Module) -> bool:
+    """Swin's window attention (torchvision's, or a compact one): a ``qkv`` and a ``proj`` layer, a position bias."""
+    return (
+        isinstance(getattr(module, "qkv", None), nn.Linear)
+        and isinstance(getattr(module, "proj", None), nn.Linear)
+        and callable(getattr(module, "get_relative_position_bias", None))
+        and hasattr(module, "window_size")
+    )
+
+
+def _window_head_outputs(module: Any, x: object) -> Tensor | None:
+    """The concatenated head outputs of Swin's window attention ``module`` for input ``x``: torchvision applies its
+    ``proj`` with ``F.linear``, never as a module, so they are recomputed."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return None
+    num_heads = int(module.num_heads)
+    head_dim = int(getattr(module, "head_dim", module.qkv.out_features // 3 // num_heads))
+    logit_scale = getattr(module, "logit_scale", None)
+    return window_attention(
+        x, module.qkv.weight, module.qkv.bias, module.get_relative_position_bias(), module.window_size,
+        module.shift_size, num_heads, head_dim, logit_scale=logit_scale if isinstance(logit_scale, Tensor) else None,
+    )  # fmt: skip
 
 
 def _head_outputs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -382,7 +407,11 @@ class ActivationStatistics(StatisticsImportance):
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], readers: list[_Reader]) -> None:
         if (self.training_only and not module.training) or self.ready:
             return
-        x = _head_outputs(module, args, kwargs) if isinstance(module, nn.MultiheadAttention) else None
+        x = None
+        if isinstance(module, nn.MultiheadAttention):
+            x = _head_outputs(module, args, kwargs)
+        elif _is_window_attention(module):
+            x = _window_head_outputs(module, args[0] if args else kwargs.get("x"))
         x = x if x is not None else (args[0] if args else kwargs.get("input"))
         if not isinstance(x, Tensor) or x.is_nested:
             return
@@ -523,8 +552,11 @@ def _plan(
                 continue
             device = getattr(layer, attr).device
             attention_name, _, child = layer_name.rpartition(".")
-            if child == "out_proj" and isinstance(modules.get(attention_name), nn.MultiheadAttention):
-                layer_name, layer = attention_name, modules[attention_name]  # hooked there: see _head_outputs
+            parent = modules.get(attention_name)
+            if (child == "out_proj" and isinstance(parent, nn.MultiheadAttention)) or (
+                child == "proj" and parent is not None and _is_window_attention(parent)
+            ):
+                layer_name, layer = attention_name, parent  # hooked there: see _head_outputs, _window_head_outputs
             positions = torch.bincount(s.root, minlength=group.channels).to(device=device, dtype=_float64(device))
             arange = torch.arange(group.channels)
             identity = torch.equal(s.index, arange) and torch.equal(s.root, arange)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune._attention import window_attention
 from lightning_prune._helpers import is_int
 
 __all__ = ["CompactRelativeAttention", "CompactShiftedWindowAttention"]
@@ -246,8 +247,9 @@ class CompactShiftedWindowAttention(nn.Module):
         small.train(module.training)
         return small
 
-    def relative_position_bias(self) -> Tensor:
-        """The position bias added to the attention scores, ``(1, num_heads, N, N)`` for ``N`` window positions."""
+    def get_relative_position_bias(self) -> Tensor:
+        """The position bias added to the attention scores, ``(1, num_heads, N, N)`` for ``N`` window positions (as
+        torchvision's method of that name)."""
         table = (
             self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
             if self.v2
@@ -259,57 +261,22 @@ class CompactShiftedWindowAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """As torchvision's ``shifted_window_attention``, for heads of width :attr:`head_dim`."""
-        b, h, w, c = x.shape
-        window, shift = self.window_size, list(self.shift_size)
-        pad_r, pad_b = (window[1] - w % window[1]) % window[1], (window[0] - h % window[0]) % window[0]
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        _, ph, pw, _ = x.shape
-        if window[0] >= ph:
-            shift[0] = 0
-        if window[1] >= pw:
-            shift[1] = 0
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = (ph // window[0]) * (pw // window[1])
-        x = x.view(b, ph // window[0], window[0], pw // window[1], window[1], c)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * windows, window[0] * window[1], c)
-        bias: Tensor | None = self.qkv.bias
-        if self.v2 and bias is not None:
-            bias = bias.clone()
-            length = bias.numel() // 3
-            bias[length : 2 * length].zero_()
-        heads, d, tokens = self.num_heads, self.head_dim, x.size(1)
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(x.size(0), tokens, 3, heads, d).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if self.v2:
-            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        else:
-            attn = (q * d**-0.5).matmul(k.transpose(-2, -1))
-        attn = attn + self.relative_position_bias()
-        if sum(shift) > 0:
-            mask = x.new_zeros((ph, pw))
-            h_slices = ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None))
-            w_slices = ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None))
-            count = 0
-            for hs in h_slices:
-                for ws in w_slices:
-                    mask[hs[0] : hs[1], ws[0] : ws[1]] = count
-                    count += 1
-            mask = mask.view(ph // window[0], window[0], pw // window[1], window[1])
-            mask = mask.permute(0, 2, 1, 3).reshape(windows, window[0] * window[1])
-            mask = mask.unsqueeze(1) - mask.unsqueeze(2)
-            mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
-            attn = attn.view(x.size(0) // windows, windows, heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, heads, tokens, tokens)
-        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
-        x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, heads * d)
-        x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
-        x = x.view(b, ph // window[0], pw // window[1], window[0], window[1], c)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return x[:, :h, :w, :].contiguous()
+        return window_attention(
+            x,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.get_relative_position_bias(),
+            self.window_size,
+            self.shift_size,
+            self.num_heads,
+            self.head_dim,
+            proj_weight=self.proj.weight,
+            proj_bias=self.proj.bias,
+            logit_scale=self.logit_scale if self.v2 else None,
+            attention_dropout=self.attention_dropout,
+            dropout=self.dropout,
+            training=self.training,
+        )
 
     def extra_repr(self) -> str:
         return (

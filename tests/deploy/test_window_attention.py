@@ -13,7 +13,7 @@ from torchvision.models.swin_transformer import (
     SwinTransformerBlockV2,
 )
 
-from lightning_prune.criteria import build_importance
+from lightning_prune.criteria import ActivationImportance, build_importance
 from lightning_prune.deploy import CompactRelativeAttention, CompactShiftedWindowAttention, load_compact, save_compact
 from lightning_prune.deploy.transformer import compact_heads
 from lightning_prune.structures import HeadStructure
@@ -137,3 +137,21 @@ def test_compacts_to_equal_outputs_and_reloads(tmp_path, build, attention, compa
 def test_bad_inputs_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("version", [ShiftedWindowAttention, ShiftedWindowAttentionV2], ids=["v1", "v2"])
+def test_activation_scores_a_swin_head_by_its_output(version):
+    # torchvision applies `proj` with F.linear, so the criterion recomputes the head outputs
+    torch.manual_seed(0)
+    attention = version(8, [2, 2], [1, 1], num_heads=4)
+    with torch.no_grad():
+        attention.qkv.weight[16:].zero_()  # v = its bias: head h outputs the constant values[h] everywhere
+        attention.qkv.bias[16:].copy_(torch.tensor([0.5, -2.0, 0.0, 1.0]).repeat_interleave(2))
+    model = nn.Sequential(attention)
+    masks = HeadStructure().bind(model)
+    importance = ActivationImportance(batches=1)
+    importance.start(model, masks)
+    model(torch.randn(2, 4, 4, 8))
+    assert importance.observe(masks) and importance.readers == {"0": ["0"]}
+    scores = importance.channel_scores(masks, masks.groups[0])
+    assert torch.allclose(scores, torch.tensor([0.5, 2.0, 0.0, 1.0], dtype=torch.float64), atol=1e-6)
