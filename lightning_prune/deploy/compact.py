@@ -325,7 +325,6 @@ def _put_replacements(model: nn.Module, replaced: Mapping[str, Any]) -> None:
                 f"The compact model replaces {name!r} by {kind!r}, which load_compact cannot build: it builds "
                 f"{sorted(_REPLACEMENTS)}."
             )
-        parent_name, _, child = name.rpartition(".")
         if not name or name not in modules:
             raise ValueError(f"The compact model has layers this {type(model).__qualname__} lacks: [{name!r}].")
         old = modules[name]
@@ -333,4 +332,4 @@ def _put_replacements(model: nn.Module, replaced: Mapping[str, Any]) -> None:
         factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
         new = _REPLACEMENTS[kind](**config, **factory)
         new.train(old.training)
-        setattr(modules[parent_name] if parent_name else model, child, new)
+        model.set_submodule(name, new)

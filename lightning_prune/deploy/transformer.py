@@ -100,8 +100,8 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
         name = unit.group.name[cut:]
         _rewrite_heads(unit, modules[name], kept_units[name])
         if unit.style in _COMPACT_MODULES and not bool(kept_units[name].all()):
-            _replace(
-                small, name, _COMPACT_MODULES[unit.style].from_attention(modules[name], _indices(kept_units[name]))
+            small.set_submodule(
+                name, _COMPACT_MODULES[unit.style].from_attention(modules[name], _indices(kept_units[name]))
             )
     for m in small.modules():
         if isinstance(m, nn.TransformerEncoder) and any(
@@ -122,13 +122,6 @@ _COMPACT_MODULES: dict[str, Any] = {
 
 def _indices(kept: Tensor) -> list[int]:
     return [int(i) for i in torch.nonzero(kept).flatten()]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted ``name`` of ``model`` (not the root)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _prefix(model: nn.Module, masks: MaskSet) -> str:
