@@ -223,10 +223,11 @@ def _window_attention(name: str, module: nn.Module) -> UnitGroup | None:
     and ``cpb_mlp``) or MaxViT attention (``to_qkv``, ``merge``, ``relative_position_bias_table``), else None."""
     p = lambda n: _qualified(name, n)  # noqa: E731
     m: Any = module
-    if _has_linear(m, "qkv", "proj") and is_int(getattr(m, "num_heads", None)):
+    swin_attributes = all(hasattr(m, a) for a in ("window_size", "shift_size", "attention_dropout", "dropout"))
+    if _has_linear(m, "qkv", "proj") and is_int(getattr(m, "num_heads", None)) and swin_attributes:
         fused, style, extra = m.qkv, "swin", ("qkv", "proj")
         heads = int(m.num_heads)
-    elif _has_linear(m, "to_qkv", "merge") and is_int(getattr(m, "n_heads", None)):
+    elif _has_linear(m, "to_qkv", "merge") and is_int(getattr(m, "n_heads", None)) and hasattr(m, "max_seq_len"):
         fused, style, extra = m.to_qkv, "maxvit", ("to_qkv", "merge")
         heads = int(m.n_heads)
     else:
