@@ -18,6 +18,13 @@ runs between (pooling, a residual addition), the tensor the network actually pas
   block, a depthwise convolution and the pointwise one after it) pools its statistics over all of them.
 * After a flatten, a channel owns a block of the linear layer's input columns; its statistics pool them.
 
+* Heads and neurons of :class:`~lightning_prune.structures.heads.HeadStructure` are measured the same way: a head
+  at the input of the output projection (its output, before the heads are mixed), a neuron at the input of the
+  down projection (Hugging Face's transposed ``Conv1D`` included). ``nn.MultiheadAttention`` never calls its
+  ``out_proj`` as a module, nor torchvision's Swin attention its ``proj``, so their hooks recompute the head
+  outputs from the attention's inputs (one more attention pass per recorded forward, only while the window is
+  open).
+
 The producing layer's own output (the convolution, or its BatchNorm) would be the pre-activation: zeros
 would have to be assumed from its sign, and another nonlinearity or an addition on the way would be missed.
 
@@ -55,9 +62,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prune._attention import attention_context, projections, sequence_first, window_attention
 from lightning_prune.criteria.base import STATE_VERSION, AllReduce, StatisticsImportance
 from lightning_prune.masks.channels import ChannelGroup, ChannelMaskSet
 from lightning_prune.masks.maskset import MaskSet
+from lightning_prune.masks.params import hf_conv1d_type
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,56 @@ def _reads(module: nn.Module, dim: int) -> bool:
         if module.groups == 1:
             return dim == 1
         return module.groups == module.in_channels == module.out_channels  # depthwise: input c is output c
+    conv1d = hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return dim == 0  # Hugging Face's Conv1D: a linear layer with an (in, out) weight
     return isinstance(module, nn.Linear) and dim == 1
+
+
+#: The arguments of ``nn.MultiheadAttention.forward`` a hook needs, in order.
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def _is_window_attention(module: nn.Module) -> bool:
+    """Swin's window attention (torchvision's, or a compact one): a ``qkv`` and a ``proj`` layer, a position bias."""
+    return (
+        isinstance(getattr(module, "qkv", None), nn.Linear)
+        and isinstance(getattr(module, "proj", None), nn.Linear)
+        and callable(getattr(module, "get_relative_position_bias", None))
+        and hasattr(module, "window_size")
+    )
+
+
+def _window_head_outputs(module: Any, x: object) -> Tensor | None:
+    """The concatenated head outputs of Swin's window attention ``module`` for input ``x``: torchvision applies its
+    ``proj`` with ``F.linear``, never as a module, so they are recomputed."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        return None
+    num_heads = int(module.num_heads)
+    head_dim = int(getattr(module, "head_dim", module.qkv.out_features // 3 // num_heads))
+    logit_scale = getattr(module, "logit_scale", None)
+    return window_attention(
+        x, module.qkv.weight, module.qkv.bias, module.get_relative_position_bias(), module.window_size,
+        module.shift_size, num_heads, head_dim, logit_scale=logit_scale if isinstance(logit_scale, Tensor) else None,
+    )  # fmt: skip
+
+
+def _head_outputs(module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The concatenated head outputs of ``module`` for a call with ``args`` and ``kwargs``: the input its
+    ``out_proj`` would read, which ``nn.MultiheadAttention`` never calls as a module (None for nested tensors)."""
+    values = dict(zip(_MHA_ARGS, args))
+    values.update(kwargs)
+    query, key, value = values.get("query"), values.get("key"), values.get("value")
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return None
+    if query.is_nested or key.is_nested or value.is_nested:
+        return None
+    q, k, v, padding, _ = sequence_first(query, key, value, values.get("key_padding_mask"), module.batch_first)
+    context, _ = attention_context(
+        q, k, v, projections(module), module.num_heads, module.head_dim,
+        key_padding_mask=padding, attn_mask=values.get("attn_mask"),
+    )  # fmt: skip
+    return context
 
 
 def _channel_dim(module: nn.Module, x: Tensor) -> int:
@@ -347,8 +405,15 @@ class ActivationStatistics(StatisticsImportance):
 
     @torch.no_grad()
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], readers: list[_Reader]) -> None:
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or (self.training_only and not module.training) or self.ready:
+        if (self.training_only and not module.training) or self.ready:
+            return
+        x = None
+        if isinstance(module, nn.MultiheadAttention):
+            x = _head_outputs(module, args, kwargs)
+        elif _is_window_attention(module):
+            x = _window_head_outputs(module, args[0] if args else kwargs.get("x"))
+        x = x if x is not None else (args[0] if args else kwargs.get("input"))
+        if not isinstance(x, Tensor) or x.is_nested:
             return
         x = x.detach()
         if x.dim() == 1:
@@ -486,6 +551,12 @@ def _plan(
             if not s.scored or not _reads(layer, s.dim):
                 continue
             device = getattr(layer, attr).device
+            attention_name, _, child = layer_name.rpartition(".")
+            parent = modules.get(attention_name)
+            if (child == "out_proj" and isinstance(parent, nn.MultiheadAttention)) or (
+                child == "proj" and parent is not None and _is_window_attention(parent)
+            ):
+                layer_name, layer = attention_name, parent  # hooked there: see _head_outputs, _window_head_outputs
             positions = torch.bincount(s.root, minlength=group.channels).to(device=device, dtype=_float64(device))
             arange = torch.arange(group.channels)
             identity = torch.equal(s.index, arange) and torch.equal(s.root, arange)

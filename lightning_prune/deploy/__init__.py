@@ -6,6 +6,9 @@
   save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`) and LitGPT's ``GPT`` as a
   LitGPT checkpoint (:func:`save_litgpt_compact`);
 * :mod:`~lightning_prune.deploy.experts`: remove pruned experts of a mixture of experts (:func:`compact_experts`);
+* :mod:`~lightning_prune.deploy.attention`: the drop-in ``nn.MultiheadAttention`` with fewer heads that a head-pruned
+  one compacts to (:class:`CompactMultiheadAttention`), and :mod:`~lightning_prune.deploy.window_attention`: those of
+  torchvision's Swin and MaxViT (:class:`CompactShiftedWindowAttention`, :class:`CompactRelativeAttention`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
 * :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
@@ -25,6 +28,7 @@ Example:
 """
 
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
+from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
 from lightning_prune.deploy.experts import compact_experts
 from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
@@ -34,8 +38,12 @@ from lightning_prune.deploy.profile import ModelProfile, count_macs, count_param
 from lightning_prune.deploy.report import ExportReport, export_model
 from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
 from lightning_prune.deploy.transformer import compact_heads, save_litgpt_compact, save_pretrained_compact
+from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 
 __all__ = [
+    "CompactMultiheadAttention",
+    "CompactRelativeAttention",
+    "CompactShiftedWindowAttention",
     "ExportError",
     "ExportReport",
     "ModelProfile",

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
 from lightning_prune._helpers import check_flag, eval_mode, forward, is_int, is_number, output_tensors
+from lightning_prune.deploy.attention import CompactMultiheadAttention
+from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 from lightning_prune.masks.channels import ChannelGroup
 from lightning_prune.structures.tracing import ExampleInputs, Traced, pruning_group, trace_groups
 
@@ -65,6 +67,8 @@ _WIDTH_ATTRS = (
     # expert counts of expert-pruned mixtures of experts (lightning_prune.deploy.experts)
     "num_experts",
     "intermediate_size",
+    # nn.TransformerEncoder's nested-tensor path, turned off where compact attention replaced its layers' own
+    "use_nested_tensor",
 )
 
 #: Width fields of a module's ``config`` that head and neuron compaction rewrite: LitGPT's ``Config``, which its
@@ -92,6 +96,13 @@ def _set_config_widths(m: nn.Module, widths: Mapping[str, int], copies: dict[tup
             setattr(config, field, value)
         copies[key] = config
     m.config = copies[key]
+
+
+#: Modules that compaction puts in place of a layer that cannot shrink in place, by class name: saved with their
+#: ``compact_config()`` and rebuilt by :func:`load_compact` (only these classes are ever built from a file).
+_REPLACEMENTS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (CompactMultiheadAttention, CompactShiftedWindowAttention, CompactRelativeAttention)
+}
 
 
 # ---------------------------------------------------------------------------------------------- compaction
@@ -242,10 +253,16 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         name: {a: copy.deepcopy(getattr(m, a)) for a in _WIDTH_ATTRS if _plain_attribute(m, a)}
         for name, m in model.named_modules()
     }
+    replaced = {
+        name: {"type": type(m).__name__, "config": m.compact_config()}  # type: ignore[operator]
+        for name, m in model.named_modules()
+        if type(m).__name__ in _REPLACEMENTS and isinstance(m, _REPLACEMENTS[type(m).__name__])
+    }
     return {
         "format": _COMPACT_FORMAT,
         "version": _COMPACT_VERSION,
         "architecture": type(model).__qualname__,
+        "replaced": replaced,
         "widths": {n: w for n, w in widths.items() if w},
         "configs": {n: c for n, m in model.named_modules() if (c := _config_widths(m))},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -303,6 +320,7 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
         raise ValueError(
             f"The compact model was saved from a {state.get('architecture')}, not a {type(model).__qualname__}."
         )
+    _put_replacements(model, state.get("replaced", {}))
     modules = dict(model.named_modules())
     unknown = [n for n in (*state["widths"], *state.get("configs", {})) if n not in modules]
     if unknown:
@@ -333,3 +351,26 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
                 owner._buffers[attr] = blank
     model.load_state_dict(state["state_dict"], strict=True)
     return model
+
+
+def _put_replacements(model: nn.Module, replaced: Mapping[str, Any]) -> None:
+    """Build the modules compaction put in place of others (:data:`_REPLACEMENTS`) and install them in ``model``."""
+    if not isinstance(replaced, Mapping):
+        raise ValueError(f"The compact model's `replaced` entry must be a mapping, got {type(replaced).__name__}.")
+    modules = dict(model.named_modules())
+    for name, entry in replaced.items():
+        kind = entry.get("type") if isinstance(entry, Mapping) else None
+        config = entry.get("config") if isinstance(entry, Mapping) else None
+        if kind not in _REPLACEMENTS or not isinstance(config, Mapping):
+            raise ValueError(
+                f"The compact model replaces {name!r} by {kind!r}, which load_compact cannot build: it builds "
+                f"{sorted(_REPLACEMENTS)}."
+            )
+        if not name or name not in modules:
+            raise ValueError(f"The compact model has layers this {type(model).__qualname__} lacks: [{name!r}].")
+        old = modules[name]
+        reference = next(old.parameters(), None)
+        factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+        new = _REPLACEMENTS[kind](**config, **factory)
+        new.train(old.training)
+        model.set_submodule(name, new)

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 
 from lightning_prune._files import atomic_save, atomic_write_text
 from lightning_prune._helpers import is_int
+from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.deploy.compact import _config_widths, _set_config_widths
+from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 from lightning_prune.masks.maskset import MaskSet
 from lightning_prune.structures.heads import HeadMaskSet, UnitGroup
 
@@ -70,21 +72,21 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
 
     Raises:
         TypeError: ``masks`` are not head masks.
-        ValueError: the masks are not ``model``'s, or a layout whose head count cannot shrink in place
-            (``nn.MultiheadAttention`` checks ``num_heads * head_dim == embed_dim``): ignore its attention or prune
-            its neurons only.
+        ValueError: the masks are not ``model``'s.
+
+    An ``nn.MultiheadAttention`` with pruned heads cannot shrink in place (it requires ``num_heads * head_dim ==
+    embed_dim``): it is replaced by a :class:`~lightning_prune.deploy.attention.CompactMultiheadAttention` with the
+    kept heads, the same ``embed_dim`` and ``head_dim``; an ``nn.TransformerEncoder`` holding one no longer takes the
+    nested-tensor fast path (outputs at padded positions are then computed, not zeros). torchvision's Swin (v1, v2)
+    and MaxViT attention derive the head width from the residual width, so they are replaced alike, by
+    :class:`~lightning_prune.deploy.window_attention.CompactShiftedWindowAttention` and
+    :class:`~lightning_prune.deploy.window_attention.CompactRelativeAttention`.
+    :func:`~lightning_prune.deploy.compact.load_compact` rebuilds all three.
     """
     if not isinstance(masks, HeadMaskSet):
         raise TypeError(f"`masks` must be a HeadMaskSet (from HeadStructure.bind), got {type(masks).__name__}.")
     prefix = _prefix(model, masks)
     cut = len(prefix)
-    for unit in masks.units:
-        if unit.style == "mha" and not bool(masks.kept(unit.group).all()):
-            raise ValueError(
-                f"nn.MultiheadAttention {unit.group.name!r} has pruned heads, but it requires num_heads * head_dim == "
-                "embed_dim, so its heads cannot be removed in place. Keep its heads (HeadStructure(units='neurons') or "
-                "`ignore` it); its zeroed heads stay as zeros."
-            )
     small = copy.deepcopy(model)
     small_params = dict(small.named_parameters())
     modules = dict(small.named_modules())
@@ -93,6 +95,8 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
     for unit in masks.units:
         kept = masks.kept(unit.group)
         kept_units[unit.group.name[cut:]] = kept
+        if unit.style in _COMPACT_MODULES:
+            continue  # replaced as a whole below
         for s in unit.group.slices:
             removed[(s.param[cut:], s.dim)].update(s.index[~kept[s.root]].tolist())
     for (name, dim), drop in removed.items():
@@ -108,9 +112,32 @@ def compact_heads(model: nn.Module, masks: MaskSet) -> nn.Module:
         _refresh_widths(m)
     layer_widths = {n: w for n, m in small.named_modules() if (w := _litgpt_widths(m))}
     for unit in masks.units:
-        _rewrite_heads(unit, modules[unit.group.name[cut:]], kept_units[unit.group.name[cut:]])
+        name = unit.group.name[cut:]
+        _rewrite_heads(unit, modules[name], kept_units[name])
+        if unit.style in _COMPACT_MODULES and not bool(kept_units[name].all()):
+            small.set_submodule(
+                name, _COMPACT_MODULES[unit.style].from_attention(modules[name], _indices(kept_units[name]))
+            )
     _rewrite_litgpt_configs(small, layer_widths)
+    for m in small.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(layer, nn.Module) and isinstance(getattr(layer, "self_attn", None), CompactMultiheadAttention)
+            for layer in m.layers
+        ):
+            m.use_nested_tensor = False  # the nested-tensor path runs PyTorch's fused kernels, which need full heads
     return small
+
+
+#: Attention layouts whose head count cannot shrink in place, and the compact module each becomes.
+_COMPACT_MODULES: dict[str, Any] = {
+    "mha": CompactMultiheadAttention,
+    "swin": CompactShiftedWindowAttention,
+    "maxvit": CompactRelativeAttention,
+}
+
+
+def _indices(kept: Tensor) -> list[int]:
+    return [int(i) for i in torch.nonzero(kept).flatten()]
 
 
 def _prefix(model: nn.Module, masks: MaskSet) -> str:

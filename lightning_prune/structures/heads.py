@@ -8,12 +8,17 @@
 * LitGPT's ``CausalSelfAttention``: one fused ``qkv`` linear layer (every query head's rows, then every key head's,
   then every value head's) and ``proj``, grouped-query attention included, head width from its ``config.head_size``;
 * ``nn.MultiheadAttention`` (``nn.TransformerEncoder``/``Decoder`` layers, torchvision's ViT), packed
-  ``in_proj_weight`` or separate ``q/k/v_proj_weight``;
+  ``in_proj_weight`` or separate ``q/k/v_proj_weight`` (``kdim``/``vdim``), with ``bias_k``/``bias_v``;
+* torchvision's Swin attention, v1 and v2 (fused ``qkv``, ``proj``, a per-head relative position bias table, or
+  v2's ``logit_scale`` and the last layer of its ``cpb_mlp``), and MaxViT's (``to_qkv``, ``merge``, a per-head
+  table);
 * Hugging Face GPT-2 attention (``c_attn`` and ``c_proj``, transposed ``Conv1D``) and BERT attention (``self.query``,
   ``self.key``, ``self.value`` and ``output.dense``);
 * MLPs: gated (``gate_proj``, ``up_proj``, ``down_proj``), ``linear1``/``linear2`` (PyTorch's transformer layers),
-  ``c_fc``/``c_proj`` (GPT-2), ``intermediate.dense``/``output.dense`` (BERT), torchvision's ``MLPBlock`` and
-  LitGPT's ``LLaMAMLP``/``GemmaMLP`` (gated ``fc_1``, ``fc_2``, ``proj``) and ``GptNeoxMLP`` (``fc``, ``proj``).
+  ``c_fc``/``c_proj`` (GPT-2), ``intermediate.dense``/``output.dense`` (BERT), LitGPT's ``LLaMAMLP``/``GemmaMLP``
+  (gated ``fc_1``, ``fc_2``, ``proj``) and ``GptNeoxMLP`` (``fc``, ``proj``), and any ``nn.Sequential`` of two linear
+  layers with only activations and dropout between them (torchvision's ``MLPBlock`` and ``MLP``, MaxViT's
+  ``mlp_layer``). Nothing inside an attention module is a unit of its own (Swin v2's position-bias MLP).
 
 Each becomes a :class:`~lightning_prune.masks.channels.ChannelGroup` whose units are heads or neurons: a head owns its
 query, key and value rows (and biases) and its output-projection columns; a neuron owns its gate and up rows (fc
@@ -217,15 +222,22 @@ def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] |
     if _has_linear(module, "qkv", "proj") and is_int(getattr(config, "n_query_groups", None)):
         return _litgpt_heads(name, module, config, gqa)
     if isinstance(module, nn.MultiheadAttention):
-        heads, d, e = module.num_heads, module.head_dim, module.embed_dim
-        if module._qkv_same_embed_dim:
+        # the inner width is embed_dim for torch's own module, less for a compact one (deploy.attention)
+        heads, d = module.num_heads, module.head_dim
+        e = heads * d
+        if module.in_proj_weight is not None:
             slices = [_rows(p("in_proj_weight"), heads, d, offset) for offset in (0, e, 2 * e)]
         else:
             slices = [_rows(p(f"{n}_proj_weight"), heads, d) for n in ("q", "k", "v")]
         if module.in_proj_bias is not None:
             slices += [_rows(p("in_proj_bias"), heads, d, offset, scored=False) for offset in (0, e, 2 * e)]
+        if module.bias_k is not None and module.bias_v is not None:
+            slices += [_rows(p(n), heads, d, dim=2, scored=False) for n in ("bias_k", "bias_v")]
         slices.append(_rows(p("out_proj.weight"), heads, d, dim=1))
         return UnitGroup(ChannelGroup(name, heads, tuple(slices)), "heads", module, "mha", heads, heads, d)
+    window = _window_attention(name, module)
+    if window is not None:
+        return window
     attn, proj = getattr(module, "c_attn", None), getattr(module, "c_proj", None)
     gpt2_heads = getattr(module, "num_heads", None)
     if conv1d is not None and isinstance(attn, conv1d) and isinstance(proj, conv1d) and is_int(gpt2_heads):
@@ -254,6 +266,62 @@ def _attention(name: str, module: nn.Module, gqa: GQA, conv1d: type[nn.Module] |
         slices.append(_rows(p("output.dense.weight"), heads, d, dim=1))
         return UnitGroup(ChannelGroup(name, heads, tuple(slices)), "heads", module, "bert", heads, heads, d)
     return None
+
+
+def _window_attention(name: str, module: nn.Module) -> UnitGroup | None:
+    """The heads of torchvision's Swin attention (``qkv``, ``proj``, a per-head position bias; v2's ``logit_scale``
+    and ``cpb_mlp``) or MaxViT attention (``to_qkv``, ``merge``, ``relative_position_bias_table``), else None."""
+    p = lambda n: _qualified(name, n)  # noqa: E731
+    m: Any = module
+    swin_attributes = all(hasattr(m, a) for a in ("window_size", "shift_size", "attention_dropout", "dropout"))
+    if _has_linear(m, "qkv", "proj") and is_int(getattr(m, "num_heads", None)) and swin_attributes:
+        fused, style, extra = m.qkv, "swin", ("qkv", "proj")
+        heads = int(m.num_heads)
+    elif _has_linear(m, "to_qkv", "merge") and is_int(getattr(m, "n_heads", None)) and hasattr(m, "max_seq_len"):
+        fused, style, extra = m.to_qkv, "maxvit", ("to_qkv", "merge")
+        heads = int(m.n_heads)
+    else:
+        return None
+    v2 = isinstance(getattr(module, "logit_scale", None), nn.Parameter) and isinstance(
+        getattr(module, "cpb_mlp", None), nn.Sequential
+    )
+    table = getattr(module, "relative_position_bias_table", None)
+    if not v2 and not (isinstance(table, nn.Parameter) and table.dim() == 2 and table.shape[1] == heads):
+        return None
+    width = fused.out_features // 3
+    d = int(getattr(module, "head_dim", width // max(heads, 1)))
+    heads, _ = _check_heads(name, module, width, width, d)
+    qkv_name, out_name = extra
+    slices = [_rows(p(f"{qkv_name}.weight"), heads, d, offset) for offset in (0, width, 2 * width)]
+    if _bias(fused):
+        slices += [_rows(p(f"{qkv_name}.bias"), heads, d, offset, scored=False) for offset in (0, width, 2 * width)]
+    slices.append(_rows(p(f"{out_name}.weight"), heads, d, dim=1))
+    if v2:
+        last = len(m.cpb_mlp) - 1
+        slices += [_rows(p("logit_scale"), heads, 1, scored=False)]
+        slices += [_rows(p(f"cpb_mlp.{last}.weight"), heads, 1, scored=False)]
+        if _bias(m.cpb_mlp[last]):
+            slices += [_rows(p(f"cpb_mlp.{last}.bias"), heads, 1, scored=False)]
+    else:
+        slices.append(_rows(p("relative_position_bias_table"), heads, 1, dim=1, scored=False))
+    return UnitGroup(ChannelGroup(name, heads, tuple(slices)), "heads", module, style, heads, heads, d)
+
+
+#: Modules that act on each feature alone: what may stand between the two layers of an MLP.
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Dropout, nn.Identity)
+
+
+def _sequential_mlp(module: nn.Module) -> tuple[int, int] | None:
+    """The positions of the two linear layers of an ``nn.Sequential`` MLP (torchvision's ``MLP``/``MLPBlock``,
+    MaxViT's ``mlp_layer``): exactly two, with only activations and dropout between them."""
+    if not isinstance(module, nn.Sequential):
+        return None
+    children = list(module)
+    linears = [i for i, m in enumerate(children) if isinstance(m, nn.Linear)]
+    if len(linears) != 2 or not all(isinstance(m, _ELEMENTWISE) for m in children[linears[0] + 1 : linears[1]]):
+        return None
+    first, second = children[linears[0]], children[linears[1]]
+    return (linears[0], linears[1]) if first.out_features == second.in_features else None
 
 
 def _mlp(name: str, module: nn.Module, conv1d: type[nn.Module] | None) -> UnitGroup | None:
@@ -285,10 +353,9 @@ def _mlp(name: str, module: nn.Module, conv1d: type[nn.Module] | None) -> UnitGr
         and isinstance(getattr(getattr(module, "output", None), "dense", None), nn.Linear)
     ):
         return linear("output.dense", ("intermediate.dense",), "bert")
-    if type(module).__name__ == "MLPBlock" and isinstance(module, nn.Sequential):
-        linears = [i for i, m in enumerate(module) if isinstance(m, nn.Linear)]
-        if len(linears) == 2:
-            return linear(str(linears[1]), (str(linears[0]),), "fc")
+    pair = _sequential_mlp(module)
+    if pair is not None:
+        return linear(str(pair[1]), (str(pair[0]),), "fc")
     fc, proj = getattr(module, "c_fc", None), getattr(module, "c_proj", None)
     if conv1d is not None and isinstance(fc, conv1d) and isinstance(proj, conv1d):
         width = int(_weight(fc).shape[1])
@@ -333,11 +400,17 @@ def find_units(
     check_patterns(model, ignore)
     conv1d = hf_conv1d_type()
     found: list[UnitGroup] = []
+    attention: list[str] = []  # what lies inside an attention module (Swin v2's position-bias MLP) is its own
     for name, module in model.named_modules():
         if name and any(name_matches(name, pattern) for pattern in ignore):
             continue
-        unit = _attention(name, module, gqa, conv1d) if "heads" in units else None
-        if unit is None and "neurons" in units:
+        if any(name.startswith(f"{a}.") or not a for a in attention):
+            continue
+        unit = _attention(name, module, gqa, conv1d)
+        if unit is not None:
+            attention.append(name)
+            unit = unit if "heads" in units else None
+        elif "neurons" in units:
             unit = _mlp(name, module, conv1d)
         if unit is not None:
             found.append(unit)
@@ -366,7 +439,9 @@ class HeadStructure(Structure):
     A unit's score is the Lp norm over every weight it owns (query, key, value rows and output columns of a head;
     gate, up rows and down column of a neuron), as in Michel et al., 2019 ("Are Sixteen Heads Really Better than
     One?") scored by weights, or the sum of a gradient criterion's scores (``"taylor"``, ``"fisher"``: Molchanov et
-    al., 2019) over those weights. ``sparsity`` is the fraction of these modules' parameters pruned:
+    al., 2019) over those weights, or the unit's output measured on training batches (``"activation"``: the mean
+    absolute value of a head's output or a neuron's activation where the next layer reads it; ``"apoz"``).
+    ``sparsity`` is the fraction of these modules' parameters pruned:
     ``scope="layer"`` prunes that fraction of every group's units (uniform widths, which Hugging Face configs can
     express); ``scope="global"`` ranks every unit by its score over its group's mean, cost-weighted, so that
     layers compete.
