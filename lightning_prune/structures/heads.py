@@ -406,7 +406,13 @@ def find_units(
             continue
         if any(name.startswith(f"{a}.") or not a for a in attention):
             continue
-        unit = _attention(name, module, gqa, conv1d)
+        try:
+            unit = _attention(name, module, gqa, conv1d)
+        except ValueError:  # heads that cannot be pruned (a bad head count, shared q/k norms): fine for neurons only
+            if "heads" in units:
+                raise
+            attention.append(name)
+            continue
         if unit is not None:
             attention.append(name)
             unit = unit if "heads" in units else None
