@@ -18,7 +18,7 @@ PACKAGE = ROOT / "lightning_prune"
 #: The layers, bottom first: a module may import from its own layer and the layers below it, never above. Within a
 #: layer, the import graph between modules must still be free of cycles.
 LAYERS: list[set[str]] = [
-    {"_helpers", "_files", "schedules"},
+    {"_helpers", "_files", "_attention", "schedules"},
     {"masks"},
     {"criteria"},
     {"structures"},
