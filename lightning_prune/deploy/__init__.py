@@ -4,6 +4,8 @@
   model (:func:`save_compact`, :func:`load_compact`);
 * :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`),
   save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`);
+* :mod:`~lightning_prune.deploy.depth`: remove whole blocks (depth pruning) with the layer counts rewritten
+  (:func:`remove_blocks`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
 * :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
@@ -24,6 +26,7 @@ Example:
 
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
+from lightning_prune.deploy.depth import remove_blocks, remove_blocks_
 from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
 from lightning_prune.deploy.fold import deployable, relative_error
 from lightning_prune.deploy.kernels import sparse_inference
@@ -56,6 +59,8 @@ __all__ = [
     "measure_latency",
     "profile_model",
     "relative_error",
+    "remove_blocks",
+    "remove_blocks_",
     "save_compact",
     "save_pretrained_compact",
     "save_sparse",

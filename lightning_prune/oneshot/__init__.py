@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.blocks import call_model, find_blocks
+from lightning_prune.oneshot.depth import BlockScores, score_blocks
 from lightning_prune.oneshot.layers import LinearAdapter, LinearMap
 from lightning_prune.oneshot.magnitude import Magnitude
 from lightning_prune.oneshot.owl import OWL
@@ -46,6 +47,7 @@ __all__ = [
     "OWL",
     "Allocation",
     "BlockProgress",
+    "BlockScores",
     "ColumnSquares",
     "InputCovariance",
     "LayerReport",
@@ -63,4 +65,5 @@ __all__ = [
     "call_model",
     "find_blocks",
     "prune_one_shot",
+    "score_blocks",
 ]

@@ -6,7 +6,9 @@ The base class is in :mod:`~lightning_prune.structures.base`; the structures are
 tracing of coupled groups in :mod:`~lightning_prune.structures.tracing`), ``block``
 (:mod:`~lightning_prune.structures.block`), ``N:M`` (:mod:`~lightning_prune.structures.nm`) and ``heads``
 (attention heads and MLP neurons, :mod:`~lightning_prune.structures.heads`). :data:`STRUCTURES`
-maps each name to its class; :func:`build_structure` resolves a name, with the structure's own options.
+maps each name to its class; :func:`build_structure` resolves a name, with the structure's own options. Whole
+blocks (depth pruning) are removed at once rather than masked: :mod:`~lightning_prune.structures.depth` finds a
+model's block list and selects the least important blocks.
 
 Example:
     >>> build_structure("channel", round_to=8)
@@ -32,6 +34,7 @@ from lightning_prune.structures.base import (
 )
 from lightning_prune.structures.block import BlockStructure
 from lightning_prune.structures.channel import ChannelStructure, prune_channels_
+from lightning_prune.structures.depth import find_block_container, select_blocks, skip_blocks
 from lightning_prune.structures.heads import HeadStructure
 from lightning_prune.structures.nm import NMStructure
 from lightning_prune.structures.tracing import channel_groups
@@ -52,9 +55,12 @@ __all__ = [
     "channel_groups",
     "check_scope",
     "check_sparsity",
+    "find_block_container",
     "layer_targets",
     "prune_channels_",
     "resolve_layer_targets",
+    "select_blocks",
+    "skip_blocks",
 ]
 
 #: The structures by name (``"block"`` is 4x4 blocks, ``"2:4"`` the N:M pattern of sparse tensor cores).
