@@ -102,7 +102,7 @@ class DepthPruning(Callback):
                 f"{num_blocks!r}."
             )
         try:
-            self.score_fn: BlockScore = build_block_score(score)
+            build_block_score(score)
         except ValueError as err:
             raise MisconfigurationException(f"DepthPruning: {err}") from err
         if num_samples is not None and (not is_int(num_samples) or num_samples < 1):
@@ -142,7 +142,7 @@ class DepthPruning(Callback):
             self.scores = score_blocks(
                 pl_module,
                 self._batches(trainer),
-                self.score_fn,
+                self.score,
                 blocks=name,
                 num_samples=self.num_samples,
                 forward_fn=self.forward_fn,
