@@ -38,7 +38,9 @@ def instantiate_depth(cfg: DictConfig) -> DepthPruning | None:
     return DepthPruning(**arguments)
 
 
-def depth_figures(depth: DepthPruning | None, net: nn.Module, path: Path | None) -> tuple[dict[str, Any] | None, list[str]]:
+def depth_figures(
+    depth: DepthPruning | None, net: nn.Module, path: Path | None
+) -> tuple[dict[str, Any] | None, list[str]]:
     """What a run reports about depth pruning: figures for ``metrics.json`` and summary lines.
 
     Args:

@@ -183,7 +183,9 @@ def _validate_depth(check: _Checker, depth: DictConfig) -> None:
     """``pruning.depth``: :class:`~lightning_prune.callbacks.DepthPruning`'s arguments."""
     unknown = [str(k) for k in depth if str(k) not in ("_target_", "num_blocks", "score", "num_samples", "blocks")]
     for key in unknown:
-        check.fail(f"pruning.depth.{key}", depth.get(key), "unknown key; allowed: num_blocks, score, num_samples, blocks")
+        check.fail(
+            f"pruning.depth.{key}", depth.get(key), "unknown key; allowed: num_blocks, score, num_samples, blocks"
+        )
     blocks = depth.get("num_blocks", 1)
     if not ((is_int(blocks) and blocks >= 1) or (not is_int(blocks) and is_number(blocks) and 0 < blocks < 1)):
         check.fail(

@@ -25,7 +25,7 @@ from lightning_prune.criteria.depth import BlockScore, build_block_score
 from lightning_prune.deploy.depth import remove_blocks_
 from lightning_prune.oneshot.blocks import ForwardFn
 from lightning_prune.oneshot.depth import BlockScores, score_blocks
-from lightning_prune.structures.depth import find_block_container, resolve_num_blocks
+from lightning_prune.structures.depth import count_blocks, find_block_container, resolve_num_blocks
 
 __all__ = ["DepthPruning"]
 
@@ -138,7 +138,7 @@ class DepthPruning(Callback):
             name, container = find_block_container(pl_module, self.blocks)
             if container is self._pruned:
                 return
-            count = resolve_num_blocks(self.num_blocks, len(container))
+            count = resolve_num_blocks(self.num_blocks, count_blocks(container))
             self.scores = score_blocks(
                 pl_module,
                 self._batches(trainer),
@@ -154,13 +154,14 @@ class DepthPruning(Callback):
         self._pruned = container
         rank_zero_info(self.scores.table(self.removed))
         rank_zero_info(
-            f"DepthPruning: removed blocks {self.removed} of {name!r} ({len(self.scores.names)} -> {len(container)})."
+            f"DepthPruning: removed blocks {self.removed} of {name!r} "
+            f"({len(self.scores.names)} -> {count_blocks(container)} blocks)."
         )
 
     def _batches(self, trainer: pl.Trainer) -> Iterable[Any]:
         if self.calibration is not None:
             return self.calibration
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             raise MisconfigurationException(
                 "DepthPruning: no `calibration` batches and no datamodule to read them from (the blocks are removed "

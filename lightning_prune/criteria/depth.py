@@ -111,10 +111,10 @@ def build_block_score(score: str | BlockScore) -> BlockScore:
     Example:
         >>> build_block_score("influence") is block_influence
         True
-        >>> build_block_score("cosine")
+        >>> build_block_score("cosine")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: Unknown block `score` 'cosine'; expected one of ['angular', 'influence', 'relative_norm'] or a function score(inputs, outputs) returning one score per token.
+        ValueError: Unknown block `score` 'cosine'; expected one of ['angular', 'influence', 'relative_norm'] or a ...
     """
     if isinstance(score, str) and score in BLOCK_SCORES:
         return BLOCK_SCORES[score]

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_prune._helpers import is_int
-from lightning_prune.structures.depth import find_block_container
+from lightning_prune.structures.depth import count_blocks, find_block_container
 
 __all__ = ["remove_blocks", "remove_blocks_"]
 
@@ -78,7 +78,7 @@ def remove_blocks(model: nn.Module, indices: Sequence[int], blocks: str | None =
         (2, 2)
     """
     container_name, container = find_block_container(model, blocks)
-    _check_indices(container_name, len(container), indices)
+    _check_indices(container_name, count_blocks(container), indices)
     small = copy.deepcopy(model)
     return remove_blocks_(small, indices, container_name)
 
@@ -97,7 +97,7 @@ def remove_blocks_(model: nn.Module, indices: Sequence[int], blocks: str | None 
         2
     """
     container_name, container = find_block_container(model, blocks)
-    total = len(container)
+    total = count_blocks(container)
     _check_indices(container_name, total, indices)
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         raise ValueError(
@@ -113,7 +113,7 @@ def remove_blocks_(model: nn.Module, indices: Sequence[int], blocks: str | None 
     for new, old in enumerate(kept):
         for module in children[old].modules():
             if is_int(getattr(module, "layer_idx", None)) and module.layer_idx == old:
-                module.layer_idx = new
+                setattr(module, "layer_idx", new)  # noqa: B010  (Hugging Face's untyped bookkeeping)
     # The container itself stays (its class, hooks and anything set on it); only its children change.
     container._modules = {str(new): children[old] for new, old in enumerate(kept)}
     owner_name, _, _ = container_name.rpartition(".")
@@ -128,7 +128,7 @@ def remove_blocks_(model: nn.Module, indices: Sequence[int], blocks: str | None 
         if isinstance(getattr(module, "has_sliding_layers", None), bool) and hasattr(module, "config"):
             layer_types = getattr(module.config, "layer_types", None)
             if isinstance(layer_types, list):
-                module.has_sliding_layers = "sliding_attention" in layer_types
+                setattr(module, "has_sliding_layers", "sliding_attention" in layer_types)  # noqa: B010
     return model
 
 
@@ -137,9 +137,7 @@ def _check_indices(container: str, total: int, indices: Sequence[int]) -> None:
         raise ValueError(f"`indices` must be a non-empty list of block positions, got {indices!r}.")
     bad = [i for i in indices if not is_int(i) or not 0 <= i < total]
     if bad:
-        raise ValueError(
-            f"`indices` {bad} are not blocks of {container!r}: it holds {total} (0 to {total - 1})."
-        )
+        raise ValueError(f"`indices` {bad} are not blocks of {container!r}: it holds {total} (0 to {total - 1}).")
     if len(set(indices)) != len(indices):
         raise ValueError(f"`indices` {list(indices)} repeat a block: give each block to remove once.")
     if len(indices) >= total:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_prune._helpers import is_int, is_number
 
-__all__ = ["find_block_container", "resolve_num_blocks", "select_blocks", "skip_blocks"]
+__all__ = ["count_blocks", "find_block_container", "resolve_num_blocks", "select_blocks", "skip_blocks"]
 
 
 def _repeated(model: nn.Module, kind: type[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -58,14 +58,17 @@ def find_block_container(model: nn.Module, blocks: str | None = None) -> tuple[s
 
     Example:
         >>> from torch import nn
-        >>> encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), num_layers=3, enable_nested_tensor=False)
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16)
+        >>> encoder = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
         >>> name, layers = find_block_container(encoder)
         >>> name, len(layers)
         ('layers', 3)
     """
     if blocks is not None:
         if not isinstance(blocks, str):
-            raise TypeError(f"`blocks` must be the name of the blocks' container (e.g. 'model.layers'), got {blocks!r}.")
+            raise TypeError(
+                f"`blocks` must be the name of the blocks' container (e.g. 'model.layers'), got {blocks!r}."
+            )
         container = dict(model.named_modules()).get(blocks)
         if container is None:
             raise ValueError(
@@ -87,6 +90,16 @@ def find_block_container(model: nn.Module, blocks: str | None = None) -> tuple[s
     )
 
 
+def count_blocks(container: nn.Module) -> int:
+    """How many blocks ``container`` holds (an ``nn.ModuleList`` or ``nn.Sequential``: its length).
+
+    Example:
+        >>> count_blocks(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))
+        2
+    """
+    return len(container._modules)
+
+
 def resolve_num_blocks(num_blocks: int | float, total: int) -> int:
     """How many of ``total`` blocks to remove: ``num_blocks`` itself (an integer), or ``round(num_blocks * total)``
     for a fraction in (0, 1); at least one block must stay.
@@ -98,10 +111,10 @@ def resolve_num_blocks(num_blocks: int | float, total: int) -> int:
     Example:
         >>> resolve_num_blocks(2, 8), resolve_num_blocks(0.25, 8)
         (2, 2)
-        >>> resolve_num_blocks(8, 8)
+        >>> resolve_num_blocks(8, 8)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `num_blocks`=8 would remove all 8 blocks: at least one must stay. Use num_blocks <= 7 (or a fraction below 1).
+        ValueError: `num_blocks`=8 would remove all 8 blocks: at least one must stay. Use num_blocks <= 7 (or a ...
     """
     if is_int(num_blocks):
         count = int(num_blocks)

@@ -60,7 +60,8 @@ def test_score_blocks_averages_over_every_calibration_token(score, expected, lea
 
 def test_bad_scores_and_blocks_are_refused():
     with pytest.raises(
-        ValueError, match=r"^Unknown block `score` 'cosine'; expected one of \['angular', 'influence', 'relative_norm'\]"
+        ValueError,
+        match=r"^Unknown block `score` 'cosine'; expected one of \['angular', 'influence', 'relative_norm'\]",
     ):
         build_block_score("cosine")
     with pytest.raises(ValueError, match=r"^A block's input and output hidden states must have one shape"):

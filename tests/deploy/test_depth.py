@@ -7,12 +7,12 @@ import torch
 import transformers
 from torch import nn
 
+from lightning_prune.criteria import build_importance
 from lightning_prune.deploy import load_compact, remove_blocks, remove_blocks_, save_compact
 from lightning_prune.deploy.transformer import compact_heads, save_pretrained_compact
 from lightning_prune.models import GPT, GPTConfig
 from lightning_prune.oneshot import score_blocks
 from lightning_prune.structures import HeadStructure, find_block_container, select_blocks, skip_blocks
-from lightning_prune.criteria import build_importance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
