@@ -54,6 +54,7 @@ def find_block_container(model: nn.Module, blocks: str | None = None) -> tuple[s
         blocks: the container's qualified name (``"model.layers"``); None to find it (see the module docstring).
 
     Raises:
+        TypeError: ``blocks`` is not a string or None.
         ValueError: ``blocks`` names no module or a module without children; no container of repeated blocks.
 
     Example:

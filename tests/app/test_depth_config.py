@@ -22,7 +22,7 @@ from lightning_prune.models import evaluate_perplexity
 
 LANGUAGE = ["data=pysource", "model=gpt_tiny", "module=language", "optimizer=adamw"]
 
-#: A 3-layer GPT of width 32 on 40 of this package's files, 2 epochs of 4 steps.
+#: A 3-layer GPT of width 32 on 40 of this package's files, 1 epoch of 4 steps.
 TINY = [
     "data.pattern=*.txt",
     "data.seq_len=32",
@@ -37,7 +37,7 @@ TINY = [
     "model.config.num_attention_heads=4",
     "model.config.num_key_value_heads=2",
     "module.warmup_steps=1",
-    "trainer.max_epochs=2",
+    "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_checkpointing=false",
     "pruning.depth.num_samples=8",

@@ -91,6 +91,10 @@ def test_hugging_face_gqa_models_round_trip_through_from_pretrained(tmp_path, fa
     )
     model_cls = getattr(transformers, f"{family}ForCausalLM")
     model = model_cls(config).eval()
+    batch = {"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS), "labels": TOKENS}  # labels left out
+    scores = score_blocks(model, [batch])
+    assert scores.names == [f"model.layers.{i}" for i in range(4)] and scores.tokens == 14
+    assert bool(torch.isfinite(scores.scores).all()) and bool((scores.scores > 0).all())
     small = remove_blocks(model, [1, 2]).eval()
     assert [layer.self_attn.layer_idx for layer in small.model.layers] == [0, 1]  # the key/value cache's slots
     assert small.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 4
