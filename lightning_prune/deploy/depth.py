@@ -106,7 +106,7 @@ def remove_blocks_(model: nn.Module, indices: Sequence[int], blocks: str | None 
         )
     removed = set(indices)
     kept = [i for i in range(total) if i not in removed]
-    children = list(container.children())
+    children = [child for child in container._modules.values() if child is not None]
     for new, old in enumerate(kept):
         if new != old:
             _check_renumbering(container_name, old, children[old])

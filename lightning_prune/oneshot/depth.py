@@ -163,7 +163,7 @@ def score_blocks(
     function = build_block_score(score)
     name = score if isinstance(score, str) else getattr(score, "__name__", type(score).__name__)
     container_name, container = find_block_container(model, blocks)
-    named = list(container.named_children())
+    named = [(n, m) for n, m in container._modules.items() if m is not None]
     names = [f"{container_name}.{n}" if container_name else n for n, _ in named]
     if device is None:
         first = next(model.parameters(), None)

@@ -98,7 +98,7 @@ def count_blocks(container: nn.Module) -> int:
         >>> count_blocks(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))
         2
     """
-    return len(container._modules)
+    return sum(child is not None for child in container._modules.values())
 
 
 def resolve_num_blocks(num_blocks: int | float, total: int) -> int:
@@ -197,7 +197,7 @@ def skip_blocks(model: nn.Module, indices: Sequence[int], blocks: str | None = N
         True
     """
     _, container = find_block_container(model, blocks)
-    children = list(container.children())
+    children = [child for child in container._modules.values() if child is not None]
     bad = [i for i in indices if not is_int(i) or not 0 <= i < len(children)]
     if bad:
         raise ValueError(f"`indices` {bad} are not blocks: there are {len(children)} (0 to {len(children) - 1}).")
