@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _gloo_ranks import run_on_ranks, score_blocks_on_rank
 from torch import nn
 
 from lightning_prune.criteria.depth import angular_distance, block_influence, build_block_score, relative_norm
@@ -71,3 +72,16 @@ def test_bad_scores_and_blocks_are_refused():
         score_blocks(widening, [torch.randn(4, 2)])
     with pytest.raises(ValueError, match=r"^The calibration dataloader yielded no batch"):
         score_blocks(known_blocks(), [])
+
+
+@pytest.mark.slow  # two spawned processes import torch: seconds on a quiet machine, more on a busy one
+def test_scores_over_a_real_two_process_gloo_group_are_those_of_all_the_samples(tmp_path):
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.randn(2, 3, 4, generator=g)], [torch.randn(5, 3, 4, generator=g)]]  # shares of unequal size
+    got = run_on_ranks(tmp_path, score_blocks_on_rank, blocks, batches)
+    both = score_blocks(blocks, [*batches[0], *batches[1]], num_samples=None)
+    assert [r["tokens"] for r in got] == [both.tokens] * 2 == [21] * 2
+    assert torch.equal(got[0]["scores"], got[1]["scores"])  # every rank removes the same blocks
+    torch.testing.assert_close(got[0]["scores"], both.scores)
