@@ -4,7 +4,8 @@ N:M, with OWL's non-uniform layer sparsity, block by block in bounded memory, an
 The methods and allocations are small objects behind one interface each
 (:class:`~lightning_prune.oneshot.base.OneShotMethod`, :class:`~lightning_prune.oneshot.base.Allocation`),
 registered by name in :mod:`~lightning_prune.oneshot.registry`; :func:`prune_one_shot` runs them over a model's
-repeated blocks.
+repeated blocks. For depth pruning, :func:`score_blocks` measures each block's importance over calibration data
+(:mod:`~lightning_prune.oneshot.depth`).
 
 Example:
     >>> import torch
