@@ -37,6 +37,7 @@ _FIRST: dict[str, str] = {
     "DistillationCallback": "lightning_prune.callbacks.distillation",
     "prune_one_shot": "lightning_prune.oneshot.runner",
     "OneShotPruning": "lightning_prune.callbacks.oneshot",
+    "DepthPruning": "lightning_prune.callbacks.depth",
 }
 
 #: Names that were importable from here before the package had subpackages; they keep working.
@@ -92,6 +93,7 @@ _MORE: dict[str, str] = {
 
 __all__ = [
     "ChannelStructure",
+    "DepthPruning",
     "DistillationCallback",
     "L1RegularizationMixin",
     "MaskSet",
@@ -126,6 +128,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from lightning_prune.callbacks.depth import DepthPruning
     from lightning_prune.callbacks.distillation import DistillationCallback
     from lightning_prune.callbacks.oneshot import OneShotPruning
     from lightning_prune.callbacks.pruning import PruningCallback

@@ -91,3 +91,12 @@ def reduce_activation_statistics(
         again = {g.name: importance.channel_scores(masks, g) for g in masks.groups}
         result[name] = {"local": local, "reduced": reduced, "again": again, "calls": calls}
     return result
+
+
+def score_blocks_on_rank(rank: int, blocks: nn.Module, batches: Sequence[Sequence[Tensor]]) -> dict[str, Any]:
+    """Depth pruning's block scores (Block Influence) of ``blocks`` from this rank's ``batches[rank]``, summed over the
+    group by :func:`~lightning_prune.oneshot.depth.score_blocks`."""
+    from lightning_prune.oneshot.depth import score_blocks
+
+    found = score_blocks(blocks, batches[rank], num_samples=None)
+    return {"scores": found.scores, "tokens": found.tokens}

@@ -71,6 +71,19 @@ class PruningConfig:
     rewind_epoch: int | None = None  # rewind surviving weights to this epoch after every pruning step
     # pruning=wanda|sparsegpt|magnitude_oneshot: OneShotPruning's arguments (one-shot pruning when fitting starts)
     oneshot: Any = None
+    # DepthPruning's arguments (DepthConfig): whole blocks removed when fitting starts, before this callback's pruning,
+    # e.g. pruning=heads 'pruning.depth={num_blocks: 1}'
+    depth: Any = None
+
+
+@dataclass
+class DepthConfig:
+    """The arguments of :class:`~lightning_prune.callbacks.DepthPruning` (``pruning.depth``: depth pruning)."""
+
+    num_blocks: Any = 1  # blocks to remove (an integer >= 1) or a fraction of them in (0, 1)
+    score: str = "influence"  # influence | angular | relative_norm
+    num_samples: int = 128  # calibration samples: the first ones of the train dataloader
+    blocks: str | None = None  # null: the model's block list; or its container's name (model.layers)
 
 
 @dataclass
@@ -213,6 +226,7 @@ class ExportConfig:
 
 _SCHEMAS: dict[str, type] = {
     "pruning": PruningConfig,
+    "depth": DepthConfig,
     "trainer": TrainerConfig,
     "csv_logger": CSVLoggerConfig,
     "tensorboard_logger": TensorBoardLoggerConfig,

@@ -40,7 +40,8 @@ def is_owl(cfg: DictConfig) -> bool:
 
 
 def pruning_arguments(pruning_cfg: DictConfig) -> dict[str, Any]:
-    """``pruning``'s arguments for :class:`~lightning_prune.PruningCallback`: the config without its ``oneshot`` node.
+    """``pruning``'s arguments for :class:`~lightning_prune.PruningCallback`: the config without its ``oneshot`` and
+    ``depth`` nodes (the arguments of the callbacks beside it).
 
     Example:
         >>> sorted(pruning_arguments(OmegaConf.create({"sparsity": 0.5, "oneshot": {"method": "wanda"}})))
@@ -48,6 +49,7 @@ def pruning_arguments(pruning_cfg: DictConfig) -> dict[str, Any]:
     """
     container = cast(dict[str, Any], OmegaConf.to_container(pruning_cfg, resolve=True))
     container.pop("oneshot", None)
+    container.pop("depth", None)
     return container
 
 

@@ -31,6 +31,7 @@ from typing_extensions import override
 from lightning_prune._files import ArtifactWriteError, atomic_write_json, prepare_folder
 from lightning_prune._helpers import eval_mode
 from lightning_prune.app.config import ConfigError, register_configs
+from lightning_prune.app.depth import depth_figures, instantiate_depth
 from lightning_prune.app.language import (
     PerplexityAtEpochStart,
     compact_language_model,
@@ -50,6 +51,7 @@ from lightning_prune.app.summary import (
 from lightning_prune.app.sweep import search_objective
 from lightning_prune.app.validation import validate
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
+from lightning_prune.callbacks.depth import DepthPruning
 from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.deploy.report import run_export
 from lightning_prune.models.language import LanguageModel
@@ -264,7 +266,7 @@ def instantiate_pruning(cfg: DictConfig) -> PruningCallback | None:
     pruning_cfg = cfg.get("pruning")
     if not pruning_cfg or "_target_" not in pruning_cfg:
         return None
-    if "oneshot" in pruning_cfg:  # pruning=wanda etc.: the OneShotPruning arguments (instantiate_oneshot)
+    if "oneshot" in pruning_cfg or "depth" in pruning_cfg:  # OneShotPruning's and DepthPruning's arguments
         pruning_cfg = OmegaConf.create(pruning_arguments(pruning_cfg))
     pruning = instantiate(pruning_cfg, _convert_="all")
     if not isinstance(pruning, PruningCallback):
@@ -409,6 +411,9 @@ def train(cfg: DictConfig) -> float:
     allocation = instantiate_allocation(cfg, output_dir, pruning) if pruning and oneshot is None else None
     extra = [c for c in (allocation, oneshot) if c is not None]
     callbacks: list[L.Callback] = [pruning, dense_probe, *extra] if pruning else []
+    depth = instantiate_depth(cfg)  # pruning.depth: removes blocks in setup, before anything binds to the model
+    if depth is not None:
+        callbacks.insert(0, depth)
     distillation = instantiate_distillation(cfg, pruning)
     if distillation is not None:
         callbacks.append(distillation)
@@ -432,7 +437,7 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
     trainer.test(module, datamodule=datamodule, verbose=False)  # logs test/loss and test/acc (or test/ppl)
     if isinstance(dense_probe, PerplexityAtEpochStart):
-        return _finish_language_run(cfg, net, datamodule, trainer, pruning, dense_probe, output_dir, start)
+        return _finish_language_run(cfg, net, datamodule, trainer, pruning, depth, dense_probe, output_dir, start)
     # Measured exactly as the dense accuracy was, so the two numbers compare like for like.
     final_acc = evaluate_accuracy(module, datamodule.test_dataloader())
     # Without pruning, or if pruning never started, the final model is the dense one.
@@ -443,6 +448,7 @@ def train(cfg: DictConfig) -> float:
         return final_acc
 
     compaction = compaction_metrics(pruning)
+    depth_info, depth_lines = depth_figures(depth, net, output_dir / "compact.pt" if compaction is None else None)
     if compaction is not None and pruning is not None and pruning.compact_model is not None:
         # The compact model computes what the masked one does; measured alike, the two accuracies agree.
         compaction["test_acc"] = evaluate_accuracy(pruning.compact_model, datamodule.test_dataloader())
@@ -466,9 +472,11 @@ def train(cfg: DictConfig) -> float:
         "epochs": epochs,
         "dense_epoch": dense_epoch,
     }
+    if depth_info is not None:
+        metrics["depth"] = depth_info
     if export is not None:
         metrics["export"] = export
-    save_error = getattr(pruning, "compact_save_error", None)
+    save_error = getattr(pruning, "compact_save_error", None) or (depth_info or {}).get("save_error")
     if dense_probe.accuracy is not None:
         dense_when = f"start of epoch {start_epoch}, before pruning"
     else:
@@ -480,6 +488,7 @@ def train(cfg: DictConfig) -> float:
         *size_lines,
         *training_aid_lines(cfg, start_epoch if pruning else None),
         *(compaction_lines(compaction) if compaction is not None else []),
+        *depth_lines,
     ]
     _write_run(metrics, lines, output_dir, save_error, export_text)
     if cfg.get("objective") == "max_sparsity":
@@ -521,6 +530,7 @@ def _finish_language_run(
     datamodule: Any,
     trainer: L.Trainer,
     pruning: PruningCallback | None,
+    depth: DepthPruning | None,
     dense_probe: PerplexityAtEpochStart,
     output_dir: Path,
     start: float,
@@ -541,6 +551,7 @@ def _finish_language_run(
         path = pruning.compact_path or output_dir / "compact.pt"
         compacted = compact_language_model(net, pruning, datamodule, path, latency=pruning.report_latency)
     compaction, table = compacted if compacted is not None else (None, "")
+    depth_info, depth_lines = depth_figures(depth, net, output_dir / "compact.pt" if compacted is None else None)
     sizes, size_lines = size_figures(net, pruning, token_example(datamodule))
     metrics: dict[str, Any] = {
         "status": "ok",
@@ -556,6 +567,8 @@ def _finish_language_run(
         "epochs": epochs,
         "dense_epoch": pruning.start_epoch if dense is not None and pruning else epochs,
     }
+    if depth_info is not None:
+        metrics["depth"] = depth_info
     start_epoch = pruning.start_epoch if pruning else None
     dense_when = f"start of epoch {start_epoch}, before pruning"
     lines = [
@@ -570,5 +583,7 @@ def _finish_language_run(
             f"  compact params   {params}  ({1 - compaction['params_after'] / compaction['params_before']:.1%} fewer)"
         )
         lines.append(f"  compact model    {compaction['path']}  (lightning_prune.load_compact(model, path))")
-    _write_run(metrics, lines, output_dir, (compaction or {}).get("save_error"), table)
+    lines += depth_lines
+    save_error = (compaction or {}).get("save_error") or (depth_info or {}).get("save_error")
+    _write_run(metrics, lines, output_dir, save_error, table)
     return pruned["val"]

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_prune._helpers import is_int, is_number
 from lightning_prune.app.config import SHARDED_STRATEGIES, ConfigError
 from lightning_prune.criteria import IMPORTANCES
+from lightning_prune.criteria.depth import BLOCK_SCORES
 from lightning_prune.models.optim import OPTIMIZERS
 from lightning_prune.schedules import SCHEDULES
 from lightning_prune.structures import STRUCTURES
@@ -134,6 +135,9 @@ def validate(cfg: DictConfig) -> None:
     pruning = cfg.get("pruning")
     if isinstance(pruning, DictConfig) and pruning.get("_target_"):
         _validate_pruning(check, pruning, max_epochs, trainer)
+    depth = pruning.get("depth") if isinstance(pruning, DictConfig) else None
+    if isinstance(depth, DictConfig):
+        _validate_depth(check, depth)
     optimizer = cfg.get("optimizer")
     if isinstance(optimizer, DictConfig) and "optimizer" in optimizer:
         _validate_optimizer(check, optimizer)
@@ -173,6 +177,25 @@ def _validate_language_run(check: _Checker, cfg: DictConfig) -> None:
         check.fail(
             "objective", "max_sparsity", "searches within an accuracy drop, which module=language does not report"
         )
+
+
+def _validate_depth(check: _Checker, depth: DictConfig) -> None:
+    """``pruning.depth``: :class:`~lightning_prune.callbacks.DepthPruning`'s arguments."""
+    unknown = [str(k) for k in depth if str(k) not in ("_target_", "num_blocks", "score", "num_samples", "blocks")]
+    for key in unknown:
+        check.fail(
+            f"pruning.depth.{key}", depth.get(key), "unknown key; allowed: num_blocks, score, num_samples, blocks"
+        )
+    blocks = depth.get("num_blocks", 1)
+    if not ((is_int(blocks) and blocks >= 1) or (not is_int(blocks) and is_number(blocks) and 0 < blocks < 1)):
+        check.fail(
+            "pruning.depth.num_blocks", blocks, "must be an integer >= 1 (blocks to remove) or a fraction in (0, 1)"
+        )
+    check.choice("pruning.depth.score", depth.get("score", "influence"), sorted(BLOCK_SCORES))
+    check.integer("pruning.depth.num_samples", depth.get("num_samples", 128), 1)
+    name = depth.get("blocks")
+    if name is not None and not isinstance(name, str):
+        check.fail("pruning.depth.blocks", name, "must be the name of the blocks' container (model.layers) or null")
 
 
 def _check_root_keys(check: _Checker, cfg: DictConfig) -> None:

@@ -3,6 +3,7 @@
 * :class:`PruningCallback` (:mod:`~lightning_prune.callbacks.pruning`): gradual pruning on a schedule, driving a
   :class:`~lightning_prune.pruner.Pruner`;
 * :class:`DistillationCallback`: distillation from the dense model while pruning and fine-tuning;
+* :class:`DepthPruning`: depth pruning, the least important whole blocks removed when fitting starts;
 * :class:`OneShotPruning`: one-shot pruning from calibration data (Wanda, SparseGPT, OWL) when fitting starts,
   handing the masks to a :class:`PruningCallback` for recovery fine-tuning;
 * :class:`SensitivityCallback`: per-layer targets from a sensitivity analysis when pruning starts;
@@ -16,6 +17,7 @@ Example:
 """
 
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint
+from lightning_prune.callbacks.depth import DepthPruning
 from lightning_prune.callbacks.distillation import DistillationCallback
 from lightning_prune.callbacks.invariants import InvariantViolation, MaskInvariantChecker
 from lightning_prune.callbacks.oneshot import OneShotPruning
@@ -24,6 +26,7 @@ from lightning_prune.callbacks.sensitivity import SensitivityCallback
 
 __all__ = [
     "AtomicCheckpointIO",
+    "DepthPruning",
     "DistillationCallback",
     "InvariantViolation",
     "MaskInvariantChecker",

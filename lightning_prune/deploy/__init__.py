@@ -9,6 +9,8 @@
 * :mod:`~lightning_prune.deploy.attention`: the drop-in ``nn.MultiheadAttention`` with fewer heads that a head-pruned
   one compacts to (:class:`CompactMultiheadAttention`), and :mod:`~lightning_prune.deploy.window_attention`: those of
   torchvision's Swin and MaxViT (:class:`CompactShiftedWindowAttention`, :class:`CompactRelativeAttention`);
+* :mod:`~lightning_prune.deploy.depth`: remove whole blocks (depth pruning) with the layer counts rewritten
+  (:func:`remove_blocks`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
 * :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
@@ -30,6 +32,7 @@ Example:
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse, load_sparse_state_dict, save_sparse
 from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
+from lightning_prune.deploy.depth import remove_blocks, remove_blocks_
 from lightning_prune.deploy.experts import compact_experts
 from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
 from lightning_prune.deploy.fold import deployable, relative_error
@@ -68,6 +71,8 @@ __all__ = [
     "measure_latency",
     "profile_model",
     "relative_error",
+    "remove_blocks",
+    "remove_blocks_",
     "save_compact",
     "save_litgpt_compact",
     "save_pretrained_compact",

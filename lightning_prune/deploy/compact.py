@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_prune._files import atomic_save, check_path, load_torch_file, verify_digest, with_digest
 from lightning_prune._helpers import check_flag, eval_mode, forward, is_int, is_number, output_tensors
 from lightning_prune.deploy.attention import CompactMultiheadAttention
+from lightning_prune.deploy.depth import remove_blocks_
 from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 from lightning_prune.masks.channels import ChannelGroup
 from lightning_prune.structures.tracing import ExampleInputs, Traced, pruning_group, trace_groups
@@ -265,6 +266,8 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         "replaced": replaced,
         "widths": {n: w for n, w in widths.items() if w},
         "configs": {n: c for n, m in model.named_modules() if (c := _config_widths(m))},
+        # block lists' lengths: a depth-pruned model (lightning_prune.deploy.depth) has fewer blocks than a fresh one
+        "depths": {n: len(m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
@@ -320,6 +323,7 @@ def load_compact(model: nn.Module, state: Mapping[str, Any] | str | Path) -> nn.
         raise ValueError(
             f"The compact model was saved from a {state.get('architecture')}, not a {type(model).__qualname__}."
         )
+    _truncate_blocks(model, state.get("depths", {}))
     _put_replacements(model, state.get("replaced", {}))
     modules = dict(model.named_modules())
     unknown = [n for n in (*state["widths"], *state.get("configs", {})) if n not in modules]
@@ -374,3 +378,13 @@ def _put_replacements(model: nn.Module, replaced: Mapping[str, Any]) -> None:
         new = _REPLACEMENTS[kind](**config, **factory)
         new.train(old.training)
         model.set_submodule(name, new)
+
+
+def _truncate_blocks(model: nn.Module, depths: Mapping[str, int]) -> None:
+    """Remove the trailing blocks of every block list of a fresh ``model`` that the saved compact model has fewer of
+    (a depth-pruned model's blocks are numbered 0, 1, ... and are alike in a fresh model, so which ones stay does
+    not matter: the weights and widths loaded next make them the saved ones)."""
+    for name in sorted(depths, key=lambda n: (n.count(".") if n else -1, n)):  # outer block lists first
+        container = dict(model.named_modules()).get(name)
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) and len(container) > depths[name] >= 1:
+            remove_blocks_(model, list(range(depths[name], len(container))), name)

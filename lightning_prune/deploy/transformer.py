@@ -390,7 +390,9 @@ def save_pretrained_compact(model: Any, path: str | Path, **kwargs: Any) -> Path
     The config's ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size`` (and ``head_dim``, kept as it
     was) and, for a mixture of experts, its expert count are set from the layers, so
     ``AutoModel.from_pretrained(path)`` rebuilds the compact model. Every layer must have the same widths
-    (:func:`pretrained_config_widths`).
+    (:func:`pretrained_config_widths`). A model that lost whole blocks
+    (:func:`~lightning_prune.deploy.depth.remove_blocks`) already has its ``num_hidden_layers`` (and ``layer_types``)
+    rewritten, so it saves here too, before or after its heads were compacted.
 
     Args:
         model: a ``transformers.PreTrainedModel`` from :func:`compact_heads` or

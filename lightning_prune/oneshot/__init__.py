@@ -4,7 +4,8 @@ N:M, with OWL's non-uniform layer sparsity, block by block in bounded memory, an
 The methods and allocations are small objects behind one interface each
 (:class:`~lightning_prune.oneshot.base.OneShotMethod`, :class:`~lightning_prune.oneshot.base.Allocation`),
 registered by name in :mod:`~lightning_prune.oneshot.registry`; :func:`prune_one_shot` runs them over a model's
-repeated blocks.
+repeated blocks. For depth pruning, :func:`score_blocks` measures each block's importance over calibration data
+(:mod:`~lightning_prune.oneshot.depth`).
 
 Example:
     >>> import torch
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.blocks import call_model, find_blocks
+from lightning_prune.oneshot.depth import BlockScores, score_blocks
 from lightning_prune.oneshot.layers import LinearAdapter, LinearMap
 from lightning_prune.oneshot.magnitude import Magnitude
 from lightning_prune.oneshot.owl import OWL
@@ -46,6 +48,7 @@ __all__ = [
     "OWL",
     "Allocation",
     "BlockProgress",
+    "BlockScores",
     "ColumnSquares",
     "InputCovariance",
     "LayerReport",
@@ -63,4 +66,5 @@ __all__ = [
     "call_model",
     "find_blocks",
     "prune_one_shot",
+    "score_blocks",
 ]

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.structures.depth import find_block_container
+
 __all__ = ["CapturedInputs", "call_model", "capture_block_inputs", "find_blocks", "iterate_batches"]
 
 ForwardFn = Callable[[nn.Module, Any], object]
@@ -52,15 +54,6 @@ _CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 # ------------------------------------------------------------------------------------------------ blocks
-def _candidates(model: nn.Module, kind: type[nn.Module]) -> list[tuple[str, nn.Module]]:
-    found = []
-    for name, module in model.named_modules():
-        children = list(module.children())
-        if type(module) is kind and len(children) >= 2 and len({type(c) for c in children}) == 1:
-            found.append((name, module))
-    return found
-
-
 def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
     """The model's repeated blocks, as ``(qualified name, module)`` in order (see the module docstring).
 
@@ -73,36 +66,16 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[str] | None = None) -> 
         >>> [name for name, _ in find_blocks(net)]
         ['1.0', '1.1', '1.2']
     """
+    if blocks is None or isinstance(blocks, str):
+        name, container = find_block_container(model, blocks)
+        return [(f"{name}.{n}" if name else n, c) for n, c in container.named_children()]
+    if not isinstance(blocks, Sequence) or not blocks or not all(isinstance(b, str) for b in blocks):
+        raise TypeError(f"`blocks` must be a module name or a non-empty list of module names, got {blocks!r}.")
     named = dict(model.named_modules())
-    if isinstance(blocks, str):
-        container = named.get(blocks)
-        if container is None:
-            raise ValueError(
-                f"`blocks`={blocks!r} names no module of {type(model).__name__}. Name the container of the "
-                f"repeated blocks (e.g. 'model.layers'), or list the blocks."
-            )
-        children = list(container.named_children())
-        if not children:
-            raise ValueError(f"`blocks`={blocks!r} names a module without children; name the container of the blocks.")
-        return [(f"{blocks}.{n}" if blocks else n, c) for n, c in children]
-    if blocks is not None:
-        if not isinstance(blocks, Sequence) or not blocks or not all(isinstance(b, str) for b in blocks):
-            raise TypeError(f"`blocks` must be a module name or a non-empty list of module names, got {blocks!r}.")
-        missing = [b for b in blocks if b not in named]
-        if missing:
-            raise ValueError(f"`blocks` names {missing}, which are not modules of {type(model).__name__}.")
-        return [(b, named[b]) for b in blocks]
-    for kind in (nn.ModuleList, nn.Sequential):
-        found = _candidates(model, kind)
-        if found:
-            # The container holding the most weights: a model's layers rather than the experts of one layer.
-            name, container = max(found, key=lambda item: (sum(p.numel() for p in item[1].parameters()), -len(item[0])))
-            return [(f"{name}.{n}" if name else n, c) for n, c in container.named_children()]
-    raise ValueError(
-        f"Found no repeated blocks in {type(model).__name__}: no nn.ModuleList (or nn.Sequential) holds two or more "
-        "modules of one type. Name them with `blocks`: the container (blocks='model.layers') or the blocks "
-        "themselves (blocks=['layer1', 'layer2'])."
-    )
+    missing = [b for b in blocks if b not in named]
+    if missing:
+        raise ValueError(f"`blocks` names {missing}, which are not modules of {type(model).__name__}.")
+    return [(b, named[b]) for b in blocks]
 
 
 # ------------------------------------------------------------------------------------------------ batches

@@ -7,7 +7,9 @@ tracing of coupled groups in :mod:`~lightning_prune.structures.tracing`), ``bloc
 (:mod:`~lightning_prune.structures.block`), ``N:M`` (:mod:`~lightning_prune.structures.nm`) and ``heads``
 (attention heads and MLP neurons, :mod:`~lightning_prune.structures.heads`) and ``experts`` (whole experts of
 mixture-of-experts blocks, :mod:`~lightning_prune.structures.experts`). :data:`STRUCTURES`
-maps each name to its class; :func:`build_structure` resolves a name, with the structure's own options.
+maps each name to its class; :func:`build_structure` resolves a name, with the structure's own options. Whole
+blocks (depth pruning) are removed at once rather than masked: :mod:`~lightning_prune.structures.depth` finds a
+model's block list and selects the least important blocks.
 
 Example:
     >>> build_structure("channel", round_to=8)
@@ -33,6 +35,7 @@ from lightning_prune.structures.base import (
 )
 from lightning_prune.structures.block import BlockStructure
 from lightning_prune.structures.channel import ChannelStructure, prune_channels_
+from lightning_prune.structures.depth import find_block_container, select_blocks, skip_blocks
 from lightning_prune.structures.experts import ExpertStructure, prune_experts_
 from lightning_prune.structures.heads import HeadStructure
 from lightning_prune.structures.nm import NMStructure
@@ -55,10 +58,13 @@ __all__ = [
     "channel_groups",
     "check_scope",
     "check_sparsity",
+    "find_block_container",
     "layer_targets",
     "prune_channels_",
     "prune_experts_",
     "resolve_layer_targets",
+    "select_blocks",
+    "skip_blocks",
 ]
 
 #: The structures by name (``"block"`` is 4x4 blocks, ``"2:4"`` the N:M pattern of sparse tensor cores).
