@@ -260,7 +260,7 @@ def prune_one_shot(
         if dense is not None:
             deltas[layer.name] = dense.sub_(weight.float())
         packed[layer.name] = PackedMask(_as_parameter_layout(layer, keep))
-        layer.sparsity = 1.0 - float(keep.sum()) / keep.numel()
+        layer.sparsity = 1.0 - int(torch.count_nonzero(keep)) / keep.numel()
         layer.seconds = time.perf_counter() - tick
 
     try:

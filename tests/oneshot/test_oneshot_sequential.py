@@ -229,3 +229,15 @@ def test_sequential_runs_each_block_once():
     prune_one_shot(model, token_batches(), method="wanda", sequential=True, error_batches=None)
     # the capture stops each batch at block 0 (4 x 4 samples), then each block runs once on the 16 samples
     assert calls == [4, 4, 4, 4, 16, 16, 16]
+
+
+@pytest.mark.parametrize("chunk", [8, 24])
+def test_masks_held_packed_in_many_chunks_come_back_exact(chunk, monkeypatch):
+    import lightning_prune.oneshot._bits as bits
+
+    monkeypatch.setattr(bits, "_CHUNK", chunk)  # chunks that split the rows of every layer
+    model = TinyTransformer()
+    masks, _ = prune_one_shot(model, token_batches(), method="wanda", sparsity=0.37, error_batches=0)
+    for name, param, mask in zip(masks.names, masks.params, masks.masks):
+        assert torch.equal(param == 0, ~mask), name
+        assert int((~mask).sum()) == round(0.37 * mask.numel()), name
