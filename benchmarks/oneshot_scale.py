@@ -320,7 +320,7 @@ def main() -> None:
                     f"{1 + (r['peak'] - r['before']) / r['model_bytes']:.2f}",
                 )
             )
-            print(f"memory run: {method} done in {r['seconds']:.1f} s", flush=True)
+            print(f"memory run: {method} done in {r['seconds']:.1f} s: {' | '.join(rows[-1])}", flush=True)
     if not args.skip_time:
         t = spawn(args, "--child", "time")
         runs = t["runs"]
