@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._helpers import check_flag
 from lightning_prune.masks import MaskSet, prunable_parameters
 from lightning_prune.masks.distributed import all_reduce_sum_
 from lightning_prune.oneshot._bits import PackedMask
@@ -159,8 +160,7 @@ def prune_one_shot(
             f"allocation={allocator!r} reads the calibration batches twice (a dense pass, then pruning), but "
             "`dataloader` is an iterator that can be read once. Pass a list or a DataLoader."
         )
-    if not isinstance(sequential, bool):
-        raise TypeError(f"`sequential` must be True or False, got {sequential!r}.")
+    check_flag("sequential", sequential)
     if allocator is not None and isinstance(sparsity, Mapping):
         raise ValueError("Pass either per-layer targets in `sparsity` or an `allocation`, not both.")
     adapters = dict(LAYER_TYPES if layer_types is None else layer_types)
