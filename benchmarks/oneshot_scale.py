@@ -224,8 +224,8 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(shape, args.dtype, args.seed)
     batches = calibration(shape, args)
     forward_pass(model, batches[:1])
-    variants = ["forward", "wanda", "sparsegpt"] + (["wanda+error"] if args.with_error else [])
-    variants += ["wanda+seq", "sparsegpt+seq"] if args.sequential else []
+    variants = ["forward", *args.time_methods] + (["wanda+error"] if args.with_error else [])
+    variants += [f"{m}+seq" for m in args.time_methods] if args.sequential else []
     runs: list[dict[str, float]] = []
     discarded = 0
     for repeat in range(args.repeats):
@@ -277,6 +277,9 @@ def main() -> None:
     parser.add_argument("--with-error", action="store_true", help="also time Wanda with error_batches=1")
     parser.add_argument("--sequential", action="store_true", help="also prune with sequential=True (+seq variants)")
     parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument(
+        "--time-methods", nargs="+", choices=["wanda", "sparsegpt"], default=["wanda", "sparsegpt"], help="timed methods"
+    )
     parser.add_argument("--memory-runs", nargs="+", choices=RUNS, default=None, help="default: all that apply")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the 5m preset, 1 repeat")
