@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="also prune with sequential=True (+seq variants)")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument(
-        "--time-methods", nargs="+", choices=["wanda", "sparsegpt"], default=["wanda", "sparsegpt"], help="timed methods"
+        "--time-methods", nargs="+", choices=["wanda", "sparsegpt"], default=["wanda", "sparsegpt"], help="timed"
     )
     parser.add_argument("--memory-runs", nargs="+", choices=RUNS, default=None, help="default: all that apply")
     parser.add_argument("--skip-memory", action="store_true")
