@@ -34,7 +34,7 @@ thread pool), outside what is measured.
   ``ru_maxrss`` during the measured call, and ``1 + rise / model bytes``: the peak relative to the model without
   the constant ~0.85 GiB that importing torch and Lightning costs. The issue's target is a peak of at most 1.3
   times the model's bytes; note that the returned ``MaskSet`` holds one byte per pruned weight (0.25 x a float32
-  model's bytes, 0.5 x a bfloat16 one's).
+  model's bytes, 0.5 x a bfloat16 one's), unpacked at the end from the bits held while pruning (1/8 of that).
 """
 
 from __future__ import annotations
