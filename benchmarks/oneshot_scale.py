@@ -5,6 +5,7 @@ Wanda's time over one plain calibration forward pass of the same model.
     .venv/bin/python benchmarks/oneshot_scale.py --size 1b        # TinyLlama-1.1B's shape, float32
     .venv/bin/python benchmarks/oneshot_scale.py --size 1b --dtype bfloat16 --samples 32 --seq 512
     .venv/bin/python benchmarks/oneshot_scale.py --quick          # a 5M model: a smoke test
+    .venv/bin/python benchmarks/oneshot_scale.py --sequential     # also sequential=True, side by side
 
 The model is a pre-norm decoder of our own with the shape of a Llama (RMSNorm, q/k/v/o projections with
 grouped key-value heads, causal scaled-dot-product attention, a SwiGLU MLP of gate/up/down projections, an
@@ -12,7 +13,9 @@ untied output head), random weights from a seed: the algorithms' cost does not d
 calibration data are ``--samples`` random token sequences of length ``--seq`` in batches of ``--batch``.
 ``prune_one_shot`` runs at 50% unstructured with ``num_samples=--samples``, ``error_batches=0`` (the default,
 1, measures each layer's error on the first batch: one more matmul per layer on it; ``--with-error`` times
-that as a fourth variant).
+that as a fourth variant). ``--sequential`` adds ``prune_one_shot(..., sequential=True)`` (each block run once, on all
+calibration samples at once) as the variants ``wanda+seq`` and ``sparsegpt+seq``, timed in the same rotation and
+measured for memory in their own processes.
 
 Every child first imports the package and runs each method once on a two-block model (imports, code pages,
 thread pool), outside what is measured.
@@ -31,7 +34,7 @@ thread pool), outside what is measured.
   ``ru_maxrss`` during the measured call, and ``1 + rise / model bytes``: the peak relative to the model without
   the constant ~0.85 GiB that importing torch and Lightning costs. The issue's target is a peak of at most 1.3
   times the model's bytes; note that the returned ``MaskSet`` holds one byte per pruned weight (0.25 x a float32
-  model's bytes, 0.5 x a bfloat16 one's).
+  model's bytes, 0.5 x a bfloat16 one's), unpacked at the end from the bits held while pruning (1/8 of that).
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "350m": {"hidden": 1024, "intermediate": 2816, "layers": 24, "heads": 16, "kv_heads": 16, "vocab": 32000},
     "1b": {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 32000},
 }
+
+
+#: The memory runs: a forward pass, each method, and each method with sequential=True.
+RUNS = ["forward", "wanda", "sparsegpt", "wanda+seq", "sparsegpt+seq"]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -140,11 +147,19 @@ def model_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def prune(model: Any, batches: list[Any], method: str, args: argparse.Namespace, error_batches: int = 0) -> Any:
+def prune(model: Any, batches: list[Any], variant: str, args: argparse.Namespace, error_batches: int = 0) -> Any:
+    """Run one variant: ``method``, ``method+seq`` (sequential=True) or ``method+error`` (error_batches=1)."""
     from lightning_prune.oneshot import prune_one_shot
 
+    method, _, option = variant.partition("+")
     return prune_one_shot(
-        model, batches, method=method, sparsity=0.5, num_samples=args.samples, error_batches=error_batches
+        model,
+        batches,
+        method=method,
+        sparsity=0.5,
+        num_samples=args.samples,
+        error_batches=1 if option == "error" else error_batches,
+        sequential=option == "seq",
     )
 
 
@@ -160,7 +175,7 @@ def warm_up(args: argparse.Namespace) -> None:
     """Import the package and run every variant once on a one-block model: code pages, thread pool, imports."""
     tiny = {**PRESETS["5m"], "layers": 2}
     small = argparse.Namespace(**{**vars(args), "samples": 2, "seq": 16, "batch": 2})
-    for method in ("wanda", "sparsegpt"):
+    for method in ("wanda", "sparsegpt") + (("wanda+seq", "sparsegpt+seq") if args.sequential else ()):
         model = build_model(tiny, args.dtype, args.seed)
         batches = calibration(tiny, small)
         forward_pass(model, batches)
@@ -209,7 +224,8 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(shape, args.dtype, args.seed)
     batches = calibration(shape, args)
     forward_pass(model, batches[:1])
-    variants = ["forward", "wanda", "sparsegpt"] + (["wanda+error"] if args.with_error else [])
+    variants = ["forward", *args.time_methods] + (["wanda+error"] if args.with_error else [])
+    variants += [f"{m}+seq" for m in args.time_methods] if args.sequential else []
     runs: list[dict[str, float]] = []
     discarded = 0
     for repeat in range(args.repeats):
@@ -224,8 +240,7 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
                     if variant == "forward":
                         forward_pass(model, batches)
                     else:
-                        errors = 1 if variant.endswith("error") else 0
-                        prune(model, batches, variant.split("+")[0], args, error_batches=errors)
+                        prune(model, batches, variant, args)
                     times[variant] = time.perf_counter() - start
             times["other_load"] = load.cores
             if load.cores <= args.max_other_load:
@@ -260,17 +275,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 is robust to other load)")
     parser.add_argument("--with-error", action="store_true", help="also time Wanda with error_batches=1")
+    parser.add_argument("--sequential", action="store_true", help="also prune with sequential=True (+seq variants)")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument(
-        "--memory-runs", nargs="+", choices=["forward", "wanda", "sparsegpt"], default=["forward", "wanda", "sparsegpt"]
+        "--time-methods", nargs="+", choices=["wanda", "sparsegpt"], default=["wanda", "sparsegpt"], help="timed"
     )
+    parser.add_argument("--memory-runs", nargs="+", choices=RUNS, default=None, help="default: all that apply")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the 5m preset, 1 repeat")
-    parser.add_argument("--child", choices=["forward", "wanda", "sparsegpt", "time"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*RUNS, "time"], help=argparse.SUPPRESS)
     add_contention_arguments(parser, unit="repeat")
     args = parser.parse_args()
     if args.quick:
         args.size, args.repeats = "5m", 1
+    if args.memory_runs is None:
+        args.memory_runs = [r for r in RUNS if args.sequential or not r.endswith("+seq")]
     if args.child:
         result = child_time(args) if args.child == "time" else child_memory(args)
         print(json.dumps(result))
@@ -283,7 +302,8 @@ def main() -> None:
             extra={
                 "model": f"Llama-like {shape}, {args.dtype}, random weights (seed {args.seed})",
                 "data": f"{args.samples} random sequences x {args.seq} tokens, batches of {args.batch}",
-                "pruning": "prune_one_shot(sparsity=0.5, unstructured, error_batches=0)",
+                "pruning": "prune_one_shot(sparsity=0.5, unstructured, error_batches=0)"
+                + ("; +seq: sequential=True" if args.sequential else ""),
             },
         )
     )
@@ -303,13 +323,13 @@ def main() -> None:
                     f"{1 + (r['peak'] - r['before']) / r['model_bytes']:.2f}",
                 )
             )
-            print(f"memory run: {method} done in {r['seconds']:.1f} s", flush=True)
+            print(f"memory run: {method} done in {r['seconds']:.1f} s: {' | '.join(rows[-1])}", flush=True)
     if not args.skip_time:
         t = spawn(args, "--child", "time")
         runs = t["runs"]
         unstable = any("unstable" in r for r in runs)
         lines = []
-        for variant in [v for v in ("wanda", "sparsegpt", "wanda+error") if v in runs[0]]:
+        for variant in [v for v in [*RUNS[1:], "wanda+error"] if v in runs[0]]:
             ratios = [r[variant] / r["forward"] for r in runs]
             q1, q3 = quartiles(ratios)
             lines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -120,20 +121,31 @@ class Collector:
 
 
 class ErrorMeter:
-    """Forward hooks that measure ``||(W - W') x||^2`` and ``||W x + b||^2`` on each call of a pruned layer."""
+    """Forward hooks that measure ``||(W - W') x||^2`` and ``||W x + b||^2`` on each call of a pruned layer.
 
-    def __init__(self, layers: Sequence[Layer], deltas: dict[str, Tensor]) -> None:
+    ``samples``: measure on the first ``samples`` entries of the batch dimension only (all when None).
+    ``once``: drop each layer's difference ``W - W'`` after its first measured call (one pass over all samples).
+    """
+
+    def __init__(
+        self, layers: Sequence[Layer], deltas: dict[str, Tensor], samples: int | None = None, once: bool = False
+    ) -> None:
         self.deltas = deltas
         self.active = True
+        self.samples = samples
+        self.once = once
         self.sums = torch.zeros(len(layers), 2, dtype=torch.float64)
         self._handles = [
             layer.module.register_forward_hook(partial(self._hook, i, layer)) for i, layer in enumerate(layers)
         ]
 
     def _hook(self, i: int, layer: Layer, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self.active:
+        delta = self.deltas.pop(layer.name, None) if self.once else self.deltas.get(layer.name)
+        if not self.active or delta is None:
             return
-        delta = self.deltas[layer.name]
+        if self.samples is not None:
+            args = (args[0][: self.samples], *args[1:])
+            output = output[: self.samples]
         error = layer.adapter.rows(args).to(delta.dtype) @ delta.t()
         dense = output.reshape(error.shape).to(delta.dtype) + error
         self.sums[i, 0] += float(error.square().sum(dtype=torch.float64))
@@ -144,6 +156,58 @@ class ErrorMeter:
             handle.remove()
         all_reduce_sum_(self.sums)
         return [float(e / d) ** 0.5 if d > 0 else 0.0 for e, d in self.sums.tolist()]
+
+
+class SequentialPruning:
+    """Forward pre-hooks that prune each layer when the calibration inputs reach it, before it computes its output.
+
+    The block runs once on all the calibration samples at once: each layer's hook accumulates the statistic of
+    its input (all-reduced over processes), calls ``prune(layer, statistic)`` and returns, so that the layer
+    computes its output with its pruned weight and the layers after it see the pruned layer's outputs. Layers
+    called with the very same input tensor (the q, k and v projections of an attention block) share one
+    statistic, held while that tensor is alive. A layer called twice in the pass is pruned on its first call.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        make: Callable[[int, torch.device], Statistic] | None,
+        prune: Callable[[Layer, Statistic | None], None],
+    ) -> None:
+        self._make = make
+        self._prune = prune
+        self._shared: list[tuple[weakref.ref[Tensor], Statistic]] = []
+        self.pruned: set[str] = set()
+        self._handles: list[RemovableHandle] = [
+            layer.module.register_forward_pre_hook(partial(self._hook, layer)) for layer in layers
+        ]
+
+    def _statistic(self, layer: Layer, args: tuple[Any, ...]) -> Statistic | None:
+        if self._make is None:
+            return None
+        x = args[0]
+        self._shared = [(ref, stat) for ref, stat in self._shared if ref() is not None]
+        for ref, stat in self._shared:
+            if ref() is x:
+                return stat
+        stat = self._make(layer.shape[1], x.device)
+        stat.add_(layer.adapter.rows(args))
+        stat.reduce_()
+        if isinstance(x, Tensor):
+            self._shared.append((weakref.ref(x), stat))
+        return stat
+
+    def _hook(self, layer: Layer, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if layer.name in self.pruned:
+            return
+        self.pruned.add(layer.name)
+        self._prune(layer, self._statistic(layer, args))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._shared.clear()
 
 
 def move_outside(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device) -> None:

@@ -35,26 +35,37 @@ def _rank(scores: Tensor) -> Tensor:
     return rank
 
 
+def _kth_smallest(scores: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest score of each row (``1 <= k <= cols``), as a ``(rows, 1)`` column: a partial
+    ``topk`` from the nearer end, faster than ``kthvalue`` on the CPU."""
+    cols = scores.shape[1]
+    if k <= cols - k + 1:
+        return scores.topk(k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    return scores.topk(cols - k + 1, dim=1, largest=True, sorted=False).values.amin(1, keepdim=True)
+
+
 def _keep_rows(scores: Tensor, k: int) -> Tensor:
     """Keep-mask of ``(rows, cols)`` scores without the ``k`` lowest of each row (ties: the earlier go first).
 
-    One ``kthvalue`` per row finds the threshold; only rows with ties at it need a running count.
+    One partial ``topk`` per row finds the threshold and one comparison keeps what is above it; only rows with
+    ties at the threshold need a running count.
     """
     cols = scores.shape[1]
     if k <= 0:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= cols:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    kth = scores.kthvalue(k, dim=1, keepdim=True).values
-    pruned = scores < kth
-    equal = scores == kth
-    need = k - pruned.sum(1, keepdim=True)
-    tied = (equal.sum(1, keepdim=True) > need).squeeze(1)
+    kth = _kth_smallest(scores, k)
+    keep = scores > kth
+    tied = torch.count_nonzero(keep, dim=1) < cols - k  # scores equal to the threshold beyond the k-th
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
-        ties = equal[rows]
-        equal[rows] = ties & (ties.cumsum(1) <= need[rows])
-    return ~pruned.logical_or_(equal)
+        part, threshold = scores[rows], kth[rows]
+        pruned = part < threshold
+        equal = part == threshold
+        need = k - torch.count_nonzero(pruned, dim=1).unsqueeze(1)
+        keep[rows] = ~pruned.logical_or_(equal & (equal.cumsum(1) <= need))
+    return keep
 
 
 def _chunk_rows(cols: int) -> int:

@@ -42,10 +42,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from lightning_prune.structures.depth import find_block_container
 
-__all__ = ["CapturedInputs", "call_model", "capture_block_inputs", "find_blocks", "iterate_batches"]
+__all__ = ["CapturedInputs", "call_model", "capture_block_inputs", "find_blocks", "iterate_batches", "merge_captured"]
 
 ForwardFn = Callable[[nn.Module, Any], object]
 """``forward_fn(model, batch)``: runs the model on one calibration batch (its result is ignored)."""
@@ -296,3 +297,62 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def merge_captured(captured: Sequence[CapturedInputs], name: str) -> CapturedInputs:
+    """The inputs of all calibration batches as one batch: tensors whose first dimension is each batch's sample
+    count (the hidden states, attention masks, position ids) are concatenated along it; other tensors must be
+    equal in every batch (rotary tables shared by the batch) and are taken once.
+
+    Raises:
+        ValueError: the hidden states do not lead with the batch's sample count, the batches' other arguments
+            differ in structure, or a tensor without the batch dimension differs between batches. The message
+            names block ``name``.
+
+    Example:
+        >>> import torch
+        >>> parts = [CapturedInputs(torch.zeros(n, 3), 0, (torch.ones(3),), samples=n) for n in (2, 1)]
+        >>> merged = merge_captured(parts, "layers.0")
+        >>> merged.hidden.shape, merged.args[0].shape, merged.samples
+        (torch.Size([3, 3]), torch.Size([3]), 3)
+    """
+    first = captured[0]
+    if len(captured) == 1:
+        return first
+    sizes = [c.samples for c in captured]
+    hint = "Pass sequential=False to run the block batch by batch."
+    for c in captured:
+        if c.hidden.dim() == 0 or c.hidden.shape[0] != c.samples:
+            raise ValueError(
+                f"sequential=True runs block {name!r} once on all calibration samples, concatenated along the first "
+                f"dimension, but its hidden states have shape {tuple(c.hidden.shape)} for a batch of {c.samples} "
+                f"samples. {hint}"
+            )
+    rest, spec = pytree.tree_flatten((first.args, first.kwargs))
+    columns = [rest]
+    for c in captured[1:]:
+        leaves, other = pytree.tree_flatten((c.args, c.kwargs))
+        if other != spec:
+            raise ValueError(
+                f"sequential=True concatenates the calibration batches, but block {name!r} received other "
+                f"arguments on one batch than on the first ({other} instead of {spec}). {hint}"
+            )
+        columns.append(leaves)
+    merged = []
+    for column in zip(*columns):
+        head = column[0]
+        if not isinstance(head, Tensor):
+            merged.append(head)
+        elif all(isinstance(t, Tensor) and t.dim() and t.shape[0] == n for t, n in zip(column, sizes)):
+            merged.append(torch.cat(column))
+        elif all(isinstance(t, Tensor) and t.shape == head.shape and torch.equal(t, head) for t in column):
+            merged.append(head)
+        else:
+            raise ValueError(
+                f"sequential=True concatenates the calibration batches, but block {name!r} received a tensor of "
+                f"shape {tuple(head.shape)} that neither leads with the batch's sample count nor is the same in "
+                f"every batch. {hint}"
+            )
+    args, kwargs = pytree.tree_unflatten(merged, spec)
+    hidden = torch.cat([c.hidden for c in captured])
+    return CapturedInputs(hidden, first.position, args, kwargs, sum(sizes))

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_prune._helpers import check_flag
 from lightning_prune.masks import MaskSet, prunable_parameters
 from lightning_prune.masks.distributed import all_reduce_sum_
-from lightning_prune.oneshot._hooks import Collector, ErrorMeter, Layer, StopBlock, move_outside
+from lightning_prune.oneshot._bits import PackedMask
+from lightning_prune.oneshot._hooks import Collector, ErrorMeter, Layer, SequentialPruning, StopBlock, move_outside
 from lightning_prune.oneshot.base import Allocation, OneShotMethod, OneShotStructure, build_oneshot_structure
 from lightning_prune.oneshot.blocks import (
     CapturedInputs,
@@ -21,6 +24,7 @@ from lightning_prune.oneshot.blocks import (
     capture_block_inputs,
     find_blocks,
     iterate_batches,
+    merge_captured,
 )
 from lightning_prune.oneshot.layers import LinearMap
 from lightning_prune.oneshot.registry import LAYER_TYPES, build_allocation, build_method
@@ -54,6 +58,7 @@ def prune_one_shot(
     error_batches: int | None = 1,
     layer_types: Mapping[type[nn.Module], LinearMap] | None = None,
     progress: Callable[[BlockProgress], None] | None = None,
+    sequential: bool = False,
 ) -> tuple[MaskSet, OneShotReport]:
     """Prune ``model`` in one shot from calibration batches, block by block, and return its masks and a report.
 
@@ -62,7 +67,8 @@ def prune_one_shot(
     linear layers inside it are hooked, the captured inputs run through it to accumulate each layer's statistic
     (summed over processes under ``torch.distributed``), each layer is pruned by ``method``, and the block runs
     again with its pruned weights to give the next block its inputs. Memory: the model, one block's statistics
-    and the activations of the calibration batches (one set, overwritten block by block). Layers outside the
+    and the activations of the calibration batches (one set, overwritten block by block), and the keep-masks
+    packed one bit per weight until they are unpacked into the returned ``MaskSet`` at the end. Layers outside the
     blocks (embeddings, the output head) stay dense, as in the papers. See :mod:`~lightning_prune.oneshot.blocks`
     for how batches are read and the model is called.
 
@@ -96,6 +102,16 @@ def prune_one_shot(
             :data:`~lightning_prune.oneshot.LAYER_TYPES`: ``nn.Linear``).
         progress: called with a :class:`~lightning_prune.oneshot.report.BlockProgress` after each block (progress
             is also logged at INFO level through :mod:`logging`).
+        sequential: run each block once instead of twice ("true sequential", as an option of the SparseGPT
+            reference code): the calibration batches are concatenated into one batch (see
+            :func:`~lightning_prune.oneshot.blocks.merge_captured`), and each layer is pruned when that batch
+            reaches it, from the statistic of its inputs, before it computes its outputs; the layers after it
+            (in the block and in the next blocks) see the pruned layer's outputs, and the block's outputs are the
+            pruned block's. About half the time of the default (which gathers every layer's statistic on the
+            dense block, then runs the pruned block again). Memory: the block's intermediate activations on all
+            calibration samples at once, as one forward pass with a batch of ``num_samples`` (the default holds
+            those of one batch). The layer's error is measured on the samples of the first ``error_batches``
+            batches. Equal to the default for a block with a single pruned layer.
 
     Returns:
         ``(masks, report)``: a :class:`~lightning_prune.masks.MaskSet` over the pruned weights whose masks mark
@@ -144,6 +160,7 @@ def prune_one_shot(
             f"allocation={allocator!r} reads the calibration batches twice (a dense pass, then pruning), but "
             "`dataloader` is an iterator that can be read once. Pass a list or a DataLoader."
         )
+    check_flag("sequential", sequential)
     if allocator is not None and isinstance(sparsity, Mapping):
         raise ValueError("Pass either per-layer targets in `sparsity` or an `allocation`, not both.")
     adapters = dict(LAYER_TYPES if layer_types is None else layer_types)
@@ -189,8 +206,12 @@ def prune_one_shot(
     model.eval()
     call = forward_fn or call_model
     report = OneShotReport(repr(pruner), repr(shape), None if allocator is None else repr(allocator), 0, len(found))
-    masks = MaskSet({layer.name: _parameter(layer) for layer in all_layers})
-    mask_of = dict(zip(masks.names, masks.masks))
+    packed: dict[str, PackedMask] = {}
+
+    measure_error = error_batches != 0
+    needs_data = pruner.needs_calibration or measure_error or allocator is not None
+    one_pass = sequential and needs_data
+    error_samples: int | None = None  # in one pass: the samples of the first `error_batches` batches
 
     def capture() -> list[CapturedInputs]:
         began = time.perf_counter()
@@ -199,6 +220,11 @@ def prune_one_shot(
         try:
             batches = iterate_batches(dataloader, num_samples, target_device)
             captured = capture_block_inputs(model, found[0][1], found[0][0], batches, call, store)
+            if one_pass:
+                nonlocal error_samples
+                if error_batches is not None:
+                    error_samples = sum(c.samples for c in captured[:error_batches])
+                captured = [merge_captured(captured, found[0][0])]
         finally:
             if offload == "blocks":
                 move_outside(model, blocks_only, torch.device("cpu"))
@@ -226,8 +252,17 @@ def prune_one_shot(
             if keep and out is not None:
                 cap.hidden = out.to(store)
 
-    measure_error = error_batches != 0
-    needs_data = pruner.needs_calibration or measure_error or allocator is not None
+    def prune_layer(layer: Layer, stat: Statistic | None, deltas: dict[str, Tensor]) -> None:
+        tick = time.perf_counter()
+        weight = layer.adapter.matrix(layer.module)
+        dense = weight.to(torch.float32, copy=True) if measure_error else None  # a copy even for float32
+        keep = pruner.prune_(layer.name, weight, stat, shape, layer.target)
+        if dense is not None:
+            deltas[layer.name] = dense.sub_(weight.float())
+        packed[layer.name] = PackedMask(_as_parameter_layout(layer, keep))
+        layer.sparsity = 1.0 - int(torch.count_nonzero(keep)) / keep.numel()
+        layer.seconds = time.perf_counter() - tick
+
     try:
         acts = capture() if needs_data else []
         samples = torch.tensor(float(sum(c.samples for c in acts)), dtype=torch.float64)
@@ -264,41 +299,45 @@ def prune_one_shot(
             name, block = found[index]
             if offload == "blocks":
                 block.to(target_device)
-            collector: Collector | None = None
-            if pruner.needs_calibration and layers:
-                collector = Collector(layers, _factory(pruner), early_stop=True)
-                try:
-                    run(index, acts, keep=False, collector=collector)
-                finally:
-                    collector.remove()
-                collector.reduce_(layers)
             deltas: dict[str, Tensor] = {}
-            last_users = set() if collector is None else collector.last_users(layers)
-            for layer in layers:
-                tick = time.perf_counter()
-                weight = layer.adapter.matrix(layer.module)
-                dense = weight.to(torch.float32, copy=True) if measure_error else None  # a copy even for float32
-                stat = None if collector is None else collector.statistic(layer)
-                keep = pruner.prune_(layer.name, weight, stat, shape, layer.target)
-                if dense is not None:
-                    deltas[layer.name] = dense.sub_(weight.float())
-                mask = mask_of[layer.name]
-                mask.copy_(keep.reshape(mask.shape) if mask.shape == keep.shape else _as_parameter_layout(layer, keep))
-                layer.sparsity = 1.0 - float(keep.sum()) / keep.numel()
-                del stat, keep
-                if collector is not None and layer.name in last_users:
-                    collector.release(layer)  # free its statistic (a SparseGPT Hessian) before the next layer's
-                layer.seconds = time.perf_counter() - tick
-            del collector
             last = index == len(found) - 1
-            if needs_data and (not last or measure_error):
-                meter = ErrorMeter(layers, deltas) if measure_error else None
-                try:  # the last block's outputs are not needed: run it on the measured batches only
-                    run(index, acts[:error_batches] if last else acts, keep=not last, meter=meter)
+            if one_pass:
+                make = _factory(pruner) if pruner.needs_calibration else None
+                hooks = SequentialPruning(layers, make, partial(prune_layer, deltas=deltas))
+                meter = ErrorMeter(layers, deltas, samples=error_samples, once=True) if measure_error else None
+                try:
+                    run(index, acts, keep=not last, meter=meter)
                 finally:
+                    hooks.remove()
                     if meter is not None:
                         for layer, error in zip(layers, meter.remove()):
                             layer.error = error
+                for layer in layers:  # not called on the calibration batches: the method says what to do
+                    if layer.name not in hooks.pruned:
+                        prune_layer(layer, None, deltas)
+            else:
+                collector: Collector | None = None
+                if pruner.needs_calibration and layers:
+                    collector = Collector(layers, _factory(pruner), early_stop=True)
+                    try:
+                        run(index, acts, keep=False, collector=collector)
+                    finally:
+                        collector.remove()
+                    collector.reduce_(layers)
+                last_users = set() if collector is None else collector.last_users(layers)
+                for layer in layers:
+                    prune_layer(layer, None if collector is None else collector.statistic(layer), deltas)
+                    if collector is not None and layer.name in last_users:
+                        collector.release(layer)  # free its statistic (a SparseGPT Hessian) before the next layer's
+                del collector
+                if needs_data and (not last or measure_error):
+                    meter = ErrorMeter(layers, deltas) if measure_error else None
+                    try:  # the last block's outputs are not needed: run it on the measured batches only
+                        run(index, acts[:error_batches] if last else acts, keep=not last, meter=meter)
+                    finally:
+                        if meter is not None:
+                            for layer, error in zip(layers, meter.remove()):
+                                layer.error = error
             del deltas
             if offload == "blocks":
                 block.to("cpu")
@@ -329,6 +368,9 @@ def prune_one_shot(
         for module, mode in modes.items():
             module.training = mode
 
+    masks = MaskSet({layer.name: _parameter(layer) for layer in all_layers})
+    for name, mask in zip(masks.names, masks.masks):
+        packed.pop(name).unpack_into(mask)
     report.layers = [
         LayerReport(l.name, l.block, l.shape, l.target, l.sparsity, l.error, l.seconds)
         for l in all_layers  # noqa: E741
@@ -355,8 +397,10 @@ def _parameter(layer: Layer) -> nn.Parameter:
 
 
 def _as_parameter_layout(layer: Layer, keep: Tensor) -> Tensor:
-    """A keep-mask in the layout of the parameter, for adapters whose matrix is a transposed view of it."""
+    """A keep-mask in the layout of the parameter (the adapter's matrix may be a transposed view of it)."""
     param = _parameter(layer)
+    if keep.shape == param.shape:
+        return keep
     if keep.t().shape == param.shape:
         return keep.t()
     raise ValueError(

@@ -4,7 +4,8 @@ Both statistics are plain sums plus a token count, so that statistics gathered o
 its own share of the calibration samples) add up to those of one process that saw all the samples:
 :meth:`Statistic.reduce_` all-reduces them (a no-op outside a process group).
 
-* :class:`ColumnSquares`: ``sum_t x_tj^2`` per input feature ``j``, in float64 (Wanda's ``||X_j||_2^2``).
+* :class:`ColumnSquares`: ``sum_t x_tj^2`` per input feature ``j``, held in float64 (Wanda's ``||X_j||_2^2``;
+  partial sums of up to 1024 rows in float32).
 * :class:`InputCovariance`: ``sum_t x_t x_t^T``, ``in x in`` (SparseGPT's Hessian ``H = 2 X X^T`` up to the
   factor, which the optimal-brain-surgeon update does not depend on), in float32 by default (as the reference
   implementation) or float64.
@@ -13,8 +14,8 @@ Example:
     >>> import torch
     >>> stat = ColumnSquares(3)
     >>> stat.add_(torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0]]))
-    >>> stat.norms().tolist(), int(stat.count)
-    ([1.4142135623730951, 2.0, 0.0], 2)
+    >>> stat.squares.tolist(), stat.norms()[1].item(), int(stat.count)
+    ([2.0, 4.0, 0.0], 2.0, 2)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = ["ColumnSquares", "InputCovariance", "Statistic"]
 
 #: Input rows processed at once, so that casts of bf16 inputs to the statistic's dtype stay small.
 _ROW_CHUNK = 4096
+#: Input rows squared at once by :class:`ColumnSquares` (a float32 temporary of this many rows).
+_SQUARE_ROWS = 1024
 
 
 class Statistic(ABC):
@@ -67,14 +70,20 @@ class Statistic(ABC):
 
 
 class ColumnSquares(Statistic):
-    """``sum_t x_tj^2`` per input feature, in float64: Wanda's squared input norms."""
+    """``sum_t x_tj^2`` per input feature, held in float64 (partial sums over 1024 rows in float32): Wanda's
+    squared input norms."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, device)
         self.squares = torch.zeros(in_features, dtype=torch.float64, device=device)
 
     def _add_rows(self, rows: Tensor) -> None:
-        self.squares += torch.linalg.vector_norm(rows, dim=0, dtype=torch.float64).square_()
+        # Squares summed in float32 over at most _SQUARE_ROWS rows, then added in float64: about 10x faster than
+        # a float64 reduction, with a relative error near 1e-7 (each partial sum of squares is of positive terms).
+        for start in range(0, rows.shape[0], _SQUARE_ROWS):
+            part = rows[start : start + _SQUARE_ROWS]
+            part = part.square() if part.dtype == torch.float32 else part.float().square_()
+            self.squares += part.sum(0)
 
     def tensors(self) -> list[Tensor]:
         return [self.squares]

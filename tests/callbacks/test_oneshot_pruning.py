@@ -62,15 +62,28 @@ def _zeros_hold(pruning: PruningCallback) -> bool:
     return all(bool((p[~m] == 0).all()) for p, m in zip(masks.params, masks.masks))
 
 
-@pytest.mark.parametrize(("method", "structure"), [("wanda", "unstructured"), ("sparsegpt", "2:4")])
-def test_prunes_at_fit_start_like_prune_one_shot_and_keeps_the_masks_through_recovery(method, structure, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "structure", "sequential"),
+    [("wanda", "unstructured", False), ("sparsegpt", "2:4", False), ("wanda", "unstructured", True)],
+)
+def test_prunes_at_fit_start_like_prune_one_shot_and_keeps_the_masks_through_recovery(
+    method, structure, sequential, tmp_path
+):
     model = TinyLM()
     reference = copy.deepcopy(model)
     ref_masks, _ = prune_one_shot(
-        reference, _calibration(), method=method, structure=structure, ignore=["head"], num_samples=None
+        reference,
+        _calibration(),
+        method=method,
+        structure=structure,
+        ignore=["head"],
+        num_samples=None,
+        sequential=sequential,
     )
     pruning = _pruning(structure=structure)
-    oneshot = OneShotPruning(pruning, method=method, calibration=_calibration(), num_samples=None)
+    oneshot = OneShotPruning(
+        pruning, method=method, calibration=_calibration(), num_samples=None, sequential=sequential
+    )
     tiny_trainer(tmp_path, [oneshot, pruning], max_epochs=2).fit(model, _loader())
 
     assert oneshot.pruned_at == 0
@@ -180,6 +193,7 @@ def test_owl_allocation_keeps_the_total(tmp_path):
             "`offload` must be 'none', 'activations' or 'blocks', got 'disk'",
         ),
         (lambda p: OneShotPruning(p, error_batches=-1), "`error_batches` must be an integer >= 0"),
+        (lambda p: OneShotPruning(p, sequential=1), r"^OneShotPruning: `sequential` must be True or False, got 1\.$"),
         (
             lambda p: OneShotPruning(_pruning(structure="2:4"), allocation="owl"),
             r"OWL\(m=5.0, lam=0.08, granularity='block'\) gives layers different sparsities, but the PruningCallback's "
