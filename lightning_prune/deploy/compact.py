@@ -267,7 +267,7 @@ def compact_state(model: nn.Module) -> dict[str, Any]:
         "widths": {n: w for n, w in widths.items() if w},
         "configs": {n: c for n, m in model.named_modules() if (c := _config_widths(m))},
         # block lists' lengths: a depth-pruned model (lightning_prune.deploy.depth) has fewer blocks than a fresh one
-        "depths": {n: len(m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))},
+        "depths": {n: len(m) for n, m in model.named_modules() if _block_list(m)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
@@ -380,11 +380,18 @@ def _put_replacements(model: nn.Module, replaced: Mapping[str, Any]) -> None:
         model.set_submodule(name, new)
 
 
+def _block_list(m: nn.Module) -> bool:
+    """Whether ``m`` is a list of alike blocks (an ``nn.ModuleList`` or ``nn.Sequential`` whose children are all of
+    one class), which depth pruning may shorten; a model's other containers (e.g. a CNN's ``features``) must match a
+    fresh instance's exactly."""
+    return isinstance(m, (nn.ModuleList, nn.Sequential)) and len({type(c) for c in m.children()}) == 1
+
+
 def _truncate_blocks(model: nn.Module, depths: Mapping[str, int]) -> None:
     """Remove the trailing blocks of every block list of a fresh ``model`` that the saved compact model has fewer of
     (a depth-pruned model's blocks are numbered 0, 1, ... and are alike in a fresh model, so which ones stay does
     not matter: the weights and widths loaded next make them the saved ones)."""
     for name in sorted(depths, key=lambda n: (n.count(".") if n else -1, n)):  # outer block lists first
         container = dict(model.named_modules()).get(name)
-        if isinstance(container, (nn.ModuleList, nn.Sequential)) and len(container) > depths[name] >= 1:
+        if container is not None and _block_list(container) and len(container) > depths[name] >= 1:
             remove_blocks_(model, list(range(depths[name], len(container))), name)
