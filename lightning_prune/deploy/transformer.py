@@ -45,7 +45,8 @@ from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.deploy.compact import _config_widths, _set_config_widths
 from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 from lightning_prune.masks.maskset import MaskSet
-from lightning_prune.structures.heads import HeadMaskSet, UnitGroup
+from lightning_prune.structures.heads import HeadMaskSet
+from lightning_prune.structures.units import UnitGroup
 
 __all__ = [
     "compact_heads",
