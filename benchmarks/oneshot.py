@@ -162,12 +162,23 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     return _prune_variants(seed, dense, calibration, tune_batches, val, args)
 
 
+def _export_script() -> Any:
+    """``scripts/export.py``, whose checkpoint reader (``torch.load`` with ``weights_only=True``) this script shares."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
+    spec = importlib.util.spec_from_file_location("lightning_prune_export_script", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def _trained_dense(run: str, seq_len: int) -> Any:
     """The network of the newest checkpoint under the training run directory ``run``, rebuilt from its Hydra
     config (``<run>/.hydra/config.yaml``)."""
     from pathlib import Path
 
-    import torch
     from omegaconf import OmegaConf
 
     from lightning_prune.app.train import instantiate_module
@@ -181,7 +192,7 @@ def _trained_dense(run: str, seq_len: int) -> Any:
             f"--dense-run {run!r}: expected a training run directory with .hydra/config.yaml and a *.ckpt."
         )
     module = instantiate_module(OmegaConf.load(config))
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["state_dict"]
+    state = _export_script().load_checkpoint(checkpoints[-1])["state_dict"]  # weights_only, configs allowed
     module.load_state_dict(state)
     dense = module.model
     if not isinstance(dense, GPT) or dense.config.max_position_embeddings != seq_len:
