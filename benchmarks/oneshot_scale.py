@@ -27,8 +27,8 @@ thread pool), outside what is measured.
   (Wanda / forward, SparseGPT / forward) are medians of the per-repeat ratios. The machine is shared: before
   each repeat the driver waits for other processes to go quiet, and a repeat during which they used more than
   ``--max-other-load`` cores is discarded and run again (at most ``--max-attempts`` times; the table says
-  "unstable" when no quiet repeat was had). The model is pruned in place by the first Wanda run, so later
-  runs prune an already sparse model: same operations, same cost (dense kernels).
+  "unstable" when no quiet repeat was had). The dense weights are restored before each variant (untimed): an
+  already pruned model has half its scores tied at zero, which changes the cost of the per-row selection.
 * **Memory** (a fresh subprocess per method, the driver imports no torch: a child's ``ru_maxrss`` starts from
   its parent's): the peak resident size of the process (``ru_maxrss``) over the model's own bytes, the rise of
   ``ru_maxrss`` during the measured call, and ``1 + rise / model bytes``: the peak relative to the model without
@@ -224,6 +224,7 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(shape, args.dtype, args.seed)
     batches = calibration(shape, args)
     forward_pass(model, batches[:1])
+    dense = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     variants = ["forward", *args.time_methods] + (["wanda+error"] if args.with_error else [])
     variants += [f"{m}+seq" for m in args.time_methods] if args.sequential else []
     runs: list[dict[str, float]] = []
@@ -236,6 +237,7 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
             times: dict[str, float] = {}
             with OtherLoad() as load:
                 for variant in order:
+                    model.load_state_dict(dense)  # every method prunes the dense weights
                     start = time.perf_counter()
                     if variant == "forward":
                         forward_pass(model, batches)

@@ -1,9 +1,11 @@
-"""Exact, deterministic selection within rows and within N:M groups (ties go to the earlier entry)."""
+"""Exact, deterministic selection within rows and within N:M groups (ties go to the earlier entry), and the
+zeroing of what a selection prunes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,10 +37,33 @@ def _rank(scores: Tensor) -> Tensor:
     return rank
 
 
+#: Bit-pattern views of float dtypes by element size: multiplying one by a bool mask zeroes entries exactly.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_pruned_(weight: Tensor, keep: Tensor) -> Tensor:
+    """Set ``weight`` to exactly ``+0.0`` where ``keep`` is False, in place, and return it.
+
+    The weight's bits are multiplied by the mask as integers: NaN and infinity become zero as with
+    ``masked_fill_(~keep, 0)``, with no inverted mask and about a tenth of its time on the CPU.
+    """
+    if weight.is_floating_point() and weight.element_size() in _BITS:
+        weight.view(_BITS[weight.element_size()]).mul_(keep)
+    else:
+        weight.masked_fill_(~keep, 0)
+    return weight
+
+
 def _kth_smallest(scores: Tensor, k: int) -> Tensor:
-    """The ``k``-th smallest score of each row (``1 <= k <= cols``), as a ``(rows, 1)`` column: a partial
-    ``topk`` from the nearer end, faster than ``kthvalue`` on the CPU."""
+    """The ``k``-th smallest score of each row (``1 <= k <= cols``), as a ``(rows, 1)`` column.
+
+    On the CPU NumPy's ``partition`` (a vectorised introselect, no indices) is several times faster than
+    ``torch.topk``; elsewhere a partial ``topk`` from the nearer end. Both order NaN after every number.
+    """
     cols = scores.shape[1]
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        kth = np.partition(scores.detach().numpy(), k - 1, axis=1)[:, k - 1 : k]
+        return torch.from_numpy(np.ascontiguousarray(kth))
     if k <= cols - k + 1:
         return scores.topk(k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
     return scores.topk(cols - k + 1, dim=1, largest=True, sorted=False).values.amin(1, keepdim=True)

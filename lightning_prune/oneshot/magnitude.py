@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_prune.masks.selection import prune_lowest_
-from lightning_prune.oneshot._select import count, keep_nm
+from lightning_prune.oneshot._select import count, keep_nm, zero_pruned_
 from lightning_prune.oneshot.base import OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.statistics import Statistic
 from lightning_prune.structures.nm import NMStructure
@@ -43,5 +43,5 @@ class Magnitude(OneShotMethod):
             keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
             values = weight if weight.is_floating_point() and weight.is_contiguous() else weight.contiguous()
             prune_lowest_([values], [keep], count(sparsity, rows * cols), transform=Tensor.abs_, names=[layer])
-        weight.masked_fill_(~keep, 0)
+        zero_pruned_(weight, keep)
         return keep

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_prune.masks.selection import prune_lowest_
-from lightning_prune.oneshot._select import count, keep_nm
+from lightning_prune.oneshot._select import count, keep_nm, zero_pruned_
 from lightning_prune.oneshot.base import OneShotMethod, OneShotStructure, check_layer_target
 from lightning_prune.oneshot.statistics import InputCovariance, Statistic
 from lightning_prune.structures.nm import NMStructure
@@ -136,5 +136,5 @@ class SparseGPT(OneShotMethod):
                 w[:, i2:].addmm_(errors[:, : i2 - i1], upper[i1:i2, i2:], alpha=-1)
         if not in_place:
             weight.copy_(w)
-        weight.masked_fill_(~keep, 0)
+        zero_pruned_(weight, keep)
         return keep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_prune.oneshot._select import count, keep_nm, keep_per_row
+from lightning_prune.oneshot._select import count, keep_nm, keep_per_row, zero_pruned_
 from lightning_prune.oneshot.base import OneShotMethod, OneShotStructure
 from lightning_prune.oneshot.statistics import ColumnSquares, InputCovariance, Statistic
 from lightning_prune.structures.nm import NMStructure
@@ -67,5 +67,5 @@ class Wanda(OneShotMethod):
             keep = keep_nm(scores, rows, cols, structure.n, structure.m, weight.device)
         else:
             keep = keep_per_row(scores, rows, cols, count(sparsity, rows * cols), weight.device)
-        weight.masked_fill_(~keep, 0)
+        zero_pruned_(weight, keep)
         return keep

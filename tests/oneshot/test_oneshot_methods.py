@@ -320,3 +320,28 @@ def test_exact_targets_round_to_the_total():
 def test_owl_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OWL(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_per_row_threshold_is_the_kth_value_whatever_the_dtype(dtype):
+    # float32 and float64 go through NumPy's partition on the CPU, other dtypes through torch.topk.
+    from lightning_prune.oneshot._select import _kth_smallest
+
+    scores = torch.randn(37, 101, generator=torch.Generator().manual_seed(7)).abs().to(dtype)
+    scores[3, :60] = 0.0  # a row with ties at the threshold
+    for k in [1, 17, 50, 51, 100, 101]:
+        assert torch.equal(_kth_smallest(scores, k), scores.kthvalue(k, dim=1, keepdim=True).values), k
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruned_entries_are_exactly_positive_zero(name, dtype):
+    x = correlated_inputs(128, 32, seed=8).to(dtype)
+    w = layer(12, 32, seed=9).to(dtype)
+    w[0, :4] = -0.0  # negative zeros are the lowest scores: pruned, and stored as +0.0
+    pruned, keep = prune(build_method(name), w, x.float(), Unstructured(), 0.5)
+    bits = pruned.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+    assert not keep[0, :4].any()
+    assert int(torch.count_nonzero(bits[~keep])) == 0
+    assert int((~keep).sum()) == 12 * 32 // 2
