@@ -183,11 +183,18 @@ def compact(
 
 def _removable_channels(group: ChannelGroup, params: Mapping[str, Tensor]) -> list[int]:
     """The all-zero channels of ``group``, less one channel of every layer (and of the group) that would be
-    emptied otherwise, so that every layer keeps a valid width."""
+    emptied otherwise, so that every layer keeps a valid width. Through grouped convolutions, every block
+    (:attr:`ChannelGroup.blocks`) loses as many as the one with the fewest, so that ``groups`` stays."""
     nonzero = torch.zeros(group.channels, dtype=torch.long)
     for s in group.slices:
         nonzero.index_add_(0, s.root, s.rows(params[s.param].detach()).ne(0).any(1).long().cpu())
     zero = nonzero == 0
+    if group.blocks is not None:
+        members = [torch.nonzero(group.blocks == b).flatten() for b in range(int(group.blocks.max()) + 1)]
+        count = min(min(int(zero[m].sum()) for m in members), len(members[0]) - 1)
+        for m in members:
+            zero[m[zero[m]][count:]] = False  # the block's zero channels past the common count stay
+        return torch.nonzero(zero).flatten().tolist()
     for part in (*group.parts, torch.arange(group.channels)):
         if bool(zero[part].all()):
             zero[part[0]] = False

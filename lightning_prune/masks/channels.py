@@ -45,6 +45,15 @@ class ChannelSlice:
     (several positions can share a channel: a flatten maps one channel to a block of linear columns).
     ``scored`` marks the weights of convolutions and linear layers, which a channel's score is computed
     from; biases and normalisation parameters are masked with the channel but not scored.
+
+    ``groups > 1`` marks the input side of a grouped convolution's weight, shaped ``(out, in / groups, ...)``
+    with ``dim`` 1: ``index`` then holds *input channels* (every one of them, ``0 .. in - 1``), and input channel
+    ``c`` owns column ``c % (in / groups)`` of the rows of convolution group ``c // (in / groups)`` only.
+
+    Example:
+        >>> weight = torch.arange(8.0).reshape(4, 2, 1, 1)  # Conv2d(4, 4, 1, groups=2): rows 0-1 read inputs 0-1
+        >>> ChannelSlice("g.weight", 1, torch.arange(4), torch.arange(4), groups=2).rows(weight).tolist()
+        [[0.0, 2.0], [1.0, 3.0], [4.0, 6.0], [5.0, 7.0]]
     """
 
     param: str
@@ -52,10 +61,34 @@ class ChannelSlice:
     index: Tensor
     root: Tensor
     scored: bool = True
+    groups: int = 1
 
     def rows(self, tensor: Tensor) -> Tensor:
         """``tensor``'s positions of this slice, one row each: shape ``(len(index), -1)`` (a copy)."""
-        return tensor.movedim(self.dim, 0).index_select(0, self.index.to(tensor.device)).reshape(len(self.index), -1)
+        index = self.index.to(tensor.device)
+        if self.groups > 1:
+            return self._by_input(tensor).index_select(0, index).reshape(len(self.index), -1)
+        return tensor.movedim(self.dim, 0).index_select(0, index).reshape(len(self.index), -1)
+
+    def extent(self, tensor: Tensor) -> int:
+        """How many positions ``tensor`` has along this slice (a grouped convolution's input channels)."""
+        return tensor.shape[self.dim] * self.groups
+
+    def fill_(self, tensor: Tensor, positions: Tensor, value: bool | float) -> None:
+        """Write ``value`` into every entry of the ``positions`` (of :attr:`index`) of ``tensor``, in place."""
+        positions = positions.to(tensor.device)
+        if self.groups == 1:
+            tensor.movedim(self.dim, 0)[positions] = value
+            return
+        width, rows = tensor.shape[1], tensor.shape[0] // self.groups
+        first = (positions // width).unsqueeze(1) * rows  # the first row of each input channel's convolution group
+        tensor[first + torch.arange(rows, device=tensor.device), (positions % width).unsqueeze(1)] = value
+
+    def _by_input(self, tensor: Tensor) -> Tensor:
+        """A grouped convolution's weight as one row per input channel (a copy): ``(in, out / groups * ...)``."""
+        out, width = tensor.shape[0], tensor.shape[1]
+        grouped = tensor.reshape(self.groups, out // self.groups, width, -1).transpose(1, 2)
+        return grouped.reshape(self.groups * width, -1)
 
 
 @dataclass(frozen=True)
@@ -83,6 +116,25 @@ class ChannelGroup:
             if 0 < len(root) < self.channels:
                 seen.setdefault(tuple(root.tolist()), root)
         return tuple(seen.values())
+
+    @cached_property
+    def blocks(self) -> Tensor | None:
+        """The block of each channel, when the group runs through grouped convolutions; ``None`` otherwise.
+
+        A grouped convolution keeps its ``groups`` only if every convolution group keeps as many channels as the
+        others, so the group's channels fall into equal blocks (those that share a convolution group in every
+        grouped convolution of the group) and each block must lose the same number of channels. Block ids run
+        from 0; every block is as large as the others.
+        """
+        ids = torch.zeros(self.channels, dtype=torch.long)
+        grouped = False
+        for s in self.slices:
+            if s.groups > 1:
+                grouped = True
+                block = torch.zeros(self.channels, dtype=torch.long)
+                block[s.root] = s.index // (len(s.index) // s.groups)
+                ids = ids * s.groups + block
+        return torch.unique(ids, return_inverse=True)[1] if grouped else None
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -122,7 +174,7 @@ class ChannelMaskSet(MaskSet):
         for s in group.slices:
             positions = s.index[drop[s.root]]
             if len(positions):
-                self.mask(s.param).movedim(s.dim, 0)[positions.to(self.mask(s.param).device)] = False
+                s.fill_(self.mask(s.param), positions, False)
 
     def num_channels(self) -> int:
         return sum(g.channels for g in self.groups)

@@ -37,6 +37,55 @@ _CUT_OPS = ("permute", "transpose", "bmm", "roll", "pixelshuffle", "pixelunshuff
 MAX_DEPTH = 6
 
 
+def is_grouped(module: Any) -> bool:
+    """Whether ``module`` is a general grouped convolution (``1 < groups < channels``) whose input channel ``c`` can
+    be coupled to its output channel ``c``: as many inputs as outputs, not transposed."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and 1 < module.groups < module.out_channels
+        and module.in_channels == module.out_channels
+    )
+
+
+def grouped_pruner() -> Any:
+    """Torch-Pruning's pruner of a grouped convolution treated like a depthwise one: input channel ``c`` goes with
+    output channel ``c`` (one function prunes both, which couples them in the graph), and each convolution group
+    loses as many channels as the others, so ``groups`` stays and every group gets narrower."""
+    from torch_pruning.pruner import function
+
+    class GroupedConvPruner(function.ConvPruner):
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            channels, groups = layer.out_channels, layer.groups
+            width = channels // groups
+            drop = torch.zeros(channels, dtype=torch.bool)
+            drop[torch.as_tensor(list(idxs), dtype=torch.long)] = True
+            counts = drop.view(groups, width).sum(1)
+            if bool((counts != counts[0]).any()) or int(counts[0]) == width:
+                raise ValueError(
+                    f"Cannot remove channels {sorted(int(i) for i in idxs)} of a convolution with groups={groups}: "
+                    f"every group of {width} channels must lose as many as the others and keep at least one "
+                    f"(it would lose {counts.tolist()})."
+                )
+            keep = torch.nonzero(~drop).flatten()
+            columns = torch.nonzero(~drop.view(groups, width)).reshape(groups, -1, 2)[..., 1]  # kept, per group
+            weight = layer.weight.detach()[keep.to(layer.weight.device)]
+            rows_per_group = len(keep) // groups
+            gather = columns.repeat_interleave(rows_per_group, 0).to(weight.device)  # (kept rows, kept columns)
+            view = weight.reshape(len(keep), width, -1)
+            weight = view.gather(1, gather.unsqueeze(-1).expand(-1, -1, view.shape[-1]))
+            shape = (len(keep), len(keep) // groups, *layer.weight.shape[2:])
+            layer.weight = nn.Parameter(weight.reshape(shape).contiguous(), layer.weight.requires_grad)
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias.detach()[keep.to(layer.bias.device)], layer.bias.requires_grad)
+            layer.out_channels = layer.in_channels = len(keep)
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+    return GroupedConvPruner()
+
+
 class TraceBudgetExceeded(RuntimeError):
     """Tracing ran past its time budget."""
 
@@ -50,6 +99,7 @@ class Traced:
     module: nn.Module
     cut: dict[Any, str] = field(default_factory=dict)
     returned: set[Any] = field(default_factory=set)
+    grouped: Any = None  # the GroupedConvPruner whose function couples the graph's grouped convolutions
 
 
 def _op_name(node: Any) -> str:
@@ -79,8 +129,9 @@ def build(model: nn.Module, example_inputs: Any, deadline: float) -> Traced:
     graph._param_to_name, graph.unwrapped_parameters = graph._detect_unwrapped_parameters(None)
     graph.module2node = graph._trace(model, example_inputs, None, output_transform=keep_outputs)
     graph._build_dependency(graph.module2node)
+    grouped = _couple_grouped(graph)
     _check_time(deadline)
-    traced = Traced(graph, model, returned={t.grad_fn for t in outputs if t.grad_fn is not None})
+    traced = Traced(graph, model, returned={t.grad_fn for t in outputs if t.grad_fn is not None}, grouped=grouped)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Maximum recursive depth reached!": we cut such nodes ourselves
         try:
@@ -97,6 +148,23 @@ def build(model: nn.Module, example_inputs: Any, deadline: float) -> Traced:
         remap(traced, deadline)
         remap(traced, deadline)
     return traced
+
+
+def _couple_grouped(graph: Any) -> Any:
+    """Give every :func:`is_grouped` convolution the pruner that couples its input and output channels: Torch-
+    Pruning follows a general grouped convolution's inputs and outputs as separate groups, which no mask can prune
+    exactly (its input channel feeds one convolution group only)."""
+    pruner = grouped_pruner()  # one per graph: Torch-Pruning matches handlers by identity
+    fn = pruner.prune_out_channels
+    graph._in_channel_pruning_fn.add(fn)
+    graph._out_channel_pruning_fn.add(fn)
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            if is_grouped(node.module):
+                dep.trigger = fn
+            if is_grouped(dep.target.module):
+                dep.handler = fn
+    return pruner
 
 
 def remap(traced: Traced, deadline: float, sizes_only: bool = False) -> None:
@@ -146,6 +214,8 @@ def group(traced: Traced, module: nn.Module, handler: Callable[..., Any], idxs: 
     graph, cut = traced.graph, traced.cut
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1:
         handler = function.prune_depthwise_conv_out_channels
+    elif is_grouped(module) and traced.grouped is not None:
+        handler = traced.grouped.prune_out_channels
     hybrid = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
     found = Group()
     root = graph.module2node[module]

@@ -142,8 +142,14 @@ class ChannelStructure(Structure):
                 f"`round_to`={r} would empty layer {group.name!r}, which has {group.channels} channels. "
                 f"Lower `round_to` or add {group.name!r} to `ignore`."
             )
+        unit = self._unit(group)
         keep = self._floor(group.channels)
-        return min(math.ceil(keep / r) * r, group.channels)
+        return min(math.ceil(keep / unit) * unit, group.channels)
+
+    def _unit(self, group: ChannelGroup) -> int:
+        """The step of a group's kept-channel count: ``round_to``, and a multiple of the group's blocks (a grouped
+        convolution's groups each keep as many channels as the others)."""
+        return self.round_to if group.blocks is None else math.lcm(self.round_to, _num_blocks(group))
 
     def _floor(self, channels: int) -> int:
         """The fewest of ``channels`` that ``max_layer_sparsity`` lets stay (at least one)."""
@@ -155,10 +161,10 @@ class ChannelStructure(Structure):
     def _rounded(self, group: ChannelGroup, wanted: int, kept: int) -> int:
         """The channel count to keep: ``wanted`` rounded to a multiple of ``round_to``, within the cap and
         never more than the ``kept`` channels (nothing is revived)."""
-        r = self.round_to
+        unit = self._unit(group)
         if wanted >= kept:
             return kept
-        rounded = max(round(wanted / r), 1) * r if r > 1 else wanted
+        rounded = max(round(wanted / unit), 1) * unit if unit > 1 else wanted
         return min(max(rounded, self._min_keep(group)), kept)
 
     @torch.no_grad()
@@ -187,7 +193,10 @@ class ChannelStructure(Structure):
             order = candidates[torch.sort(s[candidates], stable=True).indices]
             drop = torch.zeros(g.channels, dtype=torch.bool)
             room = self._part_room(g, k)
-            if room is None:
+            if g.blocks is not None:  # each block keeps as many channels as the others: its own lowest go
+                for block in _block_orders(g.blocks, k, s):
+                    drop[block[: max(len(block) - target // _num_blocks(g), 0)]] = True
+            elif room is None:
                 drop[order[:excess]] = True
             else:  # every layer that owns part of the group keeps its own share (a concatenation's producers)
                 for c in order.tolist():
@@ -210,22 +219,52 @@ class ChannelStructure(Structure):
         if to_prune <= 0:
             return counts
         floors = [self._min_keep(g) for g in groups]
-        values = torch.cat([s[k] for s, k in zip(scores, kept)])
-        owner = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in enumerate(counts)])
-        channel = torch.cat([torch.nonzero(k).flatten() for k in kept]).tolist()
+        # One entry per channel; a group with blocks has one entry per tier instead: the k-th lowest-scored channel
+        # of every block, pruned together and ranked by their mean score.
+        values, owner, channel, size = [], [], [], []
+        for i, (g, s, k) in enumerate(zip(groups, scores, kept)):
+            blocks = g.blocks
+            if blocks is None:
+                values.append(s[k])
+                channel.append(torch.nonzero(k).flatten())
+                owner.append(torch.full((counts[i],), i, dtype=torch.long))
+                size.append(torch.ones(counts[i], dtype=torch.long))
+                continue
+            orders = _block_orders(blocks, k, s)
+            tiers = min(len(o) for o in orders)
+            values.append(torch.stack([s[o[:tiers]] for o in orders]).mean(0))
+            channel.append(torch.full((tiers,), -1, dtype=torch.long))
+            owner.append(torch.full((tiers,), i, dtype=torch.long))
+            size.append(torch.full((tiers,), len(orders), dtype=torch.long))
         rooms = [self._part_room(g, k) for g, k in zip(groups, kept)]
-        order = torch.sort(values, stable=True).indices.tolist()
+        order = torch.sort(torch.cat(values), stable=True).indices.tolist()
+        owners, channels, sizes = torch.cat(owner).tolist(), torch.cat(channel).tolist(), torch.cat(size).tolist()
         remaining = list(counts)
         taken = 0
         for j in order:
-            i = int(owner[j])
+            i, n = owners[j], sizes[j]
+            if n > 1 and taken + n - to_prune > to_prune - taken:
+                continue  # a whole tier would overshoot the target by more than leaving it undershoots
             room = rooms[i]
-            if remaining[i] > floors[i] and (room is None or room.take(channel[j])):
-                remaining[i] -= 1
-                taken += 1
-                if taken == to_prune:
+            if remaining[i] - n >= floors[i] and (room is None or room.take(channels[j])):
+                remaining[i] -= n
+                taken += n
+                if taken >= to_prune:
                     break
         return [self._rounded(g, want, c) for g, want, c in zip(groups, remaining, counts)]
+
+
+def _num_blocks(group: ChannelGroup) -> int:
+    return 0 if group.blocks is None else int(group.blocks.max()) + 1
+
+
+def _block_orders(blocks: Tensor, kept: Tensor, scores: Tensor) -> list[Tensor]:
+    """The kept channels of each block (:attr:`ChannelGroup.blocks`), lowest-scored first."""
+    orders = []
+    for b in range(int(blocks.max()) + 1):
+        candidates = torch.nonzero(kept & (blocks == b)).flatten()
+        orders.append(candidates[torch.sort(scores[candidates], stable=True).indices])
+    return orders
 
 
 class _PartRoom:

@@ -7,9 +7,16 @@ block of input columns. `Torch-Pruning <https://github.com/VainF/Torch-Pruning>`
 these couplings (Fang et al., 2023, "DepGraph: Towards Any Structural Pruning"); :func:`channel_groups` turns each
 traced group into a :class:`~lightning_prune.masks.channels.ChannelGroup` of *slices*.
 
+A general grouped convolution (``1 < groups < channels``, as in ResNeXt and RegNet) with as many input as output
+channels is treated like a depthwise one: its input channel ``c`` is coupled with its output channel ``c``, so one
+group holds both its producer's channels and its own. Every convolution group must then lose as many channels as
+the others (:attr:`~lightning_prune.masks.channels.ChannelGroup.blocks`), so the compact convolution keeps its
+``groups``, each group narrower; this is the rule Torch-Pruning applies to grouped convolutions.
+
 A group is left whole when its channels reach the model's output (the classifier's logits), when one of its
 output layers is under ``ignore``, or when it runs through a layer whose channels cannot be masked exactly
-(GroupNorm and LayerNorm pool statistics across channels; general grouped convolutions): a warning names it.
+(GroupNorm and LayerNorm pool statistics across channels; a grouped convolution with more or fewer outputs than
+inputs, or one only part of whose channels is in the group): a warning names it.
 
 Tracing never fails from inside Torch-Pruning and is bounded (:mod:`lightning_prune.structures._depgraph`): a group
 that runs through an op moving or mixing the channel axis (ShuffleNet's channel shuffle, Swin's shifted windows:
@@ -59,6 +66,8 @@ def _slice_dims(module: nn.Module, out: bool) -> list[tuple[str, int]] | None:
         if module.groups == 1:
             return [("weight", 0), ("bias", 0)] if out else [("weight", 1)]
         if module.groups == module.in_channels == module.out_channels:  # depthwise: input c feeds output c
+            return [("weight", 0), ("bias", 0)]
+        if _depgraph.is_grouped(module):  # input c goes with output c; the input side is a grouped slice
             return [("weight", 0), ("bias", 0)]
         return None
     if isinstance(module, nn.Linear):
@@ -236,6 +245,12 @@ def _channel_group(
             return None
         index = torch.as_tensor([int(i) for i in item.idxs], dtype=torch.long)
         root_index = torch.as_tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+        if _depgraph.is_grouped(module):
+            if not torch.equal(torch.sort(index).values, torch.arange(module.out_channels)):
+                skipped.append(f"{root_name} (through {names[module]}: only part of a grouped convolution's channels)")
+                return None
+            name = f"{names[module]}.weight" if names[module] else "weight"
+            slices.setdefault((name, 1), ChannelSlice(name, 1, index, root_index, True, module.groups))
         for attr, dim in dims:
             param = getattr(module, attr, None)
             if not isinstance(param, nn.Parameter):
@@ -247,8 +262,14 @@ def _channel_group(
                 return None
             scored = attr == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
             slices.setdefault((name, dim), ChannelSlice(name, dim, index, root_index, scored))
-    channels = len(tp_group[0].idxs)
-    return ChannelGroup(root_name, channels, tuple(slices.values()))
+    group = ChannelGroup(root_name, len(tp_group[0].idxs), tuple(slices.values()))
+    if group.blocks is not None:
+        sizes = torch.bincount(group.blocks)
+        if group.parts or bool((sizes != sizes[0]).any()):
+            grouped = ", ".join(s.param.rpartition(".")[0] for s in group.slices if s.groups > 1)
+            skipped.append(f"{root_name} (through {grouped}: grouped convolutions whose groups cannot all stay equal)")
+            return None
+    return group
 
 
 def channel_groups(model: nn.Module, example_inputs: ExampleInputs, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
