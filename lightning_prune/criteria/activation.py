@@ -89,7 +89,9 @@ def _reads(module: nn.Module, dim: int) -> bool:
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.groups == 1:
             return dim == 1
-        return module.groups == module.in_channels == module.out_channels  # depthwise: input c is output c
+        if module.groups == module.in_channels == module.out_channels:  # depthwise: input c is output c
+            return True
+        return dim == 1 and module.in_channels == module.out_channels  # a grouped convolution's input channels
     conv1d = hf_conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         return dim == 0  # Hugging Face's Conv1D: a linear layer with an (in, out) weight

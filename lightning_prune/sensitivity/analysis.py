@@ -295,8 +295,9 @@ def _mac_terms(model: nn.Module, example_inputs: Any, masks: MaskSet) -> tuple[l
                 for s in group.slices:
                     if not s.scored or masked.get(s.param) is not weight:
                         continue
-                    by_dim.setdefault(s.dim, []).append((group.name, len(s.index) / weight.shape[s.dim]))
-                    owned = count * (weight.numel() // weight.shape[s.dim]) * len(s.index)
+                    extent = s.extent(weight)  # a grouped convolution's input channels, not its weight's columns
+                    by_dim.setdefault(s.dim, []).append((group.name, len(s.index) / extent))
+                    owned = count * (weight.numel() // extent) * len(s.index)
                     layer_macs[group.name] = layer_macs.get(group.name, 0) + owned
             dims = [tuple(pairs) for _, pairs in sorted(by_dim.items())]
         elif id(weight) in owners:

@@ -213,7 +213,8 @@ class TwoInputs(nn.Module):
 
 
 class Grouped(nn.Module):
-    """GroupNorm and a grouped (not depthwise) convolution, whose channels cannot be masked one by one."""
+    """GroupNorm and a grouped convolution with fewer outputs than inputs, whose channels cannot be masked one by
+    one (one with as many outputs as inputs is pruned: test_channel_grouped.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -221,8 +222,8 @@ class Grouped(nn.Module):
         self.gn = nn.GroupNorm(2, 8)
         self.c2 = nn.Conv2d(8, 12, 3, padding=1)
         self.bn = nn.BatchNorm2d(12)
-        self.g = nn.Conv2d(12, 12, 3, padding=1, groups=3)
-        self.c3 = nn.Conv2d(12, 10, 1)
+        self.g = nn.Conv2d(12, 6, 3, padding=1, groups=3)
+        self.c3 = nn.Conv2d(6, 10, 1)
         self.head = nn.Linear(10, 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -393,7 +394,7 @@ def test_group_norm_and_grouped_convolutions_are_left_whole_with_a_warning():
         assert not zero_rows(dict(model.named_parameters())[name]), name
     with pytest.warns(UserWarning, match="GroupNorm"):
         small = compact(model, x)
-    assert (small.c1.out_channels, small.gn.num_channels, small.c2.out_channels, small.g.out_channels) == (8, 8, 12, 12)
+    assert (small.c1.out_channels, small.gn.num_channels, small.c2.out_channels, small.g.out_channels) == (8, 8, 12, 6)
     assert small.c3.out_channels == 5
     assert relative_error(run(model, x), run(small, x)) <= 1e-5
 
