@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ _CUT_OPS = ("permute", "transpose", "bmm", "roll", "pixelshuffle", "pixelunshuff
 MAX_DEPTH = 6
 
 
-def is_grouped(module: Any) -> bool:
+def is_grouped(module: Any) -> TypeGuard[nn.modules.conv._ConvNd]:
     """Whether ``module`` is a general grouped convolution (``1 < groups < channels``) whose input channel ``c`` can
     be coupled to its output channel ``c``: as many inputs as outputs, not transposed."""
     return (
@@ -55,7 +55,7 @@ def grouped_pruner() -> Any:
     from torch_pruning.pruner import function
 
     class GroupedConvPruner(function.ConvPruner):
-        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+        def prune_out_channels(self, layer: nn.modules.conv._ConvNd, idxs: Any) -> nn.Module:
             channels, groups = layer.out_channels, layer.groups
             width = channels // groups
             drop = torch.zeros(channels, dtype=torch.bool)

@@ -51,6 +51,13 @@ class ChannelStructure(Structure):
     mean over its kept channels, as in Torch-Pruning's global pruning, so layers of different width and
     weight scale compete on relative importance.
 
+    A group that runs through grouped convolutions (ResNeXt, RegNet: input channel ``c`` goes with output channel
+    ``c``) has equal blocks (:attr:`~lightning_prune.masks.channels.ChannelGroup.blocks`: the channels that share a
+    convolution group), and every block loses as many channels as the others, its own lowest-scored ones, so the
+    compact convolution keeps ``groups``. Its kept count is a multiple of the number of blocks (and of
+    ``round_to``); with a global scope the k-th lowest channels of all blocks compete as one entry, by their mean
+    score, taken when it brings the count pruned closer to the target.
+
     Args:
         round_to: keep a multiple of this many channels in every group that is pruned (8 or 16 suits SIMD
             kernels); the count is rounded to the nearest multiple, so the achieved sparsity can differ
