@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_prune.criteria.activation import ActivationImportance
 from lightning_prune.deploy.compact import compact, compact_state, load_compact
 from lightning_prune.masks.channels import ChannelMaskSet, ChannelSlice
-from lightning_prune.structures.channel import prune_channels_
+from lightning_prune.structures.channel import ChannelStructure, prune_channels_
 from lightning_prune.structures.tracing import channel_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,6 +167,30 @@ def test_round_to_and_blocks_keep_a_common_multiple() -> None:
     masks = prune_channels_(model, x, 0.6, scope="layer", round_to=8)  # lcm(8, 4 blocks) = 8: 16 -> 8
     assert int(masks.kept(grouped_group(masks)).sum()) == 8
     assert relative_error(model, compact(model, x), x) <= 1e-5
+
+
+def test_activation_criterion_reads_a_channel_where_the_grouped_convolution_and_the_consumer_read_it() -> None:
+    model = build(Bottleneck)
+    x = inputs(4, 3, 6, 6)
+    masks = ChannelStructure().bind(model, example_inputs=x)
+    criterion = ActivationImportance(batches=1, training_only=False)
+    criterion.start(model, masks)
+    seen: dict[str, Tensor] = {}
+
+    def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        seen["g" if module is model.g else "c"] = args[0]
+
+    hooks = [model.g.register_forward_hook(record), model.c.register_forward_hook(record)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    criterion.observe(masks)
+    scores = criterion.channel_scores(masks, grouped_group(masks))
+    # mean |a| over both readers' inputs: the grouped convolution's (channel c of its input) and c's
+    g, c = seen["g"].double(), seen["c"].double()
+    expected = (g.abs().sum((0, 2, 3)) + c.abs().sum((0, 2, 3))) / (2 * g[:, 0].numel())
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0.0)  # summed in float32
 
 
 # ---------------------------------------------------------------------------------------------- stacked
