@@ -193,6 +193,27 @@ def test_activation_criterion_reads_a_channel_where_the_grouped_convolution_and_
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0.0)  # summed in float32
 
 
+def test_compact_removes_as_many_zero_channels_from_every_convolution_group() -> None:
+    model = build(Bottleneck)
+    x = inputs(2, 3, 6, 6)
+    masks = prune_channels_(model, x, 0.25, scope="layer")  # one channel of each convolution group
+    extra = int(torch.nonzero(masks.kept(grouped_group(masks))[:4]).flatten()[0])  # a kept channel of group 0
+    set_channel_scale_(model, [0.0 if c == extra else 1.0 for c in range(16)])  # zero, but outside the masks
+    with torch.no_grad():
+        for vector in (
+            model.a.bias,
+            model.bn_a.weight,
+            model.bn_a.bias,
+            model.g.bias,
+            model.bn_g.weight,
+            model.bn_g.bias,
+        ):
+            vector[extra] = 0.0
+    small = compact(model, x)
+    assert (small.g.out_channels, small.g.groups) == (12, 4)  # group 0's second zero channel stays
+    assert relative_error(model, small, x) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- stacked
 class Stacked(nn.Module):
     def __init__(self, first: int, second: int) -> None:
