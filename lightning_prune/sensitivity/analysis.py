@@ -292,13 +292,15 @@ def _mac_terms(model: nn.Module, example_inputs: Any, masks: MaskSet) -> tuple[l
         if isinstance(masks, ChannelMaskSet):
             by_dim: dict[int, list[tuple[str, float]]] = {}
             for group in masks.groups:
+                owned = 0
                 for s in group.slices:
                     if not s.scored or masked.get(s.param) is not weight:
                         continue
                     extent = s.extent(weight)  # a grouped convolution's input channels, not its weight's columns
                     by_dim.setdefault(s.dim, []).append((group.name, len(s.index) / extent))
-                    owned = count * (weight.numel() // extent) * len(s.index)
-                    layer_macs[group.name] = layer_macs.get(group.name, 0) + owned
+                    owned += count * (weight.numel() // extent) * len(s.index)
+                if owned:  # a grouped convolution's rows and columns are in one group: its MACs count once
+                    layer_macs[group.name] = layer_macs.get(group.name, 0) + min(owned, macs)
             dims = [tuple(pairs) for _, pairs in sorted(by_dim.items())]
         elif id(weight) in owners:
             layer = owners[id(weight)]

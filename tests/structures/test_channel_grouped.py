@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from lightning_prune.criteria.activation import ActivationImportance
 from lightning_prune.deploy.compact import compact, compact_state, load_compact
+from lightning_prune.deploy.profile import count_macs
 from lightning_prune.masks.channels import ChannelMaskSet, ChannelSlice
+from lightning_prune.sensitivity import analyze
 from lightning_prune.structures.channel import ChannelStructure, prune_channels_
 from lightning_prune.structures.tracing import channel_groups
 
@@ -212,6 +214,17 @@ def test_compact_removes_as_many_zero_channels_from_every_convolution_group() ->
     small = compact(model, x)
     assert (small.g.out_channels, small.g.groups) == (12, 4)  # group 0's second zero channel stays
     assert relative_error(model, small, x) <= 1e-5
+
+
+def test_sensitivity_counts_a_grouped_convolution_once_and_predicts_its_macs() -> None:
+    model = build(Bottleneck)
+    x = inputs(1, 3, 6, 6)
+    table = analyze(model, evaluate=lambda m: 1.0, example_inputs=x, ratios=[0.5], structure="channel", metric="one")
+    masks = prune_channels_(model, x, 0.5, scope="layer")
+    name = grouped_group(masks).name
+    assert table.layer(name).macs == (16 * 8 + 16 * 4 * 9 + 8 * 16) * 36  # a's rows, all of g, c's columns
+    predicted = sum(term.after(masks.group_sparsity()) for term in table.mac_terms)  # g: (1 - 0.5) ** 2 of it
+    assert count_macs(model, x).macs == pytest.approx(predicted, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- stacked
