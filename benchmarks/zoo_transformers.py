@@ -1,10 +1,11 @@
 """The transformer configs of ``zoo.py``: small models built from configs, offline (no downloads), random weights.
 
-Each builder returns ``(model, example input, names of the layers that write the output)``: a module in eval mode that
-maps one tensor to one tensor (Hugging Face models are wrapped to return their logits), the
-input ``zoo.py`` times and compares outputs on, and the layers Torch-Pruning must leave whole so the output keeps its
-width (the language models' vocabulary logits, the encoder's read-out). Sizes: 4 layers, hidden 160-192, head width 16, MLP width 512; 32 tokens of a 256-token vocabulary, or
-1x32x160 features for ``nn.TransformerEncoder``.
+Each builder returns ``(model, example input, names of the layers that write the output)``: a module in eval mode
+that maps one tensor to one tensor (Hugging Face models are wrapped to return their logits), the input ``zoo.py``
+times and compares outputs on, and the layers Torch-Pruning must leave whole so that the output keeps its width (the
+language models' vocabulary logits, the encoder's read-out). Sizes: 4 layers, hidden 160-192, head width 16, MLP width
+512 (Mixtral: 8 experts of 256); 32 tokens of a 256-token vocabulary, or 1x32x160 features for
+``nn.TransformerEncoder``.
 
 * ``nn_transformer_encoder``: ``nn.TransformerEncoder`` (10 heads), a linear read-out of 10 classes;
 * ``hf_bert``: Hugging Face ``BertForMaskedLM`` (10 heads);
