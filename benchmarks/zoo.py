@@ -1,27 +1,44 @@
-"""Channel pruning across torchvision's classification zoo: ours against Torch-Pruning, one fresh process per model.
+"""Pruning across torchvision's classification zoo and small transformer configs: ours against Torch-Pruning, one
+fresh process per model.
 
-    .venv/bin/python benchmarks/zoo.py                         # every classification model <= 100M parameters
-    .venv/bin/python benchmarks/zoo.py --models resnet18 shufflenet_v2_x0_5 --timeout 300
+    .venv/bin/python benchmarks/zoo.py                         # every classification model <= 100M parameters,
+                                                               # then every config of zoo_transformers.py
+    .venv/bin/python benchmarks/zoo.py --models resnet18 swin_t hf_llama --timeout 300
     .venv/bin/python benchmarks/zoo.py --jsonl zoo.jsonl       # also append each result as a JSON line
 
 For every model of ``torchvision.models.list_models(module=torchvision.models)`` with at most ``--max-params``
-parameters (random initialisation, ``weights=None``, eval mode, one 3x224x224 image, 3x299x299 for Inception):
+parameters (random initialisation, ``weights=None``, eval mode, one 3x224x224 image, 3x299x299 for Inception; a
+classifier that starts at zero, ViT's, drawn from N(0, 0.01) so that outputs are not all zero) and every transformer
+config of ``zoo_transformers.py`` (``nn.TransformerEncoder``, Hugging Face BERT, GPT-2, Llama and Qwen2 with
+grouped-query attention, Mixtral, LitGPT's GPT; small, built offline):
 
-* ``ours``: ``prune_channels_(model, x, 0.3)`` (30% of the coupled channels, global L1 ranking, the default
-  10% floor per layer) then ``compact(model, x)``. Outcome: ``equal`` (compacted, outputs within a relative
-  error of 1e-5 of the masked model's, every group traced), ``equal, N left whole`` (the same, with a warning
-  that names groups left whole), ``refused`` (a ``ValueError`` with a message: nothing to prune), ``error``
-  (any other exception: a crash), ``timeout``.
+* ``ours`` on a model without attention heads (``find_units`` finds none): ``prune_channels_(model, x, 0.3)`` (30% of
+  the coupled channels, global L1 ranking, the default 10% floor per layer) then ``compact(model, x)``.
+* ``ours`` on an attention model (heads found by ``lightning_prune.structures.units.find_units``, not by name): 30%
+  of every attention's heads and every MLP's neurons (``HeadStructure``, L1, ``scope="layer"``), ``compact_heads``;
+  for a mixture of experts, 30% of every block's experts (``prune_experts_``, ``compact_experts``); for a torchvision
+  model, 30% of the remaining coupled channels (``prune_channels_`` with the heads' and neurons' modules in
+  ``ignore``) and ``compact`` (a refusal of this stage alone, nothing left to prune, keeps the heads' model). Each
+  compaction is checked against its masked model.
+* Outcome: ``equal`` (compacted, outputs within a relative error of 1e-5 of the masked model's at every stage, every
+  group traced), ``equal, N left whole`` (the same, with a warning that names groups left whole), ``refused`` (a
+  ``ValueError`` with a message: nothing to prune), ``error`` (any other exception: a crash), ``timeout``. "heads":
+  query heads before and after.
 * ``TP``: Torch-Pruning alone, ``tp.pruner.MagnitudePruner(model, x, importance=MagnitudeImportance(p=1),
-  pruning_ratio=0.3, ignored_layers=[<the 1000-way classifier>])`` then ``step()``: ``ok`` or the exception.
+  pruning_ratio=0.3, ignored_layers=[<the layers that write the output>])`` then ``step()``; on attention models also
+  ``num_heads`` (each query/key/value layer with its head count), ``prune_num_heads=True``, ``prune_head_dims=False``,
+  ``head_pruning_ratio=0.3``, the new head counts written back into the modules. ``ok`` when the pruned model runs
+  and its output keeps its shape, else the exception.
 
-Each runs in its own subprocess (``--timeout`` seconds, killed past it) with ``torch.set_num_threads(1)``.
-Parameters are counted before and after; MACs per image with ``count_flop_macs`` (FlopCounterMode, FLOPs / 2).
-"trace+prune CPU s" is the CPU time (``time.process_time``, one thread) of ``prune_channels_`` (tracing and
-selection), "compact CPU s" of ``compact`` (it traces again, does the surgery and checks the outputs); CPU time
-rather than wall time because the shared 2-core machine runs many other jobs (wall times, also recorded in the
-JSON lines, are contended). A child past ``--cpu-limit`` CPU seconds is killed. "peak MiB" is the rise of
-``ru_maxrss`` over the model's own footprint during both.
+Each runs in its own subprocess (``--timeout`` seconds, killed past it) with ``torch.set_num_threads(1)`` and
+PyTorch's fused fast path of ``nn.MultiheadAttention`` off (``FlopCounterMode`` would not count it).
+Parameters are counted before (the original model) and after (the final one); MACs per input with
+``count_flop_macs`` (FlopCounterMode, FLOPs / 2).
+"trace+prune CPU s" is the CPU time (``time.process_time``, one thread) of the pruning calls (tracing and
+selection, all stages), "compact CPU s" of the compactions (``compact`` traces again, does the surgery and checks the
+outputs); CPU time rather than wall time because the shared 2-core machine runs many other jobs (wall times, also
+recorded in the JSON lines, are contended). A child past ``--cpu-limit`` CPU seconds is killed. "peak MiB" is the
+rise of ``ru_maxrss`` over the model's own footprint during both.
 Parameter and MAC counts, outcomes and output errors do not depend on load.
 """
 
