@@ -9,6 +9,8 @@ magnitude, Wanda, SparseGPT and OWL one-shot pruning, before and after a short r
         --eval-windows 128                                    # a stronger model, on a quiet machine
     .venv/bin/python benchmarks/oneshot.py --seq-len 256 --dense-run RUN0 RUN1 RUN2   # trained dense models:
         # one run directory per seed of `scripts/train.py experiment=pysource_gpt pruning.sparsity=0 seed=S`
+    .venv/bin/python benchmarks/oneshot.py --seq-len 256 --dense-run RUN0 RUN1 RUN2 --outliers   # no pruning: the
+        # dense models' outlier profile that Wanda and OWL rest on (see below)
 
 The defaults are sized for a shared 2-core machine (each training step of the GPT at seq_len 64 took about 5 s
 there under a load of 12): a short dense run, a 5-step recovery. Perplexity does not depend on the load; the
@@ -32,6 +34,12 @@ For each seed:
 3. **Recovery**: ``--finetune-steps`` AdamW steps (lr 3e-4, weight decay 0) with the masks fixed
    (:meth:`lightning_prune.masks.MaskSet.attach`: pruned weights stay exactly zero), on the same batches for every
    variant.
+
+``--outliers`` prunes nothing: on each seed's dense model and its calibration windows it prints what Wanda and OWL
+rest on, per block: OWL's outlier ratio (the fraction of the block's Wanda scores ``|W_ij| * ||X_j||_2`` above 5
+times their mean), the sparsity OWL gives the block at 70%, and the spread of the input-feature norms ``||X_j||_2``
+of its linear layers (largest over median, the largest over the block's layers). Trained LLMs have a few input
+features of very large magnitude (Dettmers et al., 2022), which Wanda's scaling protects and OWL's ratios count.
 
 Perplexity is ``exp`` of the mean next-byte cross-entropy on the validation split's first ``--eval-windows``
 fixed windows (:func:`lightning_prune.models.evaluate_perplexity`): it does not depend on the machine's load. The
@@ -145,6 +153,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     torch.manual_seed(seed)
     if args.dense_run:
         dense = _trained_dense(args.dense_run[args.seeds.index(seed)], args.seq_len)
+        if args.outliers:
+            return {"outliers": {str(b): v for b, v in enumerate(_outlier_profile(seed, dense, calibration))}}
         return _prune_variants(seed, dense, calibration, tune_batches, val, args)
     config = GPTConfig(
         vocab_size=256,
@@ -252,6 +262,57 @@ def _prune_variants(
     return results
 
 
+def _outlier_profile(seed: int, dense: Any, calibration: list[Any], sparsity: float = 0.7) -> list[dict[str, float]]:
+    """Per block of ``dense``: OWL's outlier ratio, OWL's sparsity at ``sparsity`` and the spread of the input
+    feature norms (largest over median) of its linear layers, from the calibration windows."""
+    import torch
+    from torch import nn
+
+    from lightning_prune.oneshot import OWL
+
+    squares: dict[str, Any] = {}
+    linears: dict[str, Any] = {}
+    hooks = []
+    for b, block in enumerate(dense.layers):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                key = f"layers.{b}.{name}.weight"
+                linears[key] = module
+                squares[key] = torch.zeros(module.in_features, dtype=torch.float64)
+
+                def hook(_: Any, inputs: tuple[Any, ...], __: Any, key: str = key) -> None:
+                    x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+                    squares[key] += (x * x).sum(0)
+
+                hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x in calibration:
+                dense(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    owl = OWL()
+    norms = {key: squares[key].sqrt().float() for key in squares}
+    for b in range(len(dense.layers)):
+        owl.observe_block(
+            b, [(k, linears[k].weight.detach(), norms[k]) for k in linears if k.startswith(f"layers.{b}.")]
+        )
+    ratios = owl.ratios()
+    targets = owl.targets({k: linears[k].weight.numel() for k in linears}, sparsity)
+    profile = []
+    for b in range(len(dense.layers)):
+        keys = [k for k in linears if k.startswith(f"layers.{b}.")]
+        spread = max(float(norms[k].max() / norms[k].median().clamp_min(1e-30)) for k in keys)
+        profile.append({"ratio": ratios[keys[0]], "target": targets[keys[0]], "spread": spread})
+        print(
+            f"seed {seed}: block {b}: OWL outlier ratio {ratios[keys[0]]:.4%}, OWL sparsity at "
+            f"{sparsity:.0%} {targets[keys[0]]:.4f}, input-norm spread (max / median) {spread:.2f}",
+            flush=True,
+        )
+    return profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -268,6 +329,9 @@ def main() -> None:
         help="training run directories, one per seed in --seeds order, whose newest checkpoint is the dense model",
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--outliers", action="store_true", help="with --dense-run: print the dense models' outlier profile, no pruning"
+    )
     parser.add_argument("--json", default=None, help="write every figure to this file")
     parser.add_argument("--threads", type=int, default=1, help="perplexity does not depend on it; 1 avoids stalls")
     parser.add_argument(
@@ -278,23 +342,30 @@ def main() -> None:
         parser.error(
             f"--dense-run needs one run directory per seed: {len(args.seeds)} seeds, {len(args.dense_run)} runs"
         )
+    if args.outliers and not args.dense_run:
+        parser.error("--outliers needs --dense-run (one trained dense run directory per seed)")
     if args.quick:
         args.seeds, args.train_steps, args.finetune_steps, args.calibration, args.eval_windows = [0], 60, 5, 32, 32
 
     if args.combine:
         runs: dict[int, dict[str, dict[str, float]]] = {}
+        dense_runs: list[str] = []  # every file's own dense runs, not only the last file's
         for path in args.combine:
             with open(path) as f:
                 saved = json.load(f)
             runs.update({int(k): v for k, v in saved["runs"].items()})
             given = {k: v for k, v in saved["args"].items() if k not in ("seeds", "json", "combine", "threads")}
             vars(args).update(given)
+            dense_runs += saved["args"].get("dense_run") or []
         args.seeds = sorted(runs)
+        args.dense_run = dense_runs or None
     else:
         import torch
 
         torch.set_num_threads(args.threads)
         runs = {seed: run_seed(seed, args) for seed in args.seeds}
+        if args.outliers:
+            return
     names = ["dense", *VARIANTS]
 
     def values(name: str, key: str) -> list[float]:
