@@ -12,8 +12,9 @@ classifier that starts at zero, ViT's, drawn from N(0, 0.01) so that outputs are
 config of ``zoo_transformers.py`` (``nn.TransformerEncoder``, Hugging Face BERT, GPT-2, Llama and Qwen2 with
 grouped-query attention, Mixtral, LitGPT's GPT; small, built offline):
 
-* ``ours`` on a model without attention heads (``find_units`` finds none): ``prune_channels_(model, x, 0.3)`` (30% of
-  the coupled channels, global L1 ranking, the default 10% floor per layer) then ``compact(model, x)``.
+* ``ours`` on a model without attention heads (``find_units`` finds none):
+  ``prune_channels_(model, x, 0.3, scope="layer")`` (30% of every coupled channel group by L1 norm, as
+  Torch-Pruning's ``pruning_ratio`` without ``global_pruning``) then ``compact(model, x)``.
 * ``ours`` on an attention model (heads found by ``lightning_prune.structures.units.find_units``, not by name): 30%
   of every attention's heads and every MLP's neurons (``HeadStructure``, L1, ``scope="layer"``), ``compact_heads``;
   for a mixture of experts, 30% of every block's experts (``prune_experts_``, ``compact_experts``); for a torchvision
@@ -57,6 +58,8 @@ from _common import environment, markdown_table
 
 HERE = Path(__file__).resolve().parent
 SPARSITY = 0.3
+#: 30% of every coupled group, as Torch-Pruning's ``pruning_ratio`` by default (``global_pruning=False``)
+SCOPE = "layer"
 
 
 def _input_size(name: str) -> int:
@@ -160,7 +163,7 @@ def _ours(name: str, model: Any, x: Any, result: dict[str, Any]) -> Any:
         structure = HeadStructure()
         with _Clock(result, "prune"):
             masks = structure.bind(model)
-            structure.prune_(masks, build_importance("l1"), SPARSITY, scope="layer")
+            structure.prune_(masks, build_importance("l1"), SPARSITY, scope=SCOPE)
         result["heads_after"] = sum(_heads(masks, u) for u in masks.units if u.kind == "heads")
         with torch.no_grad():
             masked = model(x)
@@ -187,7 +190,7 @@ def _ours(name: str, model: Any, x: Any, result: dict[str, Any]) -> Any:
     ignore = [u.group.name for u in units]  # pruned already, as heads and neurons
     try:
         with _Clock(result, "prune"):
-            prune_channels_(model, x, SPARSITY, ignore=ignore)
+            prune_channels_(model, x, SPARSITY, scope=SCOPE, ignore=ignore)
     except ValueError as err:
         if not units:
             raise
