@@ -92,7 +92,7 @@ def _example_inputs(cfg: Any) -> tuple[torch.Tensor, str]:
         datamodule.prepare_data()
         datamodule.setup("test")
         inputs, _ = next(iter(datamodule.test_dataloader()))
-        return inputs[:8], "the first 8 test images"
+        return inputs[:8], "the first 8 test samples"
     except Exception as err:  # a dataset that is not on this machine: zeros of the declared shape still check shapes
         return example_input(datamodule).repeat(2, *([1] * len(datamodule.input_shape))), f"zeros ({err})"
 

@@ -2,7 +2,8 @@
 
 * :mod:`~lightning_prune.deploy.compact`: remove pruned channels (:func:`compact`), save and reload the smaller
   model (:func:`save_compact`, :func:`load_compact`);
-* :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`),
+* :mod:`~lightning_prune.deploy.transformer`: remove pruned attention heads and MLP neurons (:func:`compact_heads`;
+  :func:`compact_zero_heads` from the weights alone),
   save a Hugging Face model with its config rewritten (:func:`save_pretrained_compact`) and LitGPT's ``GPT`` as a
   LitGPT checkpoint (:func:`save_litgpt_compact`);
 * :mod:`~lightning_prune.deploy.experts`: remove pruned experts of a mixture of experts (:func:`compact_experts`);
@@ -40,7 +41,12 @@ from lightning_prune.deploy.kernels import sparse_inference
 from lightning_prune.deploy.profile import ModelProfile, count_macs, count_parameters, measure_latency, profile_model
 from lightning_prune.deploy.report import ExportReport, export_model
 from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear
-from lightning_prune.deploy.transformer import compact_heads, save_litgpt_compact, save_pretrained_compact
+from lightning_prune.deploy.transformer import (
+    compact_heads,
+    compact_zero_heads,
+    save_litgpt_compact,
+    save_pretrained_compact,
+)
 from lightning_prune.deploy.window_attention import CompactRelativeAttention, CompactShiftedWindowAttention
 
 __all__ = [
@@ -57,6 +63,7 @@ __all__ = [
     "compact_experts",
     "compact_heads",
     "compact_state",
+    "compact_zero_heads",
     "count_macs",
     "count_parameters",
     "deployable",

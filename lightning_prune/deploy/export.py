@@ -120,7 +120,9 @@ def inference_model(
 ) -> nn.Module:
     """The copy of a pruned model that gets exported: compacted, BatchNorm folded, in eval mode.
 
-    ``model`` is not changed. Steps: :func:`~lightning_prune.deploy.archive.check_masks_applied`; then
+    ``model`` is not changed. Steps: :func:`~lightning_prune.deploy.archive.check_masks_applied`; then, for a
+    transformer, :func:`~lightning_prune.deploy.transformer.compact_zero_heads`, which removes the attention heads and
+    MLP neurons whose entries are all zero; then
     :func:`~lightning_prune.deploy.compact.compact`, which removes every coupled channel whose entries are all zero
     (Torch-Pruning's layer surgery, checked against ``model``); then
     :func:`~lightning_prune.deploy.fold.deployable`, which folds each BatchNorm into the convolution or linear layer
@@ -130,7 +132,8 @@ def inference_model(
         model: The pruned network.
         example_inputs: One input batch (a tensor or a tuple of positional inputs).
         masks: Checked to be applied (see :func:`~lightning_prune.deploy.archive.check_masks_applied`).
-        compact: ``True`` to compact (an error if the model has no channel group), ``False`` to skip it,
+        compact: ``True`` to compact (an error if the model has neither a zero head or neuron nor a channel
+            group), ``False`` to skip it,
             ``"auto"`` to compact when Torch-Pruning can trace channel groups and to export the model as it is
             otherwise (a plain stack of linear layers whose channels all reach the output, say).
         fold_bn: Fold BatchNorms.
@@ -165,14 +168,18 @@ def inference_model(
     small = model
     if compact is not False:
         from lightning_prune.deploy.compact import compact as compact_model
+        from lightning_prune.deploy.transformer import compact_zero_heads
 
+        # Zero attention heads and MLP neurons first: the channel tracer leaves attention's reshapes whole.
+        headless = compact_zero_heads(model, ignore)
+        source = model if headless is None else headless
         try:
             with warnings.catch_warnings(record=compact == "auto"):  # "auto": groups left whole are expected
-                small = compact_model(model, inputs, ignore)
+                small = compact_model(source, inputs, ignore)
         except (ValueError, RuntimeError) as err:
-            if compact is True:
+            if compact is True and headless is None:
                 raise ValueError(f"`compact=True` but {type(model).__name__} cannot be compacted: {err}") from err
-            small = model
+            small = source
     with eval_mode(model):
         prepared = deployable(small, inputs, fold_bn=fold_bn, channels_last=channels_last)
     return prepared

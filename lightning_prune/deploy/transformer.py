@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,49 @@ from lightning_prune.structures.units import UnitGroup
 
 __all__ = [
     "compact_heads",
+    "compact_zero_heads",
     "expert_counts",
     "litgpt_config_widths",
     "pretrained_config_widths",
     "save_litgpt_compact",
     "save_pretrained_compact",
 ]
+
+
+@torch.no_grad()
+def compact_zero_heads(model: nn.Module, ignore: Sequence[str] = ()) -> nn.Module | None:
+    """A copy of ``model`` without the attention heads and MLP neurons whose every entry is zero, or ``None`` when
+    ``model`` has no attention heads (:func:`~lightning_prune.structures.units.find_units`) or none of its heads and
+    neurons is all zero. ``model`` is left as it is.
+
+    What :func:`compact_heads` does without the masks: for a model whose pruning masks are gone (a checkpoint's
+    weights, a model pruned elsewhere). A unit goes only when all its weights and biases are zero (query, key and
+    value rows and output columns of a head; gate, up rows and down column of a neuron), so the outputs stay the
+    same. Units are bound with ``HeadStructure()``'s defaults: under grouped-query attention a key/value head goes
+    with every query head that shares it. ``ignore``: module-name patterns left whole.
+
+    Example:
+        >>> from lightning_prune.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+        >>> mlp = model.layers[0].mlp
+        >>> for w in (mlp.gate_proj.weight[:16], mlp.up_proj.weight[:16], mlp.down_proj.weight[:, :16]):
+        ...     _ = w.data.zero_()
+        >>> compact_zero_heads(model).layer_widths()
+        [{'num_heads': 4, 'num_kv_heads': 4, 'head_dim': 8, 'intermediate_size': 48}]
+    """
+    from lightning_prune.structures.heads import HeadStructure
+
+    try:
+        masks = HeadStructure().bind(model, ignore)
+    except ValueError:  # no attention and no MLP this structure knows
+        return None
+    if not any(u.kind == "heads" for u in masks.units):
+        return None
+    for param, mask in zip(masks.params, masks.masks):
+        mask.copy_(param.detach() != 0)
+    if all(bool(masks.kept(u.group).all()) for u in masks.units):
+        return None
+    return compact_heads(model, masks)
 
 
 @torch.no_grad()

@@ -9,7 +9,12 @@ from torchvision.models import VisionTransformer
 
 from lightning_prune.criteria import build_importance
 from lightning_prune.deploy import load_compact, save_compact
-from lightning_prune.deploy.transformer import compact_heads, pretrained_config_widths, save_pretrained_compact
+from lightning_prune.deploy.transformer import (
+    compact_heads,
+    compact_zero_heads,
+    pretrained_config_widths,
+    save_pretrained_compact,
+)
 from lightning_prune.models import GPT, GPTConfig
 from lightning_prune.structures import HeadStructure
 
@@ -176,3 +181,53 @@ def test_bad_inputs_are_refused():
         compact_heads(gpt(seed=1), prune(model))
     with pytest.raises(TypeError, match=r"`model` must be a Hugging Face PreTrainedModel .*got GPT"):
         save_pretrained_compact(model, "unused")
+
+
+def test_zero_heads_and_neurons_compact_from_the_weights_alone():
+    model = gpt()
+    masks = prune(model)  # half the key/value groups and half the neurons; the masks are then dropped
+    small = compact_zero_heads(model)
+    assert small is not None
+    widths = {"num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "intermediate_size": 24}
+    assert small.layer_widths() == [widths, widths]
+    assert count(small) == count(model) - masks.num_pruned()
+    assert relative_error(output(model, TOKENS), output(small, TOKENS)) <= 1e-5
+
+
+def test_zero_heads_of_a_hugging_face_llama_compact_from_the_weights_alone():
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prune(model, 0.5, gqa="query")  # one query head per key/value group: no key/value head is all zero
+    small = compact_zero_heads(model)
+    assert small is not None
+    assert [layer.mlp.down_proj.in_features for layer in small.model.layers] == [24, 24]
+    assert relative_error(output(model, TOKENS), output(small, TOKENS)) <= 1e-5
+
+
+def test_nothing_to_remove_gives_none():
+    assert compact_zero_heads(gpt()) is None  # no unit is all zero
+    assert compact_zero_heads(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))) is None
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    mlp[0].weight.data[:4] = 0
+    mlp[0].bias.data[:4] = 0
+    assert compact_zero_heads(mlp) is None  # no attention: left to the channel compaction
+    model = gpt()
+    layer = model.layers[0].self_attn
+    for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+        proj.weight.data[:8] = 0  # one key/value group's rows, but its output columns are not zero
+    assert compact_zero_heads(model) is None
+
+
+def test_inference_model_removes_the_heads_a_checkpoint_left_zero():
+    from lightning_prune.deploy import inference_model
+
+    model = gpt()
+    masks = prune(model)
+    small = inference_model(model, TOKENS)
+    assert count(small) == count(model) - masks.num_pruned()
+    assert relative_error(output(model, TOKENS), output(small, TOKENS)) <= 1e-5
+    assert count(inference_model(model, TOKENS, compact=False)) == count(model)
