@@ -153,8 +153,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     torch.manual_seed(seed)
     if args.dense_run:
         dense = _trained_dense(args.dense_run[args.seeds.index(seed)], args.seq_len)
-        if args.outliers:
-            return {"outliers": {str(b): v for b, v in enumerate(_outlier_profile(seed, dense, calibration))}}
+        if args.outliers:  # printed only: no variant is pruned
+            _outlier_profile(seed, dense, calibration)
+            return {}
         return _prune_variants(seed, dense, calibration, tune_batches, val, args)
     config = GPTConfig(
         vocab_size=256,
