@@ -116,7 +116,8 @@ def _sizes(net: Any, masks: Any, prepared: Any, x: Any, folder: Path) -> tuple[d
     import torch
 
     from lightning_prune.deploy.archive import load_sparse_state_dict, save_sparse
-    from lightning_prune.deploy.export import export_onnx, export_program, onnx_files, onnx_runner
+    from lightning_prune.deploy.export import export_program
+    from lightning_prune.deploy.onnx_export import export_onnx, onnx_files, onnx_runner
 
     state = net.state_dict()
     torch.save(state, folder / "dense.pt")

@@ -16,7 +16,8 @@ from lightning_prune._files import ArtifactWriteError, atomic_write_text, load_t
 from lightning_prune.callbacks.checkpointing import CHECKPOINT_DIGEST_KEY, AtomicCheckpointIO
 from lightning_prune.deploy import load_compact, load_program, save_compact, save_sparse
 from lightning_prune.deploy.archive import load_sparse_state_dict
-from lightning_prune.deploy.export import export_onnx, export_program, onnx_runner
+from lightning_prune.deploy.export import export_program
+from lightning_prune.deploy.onnx_export import export_onnx, onnx_runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

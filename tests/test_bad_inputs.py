@@ -32,7 +32,8 @@ from lightning_prune.app.train import resolve_output_dir, train
 from lightning_prune.callbacks.checkpointing import AtomicCheckpointIO
 from lightning_prune.deploy import compact, load_compact, save_compact, save_sparse
 from lightning_prune.deploy.archive import load_sparse_state_dict
-from lightning_prune.deploy.export import export_onnx, export_program
+from lightning_prune.deploy.export import export_program
+from lightning_prune.deploy.onnx_export import export_onnx
 from lightning_prune.structures.channel import prune_channels_
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,8 @@
   (:func:`remove_blocks`);
 * :mod:`~lightning_prune.deploy.fold`: fold BatchNorm into the layers before it (:func:`deployable`);
 * :mod:`~lightning_prune.deploy.archive`: a file that stores only the nonzero weights (:func:`save_sparse`);
-* :mod:`~lightning_prune.deploy.export`: ``torch.export`` and ONNX of the compact model;
+* :mod:`~lightning_prune.deploy.export`: the inference copy and ``torch.export`` of the compact model;
+  :mod:`~lightning_prune.deploy.onnx_export`: its ONNX file, run with ONNX Runtime;
 * :mod:`~lightning_prune.deploy.sparse_layers` and :mod:`~lightning_prune.deploy.kernels`: CSR layers, used where
   measuring shows they are faster (:func:`sparse_inference`);
 * :mod:`~lightning_prune.deploy.profile`: parameters, MACs and latency of a model;
@@ -35,9 +36,10 @@ from lightning_prune.deploy.attention import CompactMultiheadAttention
 from lightning_prune.deploy.compact import compact, compact_state, load_compact, save_compact
 from lightning_prune.deploy.depth import remove_blocks, remove_blocks_
 from lightning_prune.deploy.experts import compact_experts
-from lightning_prune.deploy.export import ExportError, export_onnx, export_program, inference_model, load_program
+from lightning_prune.deploy.export import ExportError, export_program, inference_model, load_program
 from lightning_prune.deploy.fold import deployable, relative_error
 from lightning_prune.deploy.kernels import sparse_inference
+from lightning_prune.deploy.onnx_export import export_onnx
 from lightning_prune.deploy.profile import ModelProfile, count_macs, count_parameters, measure_latency, profile_model
 from lightning_prune.deploy.report import ExportReport, export_model
 from lightning_prune.deploy.sparse_layers import SparseConv2d, SparseLinear

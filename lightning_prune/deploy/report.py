@@ -8,7 +8,7 @@
   bit for bit to the same state dict;
 * ``model.pt2``: the compacted, BatchNorm-folded ``ExportedProgram``
   (:func:`~lightning_prune.deploy.export.export_program`);
-* ``model.onnx``: the same as ONNX, checked with ONNX Runtime (:func:`~lightning_prune.deploy.export.export_onnx`);
+* ``model.onnx``: the same as ONNX, checked with ONNX Runtime (:func:`~lightning_prune.deploy.onnx_export.export_onnx`);
 * ``report.json``: :meth:`ExportReport.as_dict`.
 
 It then times, on the CPU at each batch size (1 and 64 by default), side by side in alternating blocks: the
@@ -62,16 +62,9 @@ from lightning_prune._helpers import (
     time_call,
 )
 from lightning_prune.deploy.archive import check_masks_applied, load_sparse_state_dict, save_sparse
-from lightning_prune.deploy.export import (
-    CompactMode,
-    Inputs,
-    export_onnx,
-    export_program,
-    inference_model,
-    onnx_files,
-    onnx_runner,
-)
+from lightning_prune.deploy.export import CompactMode, Inputs, export_program, inference_model
 from lightning_prune.deploy.kernels import sparse_inference
+from lightning_prune.deploy.onnx_export import export_onnx, onnx_files, onnx_runner
 from lightning_prune.deploy.timing import UNSTABLE, OtherLoad, TimingVerdict, judge_timing, warn_if_slower
 
 #: The files :func:`export_model` can write, by form.

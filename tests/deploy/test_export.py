@@ -19,14 +19,8 @@ from lightning_prune.app.validation import validate
 from lightning_prune.criteria.magnitude import MagnitudeImportance
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.deploy.archive import load_sparse
-from lightning_prune.deploy.export import (
-    ExportError,
-    export_onnx,
-    export_program,
-    inference_model,
-    onnx_files,
-    onnx_runner,
-)
+from lightning_prune.deploy.export import ExportError, export_program, inference_model
+from lightning_prune.deploy.onnx_export import export_onnx, onnx_files, onnx_runner
 from lightning_prune.deploy.report import _DESCRIPTIONS, FILE_NAMES, ExportReport, export_model, run_export
 from lightning_prune.models import MLP, ImageClassifier, SmallCNN, resnet20
 from lightning_prune.structures.channel import prune_channels_
