@@ -6,7 +6,8 @@ raised) and writes ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.pn
 get a ``.sha256`` digest file beside them. Each run is compared with a dense model trained for the same schedule
 when the sweep holds one (``-m pruning.sparsity=0,0.5,0.9``: see :mod:`lightning_prune.app.baselines`), else with
 its dense snapshot from when pruning started, and the table and plot say which.
-:class:`SweepSummaryCallback` is the Hydra callback that records failures and calls it when a multirun ends;
+:class:`~lightning_prune.app.sweep_callback.SweepSummaryCallback` is the Hydra callback that records failures
+and calls it when a multirun ends;
 ``python scripts/summarize.py <sweep_dir>`` rebuilds the same files later. :func:`search_objective` is the
 value an Optuna search for the highest sparsity within an accuracy budget maximises
 (``conf/hparams_search/optuna.yaml``).
@@ -14,11 +15,9 @@ value an Optuna search for the highest sparsity within an accuracy budget maximi
 
 from __future__ import annotations
 
-import atexit
 import csv
 import io
 import json
-import logging
 import math
 import re
 import traceback
@@ -28,18 +27,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-from typing_extensions import override
 
 from lightning_prune._files import atomic_write, atomic_write_text, verify_json_digest, write_sidecar
 from lightning_prune._helpers import is_number, markdown_table
 from lightning_prune.app.baselines import Baseline, match_baselines, snapshot_baseline
 from lightning_prune.app.sweep_plots import accuracy_figure, perplexity_figure
-
-log = logging.getLogger(__name__)
-
 
 METRICS_FILE = "metrics.json"
 
@@ -547,92 +539,10 @@ def summarize_sweep(
     return SweepSummary(sweep_dir, runs, csv_path, markdown_path, plot_path)
 
 
-class SweepSummaryCallback(Callback):
-    """Hydra callback: records failed runs and summarises the sweep when a multirun ends.
+def __getattr__(name: str) -> Any:
+    # The Hydra callback moved to lightning_prune.app.sweep_callback; configs of earlier runs still name it here.
+    if name == "SweepSummaryCallback":
+        from lightning_prune.app.sweep_callback import SweepSummaryCallback
 
-    ``on_job_end`` writes ``failure.json`` (error and traceback) into the directory of a job that raised; it runs
-    where the job runs, so it works with every launcher. ``on_multirun_end`` calls :func:`summarize_sweep` on
-    ``hydra.sweep.dir``. Hydra's basic sweeper re-raises a failed job's exception once its batch is done, and
-    then never calls ``on_multirun_end``: for that case the callback also summarises when the process exits.
-
-    Enable it with ``hydra.callbacks`` (see ``conf/hydra/callbacks/summary.yaml``)::
-
-        hydra:
-          callbacks:
-            summary:
-              _target_: lightning_prune.app.sweep.SweepSummaryCallback
-
-    Args:
-        plot: Whether to write the accuracy-against-sparsity PNG.
-        max_accuracy_drop: Passed to :func:`summarize_sweep`; when None, the composed config's top-level
-            ``max_accuracy_drop`` (set by ``hparams_search=optuna``) is used if present.
-
-    Example:
-        >>> callback = SweepSummaryCallback(plot=False)
-        >>> callback.plot
-        False
-    """
-
-    def __init__(self, plot: bool = True, max_accuracy_drop: float | None = None) -> None:
-        if not isinstance(plot, bool):
-            raise TypeError(f"`plot` must be a bool, got {plot!r}.")
-        if max_accuracy_drop is not None and (not is_number(max_accuracy_drop) or not 0.0 <= max_accuracy_drop <= 1.0):
-            raise ValueError(f"`max_accuracy_drop` must be None or a number in [0, 1], got {max_accuracy_drop!r}.")
-        self.plot = plot
-        self.max_accuracy_drop = max_accuracy_drop
-        self._pending: Path | None = None
-        self._pending_drop: float | None = None
-
-    @override
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        job_dir = Path(config.hydra.runtime.output_dir)
-        failure_path = job_dir / FAILURE_FILE
-        if job_return.status == JobStatus.FAILED:
-            error = job_return._return_value  # `.return_value` re-raises a failed job's exception
-            record = failure_record(error) if isinstance(error, BaseException) else {"error": repr(error)}
-            record["status"] = "failed"
-            atomic_write_text(
-                failure_path, json.dumps({**record, "overrides": list(job_return.overrides or [])}, indent=2)
-            )
-            log.error(f"Job {job_dir} failed: {record['error']} (recorded in {failure_path})")
-        elif job_return.status == JobStatus.COMPLETED:
-            failure_path.unlink(missing_ok=True)  # left by an earlier attempt in the same directory
-
-    @override
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._pending = Path(config.hydra.sweep.dir)
-        self._pending_drop = self._max_drop(config)
-        atexit.register(self._summarize_at_exit)
-
-    @override
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        atexit.unregister(self._summarize_at_exit)
-        self._pending = None
-        summary = summarize_sweep(config.hydra.sweep.dir, max_accuracy_drop=self._max_drop(config), plot=self.plot)
-        self._report(summary)
-
-    def _max_drop(self, config: DictConfig) -> float | None:
-        if self.max_accuracy_drop is not None:
-            return self.max_accuracy_drop
-        value = config.get("max_accuracy_drop")
-        return float(value) if is_number(value) else None
-
-    def _summarize_at_exit(self) -> None:
-        sweep_dir, self._pending = self._pending, None
-        if sweep_dir is None:
-            return
-        try:
-            summary = summarize_sweep(sweep_dir, max_accuracy_drop=self._pending_drop, plot=self.plot)
-        except Exception as e:  # the process is exiting: report, never raise
-            log.error(f"The sweep ended early and its summary could not be written: {e}")
-            return
-        self._report(summary)
-
-    @staticmethod
-    def _report(summary: SweepSummary) -> None:
-        failed = f", {len(summary.failed)} failed" if summary.failed else ""
-        log.info(
-            f"Sweep summary: {len(summary.completed)}/{len(summary.runs)} runs completed{failed}. "
-            f"Results in {summary.csv_path} and {summary.markdown_path}"
-            + (f"; plot in {summary.plot_path}" if summary.plot_path else "")
-        )
+        return SweepSummaryCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

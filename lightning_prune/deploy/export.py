@@ -422,15 +422,3 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
         raise ValueError(
             f"{str(path)!r} is not a program saved by torch.export.save, or it is damaged ({_first_lines(err)})."
         ) from err
-
-
-#: What moved to :mod:`lightning_prune.deploy.onnx_export`, still importable from here.
-_MOVED_TO_ONNX_EXPORT = frozenset({"MIN_ONNX_OPSET", "export_onnx", "onnx_files", "onnx_runner"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_ONNX_EXPORT:
-        from lightning_prune.deploy import onnx_export
-
-        return getattr(onnx_export, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
