@@ -10,7 +10,7 @@ user would: the main job (conf/config.yaml: SmallCNN on the 8x8 digits, 30 epoch
 epochs 10-20) at each sparsity, on the joblib launcher with 2 worker processes of one torch thread each. The
 wall time is that of the whole command, Python start-up and the summary included. The sweep directory (a
 temporary one unless ``--sweep-dir`` is given) keeps every run and the summary: results.csv, results.md and
-accuracy_vs_sparsity.png, written by ``lightning_prune.app.sweep_callback.SweepSummaryCallback``.
+accuracy_vs_sparsity.png, written by ``lightning_prune.app.sweep.SweepSummaryCallback``.
 """
 
 from __future__ import annotations

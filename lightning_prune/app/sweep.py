@@ -6,8 +6,7 @@ raised) and writes ``results.csv``, ``results.md`` and ``accuracy_vs_sparsity.pn
 get a ``.sha256`` digest file beside them. Each run is compared with a dense model trained for the same schedule
 when the sweep holds one (``-m pruning.sparsity=0,0.5,0.9``: see :mod:`lightning_prune.app.baselines`), else with
 its dense snapshot from when pruning started, and the table and plot say which.
-:class:`~lightning_prune.app.sweep_callback.SweepSummaryCallback` is the Hydra callback that records failures
-and calls it when a multirun ends;
+:class:`SweepSummaryCallback` is the Hydra callback that records failures and calls it when a multirun ends;
 ``python scripts/summarize.py <sweep_dir>`` rebuilds the same files later. :func:`search_objective` is the
 value an Optuna search for the highest sparsity within an accuracy budget maximises
 (``conf/hparams_search/optuna.yaml``).
@@ -15,9 +14,11 @@ value an Optuna search for the highest sparsity within an accuracy budget maximi
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
+import logging
 import math
 import re
 import traceback
@@ -27,11 +28,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from typing_extensions import override
 
 from lightning_prune._files import atomic_write, atomic_write_text, verify_json_digest, write_sidecar
-from lightning_prune._helpers import is_number, markdown_table
+from lightning_prune._helpers import is_number
 from lightning_prune.app.baselines import Baseline, match_baselines, snapshot_baseline
 from lightning_prune.app.sweep_plots import accuracy_figure, perplexity_figure
+from lightning_prune.app.sweep_tables import _write_markdown, is_language_sweep
+from lightning_prune.app.sweep_tables import baseline_text as baseline_text  # the summary's names, importable here
+from lightning_prune.app.sweep_tables import common_overrides as common_overrides
+from lightning_prune.app.sweep_tables import results_table as results_table
+
+log = logging.getLogger(__name__)
+
 
 METRICS_FILE = "metrics.json"
 
@@ -323,88 +335,6 @@ def collect_runs(sweep_dir: str | Path) -> list[RunResult]:
     return [replace(run, baseline=baseline) for run, baseline in zip(runs, match_baselines(runs), strict=True)]
 
 
-def _format(value: Any, key: str) -> str:
-    if value is None:
-        return ""
-    if key in ("nonzero_params", "total_params", "compact_params"):
-        return str(int(value))
-    if key in ("macs", "dense_macs"):
-        return f"{value / 1e6:.3f}M"
-    if key == "wall_time_s":
-        return f"{value:.1f}"
-    if key == "accuracy_drop":
-        return f"{value * 100:+.2f} pp"
-    if key == "ppl_increase":
-        return f"{value * 100:+.1f}%"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-_MD_COLUMNS = (
-    ("job", "job"),
-    ("overrides", "overrides"),
-    ("status", "status"),
-    ("baseline_test_acc", "baseline acc"),
-    ("pruned_test_acc", "pruned acc"),
-    ("accuracy_drop", "drop"),
-    ("sparsity", "sparsity"),
-    ("nonzero_params", "nonzero params"),
-    ("macs", "MACs"),
-    ("wall_time_s", "wall time (s)"),
-)
-_MD_LANGUAGE_COLUMNS = (
-    ("job", "job"),
-    ("overrides", "overrides"),
-    ("status", "status"),
-    ("dense_val_ppl", "dense ppl"),
-    ("pruned_val_ppl", "pruned ppl"),
-    ("compact_val_ppl", "compact ppl"),
-    ("ppl_increase", "ppl change"),
-    ("sparsity", "sparsity"),
-    ("total_params", "params"),
-    ("compact_params", "compact params"),
-    ("macs", "MACs"),
-    ("wall_time_s", "wall time (s)"),
-)
-
-
-def is_language_sweep(runs: Sequence[RunResult]) -> bool:
-    """Whether the runs report perplexity (``module=language``) rather than accuracy: the table and plot show it.
-
-    Example:
-        >>> is_language_sweep([RunResult("0", [], "completed", {"pruned_val_ppl": 4.1})])
-        True
-    """
-    return any(r.metrics.get("pruned_val_ppl") is not None for r in runs)
-
-
-def common_overrides(runs: Sequence[RunResult]) -> list[str]:
-    """The overrides every run shares, in the first run's order.
-
-    Example:
-        >>> runs = [RunResult(str(i), [f"pruning.sparsity={s}", "seed=0"], "failed") for i, s in enumerate((0.5, 0.9))]
-        >>> common_overrides(runs)
-        ['seed=0']
-    """
-    if not runs:
-        return []
-    shared = set(runs[0].overrides).intersection(*(r.overrides for r in runs[1:]))
-    return [o for o in runs[0].overrides if o in shared]
-
-
-def results_table(runs: Sequence[RunResult]) -> str:
-    """The runs as a markdown table (the one in ``results.md``); overrides all runs share are left out."""
-    common = set(common_overrides(runs)) if len(runs) > 1 else set()
-    columns = _MD_LANGUAGE_COLUMNS if is_language_sweep(runs) else _MD_COLUMNS
-    rows = []
-    for run in runs:
-        row = run.row()
-        row["overrides"] = " ".join(o for o in run.overrides if o not in common)
-        rows.append([_format(row[key], key) for key, _ in columns])
-    return markdown_table([title for _, title in columns], rows)
-
-
 def _write_csv(runs: Sequence[RunResult], path: Path) -> None:
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
@@ -412,81 +342,6 @@ def _write_csv(runs: Sequence[RunResult], path: Path) -> None:
     for run in runs:
         writer.writerow({k: "" if v is None else v for k, v in run.row().items()})
     atomic_write_text(path, text.getvalue())
-    write_sidecar(path)
-
-
-def baseline_text(runs: Sequence[RunResult]) -> str:
-    """One sentence naming the baseline of the completed runs (grouped by baseline when they differ).
-
-    Example:
-        >>> run = RunResult("1", [], "completed", {"dense_test_acc": 0.9, "dense_epoch": 10, "pruned_test_acc": 0.8})
-        >>> print(baseline_text([run]))  # doctest: +ELLIPSIS
-        Baseline: dense snapshot at the start of pruning (epoch 10), not a dense model trained for the same ...
-    """
-    groups: dict[str, list[str]] = {}
-    kinds = set()
-    for run in runs:
-        baseline = run.dense_baseline if run.status == "completed" else None
-        if baseline is not None:
-            groups.setdefault(baseline.describe(), []).append(run.job)
-            kinds.add(baseline.kind)
-    if not groups:
-        return "Baseline: none (no completed run recorded a dense accuracy)."
-    if len(groups) == 1:
-        text = f"Baseline: {next(iter(groups))}"
-    else:
-        text = "Baselines: " + "; ".join(
-            f"{what} for job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)}" for what, jobs in groups.items()
-        )
-    if "snapshot" in kinds:
-        text += (
-            ", not a dense model trained for the same schedule; add dense runs to the sweep "
-            "(`-m pruning.sparsity=0,...`) to compare with one"
-        )
-    return text + "."
-
-
-def _write_markdown(
-    runs: Sequence[RunResult], path: Path, sweep_dir: Path, plot_path: Path | None, max_drop: float | None
-) -> None:
-    counts = {s: sum(r.status == s for r in runs) for s in ("completed", "failed", "incomplete")}
-    lines = [
-        f"# Sweep results: `{sweep_dir}`",
-        "",
-        f"{len(runs)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n) + ".",
-        *(
-            [
-                "Perplexities are on the validation split (dense: before pruning; compact: with the pruned heads",
-                "and neurons removed); `ppl change` is pruned over dense perplexity; `sparsity` is the achieved",
-                "fraction of the prunable weights.",
-            ]
-            if is_language_sweep(runs)
-            else [
-                "Accuracies are top-1 on the test split; `drop` is baseline minus pruned accuracy in percentage "
-                "points;",
-                "`sparsity` is the achieved fraction of zeros among the prunable weights.",
-                baseline_text(runs),
-            ]
-        ),
-    ]
-    common = common_overrides(runs)
-    if common and len(runs) > 1:
-        lines.append(f"Overrides of every run (left out of the table): `{' '.join(common)}`.")
-    if max_drop is not None:
-        within = [r for r in runs if r.accuracy_drop is not None and r.accuracy_drop <= max_drop + 1e-12]
-        best = max(within, key=lambda r: float(r.metrics.get("sparsity", 0.0)), default=None)
-        lines.append(
-            f"Highest sparsity within a drop of {max_drop * 100:.2f} pp: "
-            + (f"{best.metrics['sparsity']:.4f} (job {best.job})." if best else "none.")
-        )
-    lines += ["", results_table(runs)]
-    failed = [r for r in runs if r.status == "failed"]
-    if failed:
-        lines += ["", "## Failed runs", ""]
-        lines += [f"- job {r.job} (`{' '.join(r.overrides)}`): {r.error}" for r in failed]
-    if plot_path is not None:
-        lines += ["", f"![accuracy against sparsity]({plot_path.name})"]
-    atomic_write_text(path, "\n".join(lines) + "\n")
     write_sidecar(path)
 
 
@@ -539,10 +394,92 @@ def summarize_sweep(
     return SweepSummary(sweep_dir, runs, csv_path, markdown_path, plot_path)
 
 
-def __getattr__(name: str) -> Any:
-    # The Hydra callback moved to lightning_prune.app.sweep_callback; configs of earlier runs still name it here.
-    if name == "SweepSummaryCallback":
-        from lightning_prune.app.sweep_callback import SweepSummaryCallback
+class SweepSummaryCallback(Callback):
+    """Hydra callback: records failed runs and summarises the sweep when a multirun ends.
 
-        return SweepSummaryCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    ``on_job_end`` writes ``failure.json`` (error and traceback) into the directory of a job that raised; it runs
+    where the job runs, so it works with every launcher. ``on_multirun_end`` calls :func:`summarize_sweep` on
+    ``hydra.sweep.dir``. Hydra's basic sweeper re-raises a failed job's exception once its batch is done, and
+    then never calls ``on_multirun_end``: for that case the callback also summarises when the process exits.
+
+    Enable it with ``hydra.callbacks`` (see ``conf/hydra/callbacks/summary.yaml``)::
+
+        hydra:
+          callbacks:
+            summary:
+              _target_: lightning_prune.app.sweep.SweepSummaryCallback
+
+    Args:
+        plot: Whether to write the accuracy-against-sparsity PNG.
+        max_accuracy_drop: Passed to :func:`summarize_sweep`; when None, the composed config's top-level
+            ``max_accuracy_drop`` (set by ``hparams_search=optuna``) is used if present.
+
+    Example:
+        >>> callback = SweepSummaryCallback(plot=False)
+        >>> callback.plot
+        False
+    """
+
+    def __init__(self, plot: bool = True, max_accuracy_drop: float | None = None) -> None:
+        if not isinstance(plot, bool):
+            raise TypeError(f"`plot` must be a bool, got {plot!r}.")
+        if max_accuracy_drop is not None and (not is_number(max_accuracy_drop) or not 0.0 <= max_accuracy_drop <= 1.0):
+            raise ValueError(f"`max_accuracy_drop` must be None or a number in [0, 1], got {max_accuracy_drop!r}.")
+        self.plot = plot
+        self.max_accuracy_drop = max_accuracy_drop
+        self._pending: Path | None = None
+        self._pending_drop: float | None = None
+
+    @override
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        job_dir = Path(config.hydra.runtime.output_dir)
+        failure_path = job_dir / FAILURE_FILE
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value  # `.return_value` re-raises a failed job's exception
+            record = failure_record(error) if isinstance(error, BaseException) else {"error": repr(error)}
+            record["status"] = "failed"
+            atomic_write_text(
+                failure_path, json.dumps({**record, "overrides": list(job_return.overrides or [])}, indent=2)
+            )
+            log.error(f"Job {job_dir} failed: {record['error']} (recorded in {failure_path})")
+        elif job_return.status == JobStatus.COMPLETED:
+            failure_path.unlink(missing_ok=True)  # left by an earlier attempt in the same directory
+
+    @override
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._pending = Path(config.hydra.sweep.dir)
+        self._pending_drop = self._max_drop(config)
+        atexit.register(self._summarize_at_exit)
+
+    @override
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.unregister(self._summarize_at_exit)
+        self._pending = None
+        summary = summarize_sweep(config.hydra.sweep.dir, max_accuracy_drop=self._max_drop(config), plot=self.plot)
+        self._report(summary)
+
+    def _max_drop(self, config: DictConfig) -> float | None:
+        if self.max_accuracy_drop is not None:
+            return self.max_accuracy_drop
+        value = config.get("max_accuracy_drop")
+        return float(value) if is_number(value) else None
+
+    def _summarize_at_exit(self) -> None:
+        sweep_dir, self._pending = self._pending, None
+        if sweep_dir is None:
+            return
+        try:
+            summary = summarize_sweep(sweep_dir, max_accuracy_drop=self._pending_drop, plot=self.plot)
+        except Exception as e:  # the process is exiting: report, never raise
+            log.error(f"The sweep ended early and its summary could not be written: {e}")
+            return
+        self._report(summary)
+
+    @staticmethod
+    def _report(summary: SweepSummary) -> None:
+        failed = f", {len(summary.failed)} failed" if summary.failed else ""
+        log.info(
+            f"Sweep summary: {len(summary.completed)}/{len(summary.runs)} runs completed{failed}. "
+            f"Results in {summary.csv_path} and {summary.markdown_path}"
+            + (f"; plot in {summary.plot_path}" if summary.plot_path else "")
+        )

@@ -23,6 +23,7 @@ from lightning_prune.app.sweep import (
     RESULT_COLUMNS,
     RunResult,
     SweepResultsError,
+    SweepSummaryCallback,
     accuracy_figure,
     collect_runs,
     common_overrides,
@@ -31,7 +32,6 @@ from lightning_prune.app.sweep import (
     search_objective,
     summarize_sweep,
 )
-from lightning_prune.app.sweep_callback import SweepSummaryCallback
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A tiny version of the main job: about a second of training per run.
