@@ -166,8 +166,15 @@ class OtherLoad:
 
     def __exit__(self, *exc: object) -> None:
         busy, own = _cpu_seconds()
-        wall = max(time.perf_counter() - self._wall, 1e-9)
-        self.cores = max(0.0, (busy - self._busy) - (own - self._own)) / wall
+        #: The block's wall seconds, the machine's busy CPU seconds and this process's own over it.
+        self.wall_s = max(time.perf_counter() - self._wall, 1e-9)
+        self.busy_s, self.own_s = busy - self._busy, own - self._own
+        self.cores = self.outside(self.own_s)
+
+    def outside(self, own_s: float) -> float:
+        """Cores used by processes other than those whose CPU seconds over the block add up to ``own_s`` (e.g. the
+        ranks of one job, which load each other)."""
+        return max(0.0, self.busy_s - own_s) / self.wall_s
 
 
 def wait_for_quiet(max_cores: float, timeout_s: float, sample_s: float = 1.0) -> tuple[float, float]:

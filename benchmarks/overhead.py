@@ -35,7 +35,9 @@ of ``weight_orig * weight_mask`` is not included). Last, the same training step 
 with the three variants interleaved step by step (the per-step work each callback leaves on the model, without
 Lightning's own per-step cost), which cancels the machine's drifts best; it is repeated, like a block, when
 other processes were busy meanwhile. A fourth network in that loop multiplies its gradients by the same masks in
-one bare ``torch._foreach_mul_`` before each step, without hooks: the floor of any per-step gradient masking.
+one bare ``torch._foreach_mul_`` before each step, without hooks: the floor of any per-step gradient masking; and
+a fifth zeroes its gradients in one bare ``torch._foreach_zero_`` instead: the floor of any pass that writes the
+gradients at all (no mask read), which shows how much of the multiply's cost is the gradients' memory itself.
 """
 
 from __future__ import annotations
@@ -68,7 +70,10 @@ VARIANTS = ("none", "PruningCallback", "ModelPruning")
 #: The plain loop's extra variant: the same masks, each gradient multiplied by its mask in one bare
 #: ``torch._foreach_mul_`` per step, no hooks: what any per-step masking of the gradients costs at the least.
 FLOOR = "floor: one fused multiply"
-PLAIN_VARIANTS = (*VARIANTS, FLOOR)
+#: And a fifth: the same gradients zeroed in one bare ``torch._foreach_zero_`` per step: what any pass that writes
+#: them costs, before reading a mask.
+ZERO_FLOOR = "floor: zero the gradients"
+PLAIN_VARIANTS = (*VARIANTS, FLOOR, ZERO_FLOOR)
 SPARSITY = 0.9
 
 
@@ -257,13 +262,14 @@ def _fit(
 
 
 def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) -> dict[str, Any]:
-    """The same training step in a plain PyTorch loop, the three variants interleaved step by step.
+    """The same training step in a plain PyTorch loop, the variants interleaved step by step.
 
-    Three copies of one initialised network, each with its own SGD optimizer: plain; pruned to 90% with
+    Copies of one initialised network, each with its own SGD optimizer: plain; pruned to 90% with
     ``MaskSet`` + ``Unstructured`` and the masks attached (the per-step work ``PruningCallback`` adds: one
     in-place gradient pass before the step and the optimizer post-step hook); pruned to 90% with
-    ``torch.nn.utils.prune`` (what ``ModelPruning`` leaves on the model). Each round times one step of each, in
-    rotating order, on the same batch, so drifts of the machine's speed cancel in the per-round ratios.
+    ``torch.nn.utils.prune`` (what ``ModelPruning`` leaves on the model); and the two floors (:data:`FLOOR`,
+    :data:`ZERO_FLOOR`) on the same masks. Each round times one step of each, in rotating order, on the same
+    batch, so drifts of the machine's speed cancel in the per-round ratios.
     """
     import copy
 
@@ -286,8 +292,10 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
     masks.attach([opts["PruningCallback"]])
     floor_params = [p for p, _ in zip(prunable_parameters(nets[FLOOR]).values(), masks.masks)]
     floor_mults = [m.to(p.dtype) for p, m in zip(floor_params, masks.masks)]
+    zero_params = [p for p, _ in zip(prunable_parameters(nets[ZERO_FLOOR]).values(), masks.masks)]
     with torch.no_grad():
         torch._foreach_mul_(floor_params, floor_mults)
+        torch._foreach_mul_(zero_params, floor_mults)
     pairs = _prunable(nets["ModelPruning"])
     prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=SPARSITY)
 
@@ -303,6 +311,8 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
         loss.backward()
         if v == FLOOR:
             torch._foreach_mul_([p.grad for p in floor_params], floor_mults)
+        elif v == ZERO_FLOOR:
+            torch._foreach_zero_([p.grad for p in zero_params])
         opts[v].step()
         return time.perf_counter() - start
 
@@ -317,6 +327,7 @@ def _interleaved(build: Callable[[], Any], seed: int, rounds: int, warmup: int) 
     sparsity = {
         "PruningCallback": masks.sparsity(),
         FLOOR: sum(int((p == 0).sum()) for p in floor_params) / masks.numel(),
+        ZERO_FLOOR: sum(int((p == 0).sum()) for p in zero_params) / masks.numel(),
         "ModelPruning": _sparsity(pairs, "ModelPruning"),
     }
     return {"times": times, "sparsity": sparsity}
@@ -475,7 +486,8 @@ def main() -> None:
             q1, q3 = quartiles(over)
             iqr = f"{q1:+.1f}..{q3:+.1f}" if v != "none" else "-"
             rows.append([label, v, f"{median(speed):.1f}", wall, iqr, robust, hook, loop])
-        rows.append([label, FLOOR, "-", "-", "-", "-", "-", _added(plain["times"], FLOOR, base_step)])
+        for floor in (FLOOR, ZERO_FLOOR):
+            rows.append([label, floor, "-", "-", "-", "-", "-", _added(plain["times"], floor, base_step)])
 
     print()
     print(
