@@ -149,7 +149,8 @@ def _cpu_seconds() -> tuple[float, float]:
 
 
 class OtherLoad:
-    """Context manager: average number of cores used by other processes while the block ran (``cores``).
+    """Context manager: average number of cores used by other processes while the block ran (``cores``); with
+    ``wall_s``, ``busy_s`` and ``own_s`` a job of several processes tells its own from others (:meth:`outside`).
 
     Example:
         >>> with OtherLoad() as load:
@@ -166,7 +167,7 @@ class OtherLoad:
 
     def __exit__(self, *exc: object) -> None:
         busy, own = _cpu_seconds()
-        #: The block's wall seconds, the machine's busy CPU seconds and this process's own over it.
+        # The block's wall seconds, the machine's busy CPU seconds and this process's own over it.
         self.wall_s = max(time.perf_counter() - self._wall, 1e-9)
         self.busy_s, self.own_s = busy - self._busy, own - self._own
         self.cores = self.outside(self.own_s)
