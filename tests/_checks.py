@@ -88,8 +88,8 @@ def seeded(net: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class ZeroChecker(Callback):
-    """After every batch (so after every optimizer step) masked entries and their optimizer state must be exactly
-    zero; subclasses add checks in :meth:`check`."""
+    """After every batch (so after every optimizer step) masked entries and the state of every optimizer must be
+    exactly zero; subclasses add checks in :meth:`check`."""
 
     def __init__(self, pruning: PruningCallback) -> None:
         self.pruning = pruning
@@ -99,12 +99,12 @@ class ZeroChecker(Callback):
         masks = self.pruning.masks
         if masks is None or masks.num_pruned() == 0:
             return
-        opt = trainer.optimizers[0]
         for name, p, m in zip(masks.names, masks.params, masks.masks):
             assert bool((p[~m] == 0).all()), f"a pruned entry of {name} moved"
-            for value in opt.state[p].values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    assert bool((value[~m] == 0).all()), f"optimizer state of a pruned entry of {name} is not zero"
+            for opt in trainer.optimizers:
+                for value in opt.state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        assert bool((value[~m] == 0).all()), f"optimizer state of a pruned entry of {name} is not zero"
         self.check(pl_module, masks)
         self.checked += 1
 

@@ -6,7 +6,7 @@ drive: Lightning's manual optimization with two optimizers over disjoint layers,
 import lightning.pytorch as pl
 import pytest
 import torch
-from _checks import images, tiny_trainer
+from _checks import ZeroChecker, images, tiny_trainer
 from _optimizers import assert_pruned_entries_zero, mlp
 from torch import nn
 
@@ -76,26 +76,10 @@ class TwoOptimizers(pl.LightningModule):
         )
 
 
-class EveryStep(pl.Callback):
-    """After every batch, the pruned entries of every optimizer's parameters and their state are zero."""
-
-    def __init__(self, pruning: PruningCallback) -> None:
-        self.pruning = pruning
-        self.checked = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        masks = self.pruning.masks
-        if masks is None or masks.num_pruned() == 0:
-            return
-        for optimizer in trainer.optimizers:
-            assert_pruned_entries_zero(masks, optimizer, f"batch {batch_idx} of epoch {trainer.current_epoch}")
-        self.checked += 1
-
-
 def test_manual_optimization_with_two_optimizers_keeps_pruned_entries_and_state_zero(tmp_path):
     model = TwoOptimizers()
     pruning = PruningCallback(sparsity=0.8, schedule="linear", start_epoch=0, end_epoch=2)
-    checker = EveryStep(pruning)
+    checker = ZeroChecker(pruning)  # every optimizer's state, after every batch
     before = [p.detach().clone() for p in model.parameters()]
     tiny_trainer(tmp_path, [pruning, checker], max_epochs=4).fit(model, images(n=96, shape=(1, 4, 4)))
     assert checker.checked == 3 * 6  # every batch from the first pruning step (epoch 1's start), 6 batches an epoch
