@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_prune._helpers import is_int
 from lightning_prune.criteria import build_importance
@@ -103,3 +104,33 @@ def _misconfig(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (ValueError, TypeError) as err:
         raise MisconfigurationException(f"PruningCallback: {err}") from err
+
+
+def _check_schedule_fits(
+    schedule: SparsitySchedule, start: int, sparsity: float, importance: Importance, max_epochs: int | None
+) -> None:
+    """Refuse a criterion that needs statistics of training steps when pruning starts at epoch 0; warn when the
+    Trainer stops before the schedule starts or ends (``max_epochs``).
+
+    Raises:
+        MisconfigurationException: ``importance`` collects statistics and the first pruning step is at epoch 0.
+    """
+    if importance.collects != "nothing" and schedule.first_nonzero_epoch() == 0:
+        raise MisconfigurationException(
+            f"PruningCallback: {importance!r} scores from {importance.collects} that training computes, "
+            "but the first pruning step is at epoch 0, before any training step. Start pruning at epoch 1 or "
+            "later (`start_epoch`), or use importance='magnitude'."
+        )
+    if max_epochs is None or max_epochs < 1:
+        return
+    end = schedule.end_epoch
+    if max_epochs <= start:
+        rank_zero_warn(
+            f"PruningCallback: `start_epoch`={start}, but the Trainer stops after epoch {max_epochs - 1} "
+            f"(`max_epochs`={max_epochs}): nothing will be pruned. Lower `start_epoch` or raise `max_epochs`."
+        )
+    elif end is not None and end >= max_epochs:
+        rank_zero_warn(
+            f"PruningCallback: the schedule ends at epoch {end} but the Trainer stops after epoch "
+            f"{max_epochs - 1}; the final sparsity {sparsity} will not be reached."
+        )

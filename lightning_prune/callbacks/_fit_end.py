@@ -1,11 +1,10 @@
 """What :class:`~lightning_prune.callbacks.PruningCallback` does around a fit rather than during it: the inputs it
-traces a model with, the compaction of a channel-pruned model once the fit ends (report, loggers, file), and the
-checks that a resumed run's saved masks can continue under this callback's schedule. Plain functions of the
-Trainer, the module and the callback's settings."""
+traces a model with and the compaction of a channel-pruned model once the fit ends (report, loggers, file). Plain
+functions of the Trainer, the module and the callback's settings."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,8 @@ from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_prune._helpers import is_number
 from lightning_prune.deploy.compact import compact, save_compact
 from lightning_prune.deploy.profile import compaction_report
-from lightning_prune.schedules import SparsitySchedule
 
 
 def trace_inputs(example: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -89,41 +86,3 @@ def compact_after_fit(
         return report, small, str(err)
     rank_zero_info(f"Compact model saved to {path}; reload it with lightning_prune.load_compact(model, path).")
     return report, small, None
-
-
-def check_resumable(state: Mapping[str, Any], schedule: SparsitySchedule, importance: object, epoch: int) -> None:
-    """Refuse saved pruning ``state`` that ``schedule`` cannot continue from at ``epoch``; warn where it continues
-    differently (another schedule or ``importance``). The pruner refuses masks of another structure.
-
-    Raises:
-        MisconfigurationException: the saved target is not a sparsity, or is above the schedule's at ``epoch``
-            (pruned entries are never revived).
-    """
-    saved = state.get("target")
-    if not is_number(saved) or not 0.0 <= saved < 1.0:
-        raise MisconfigurationException(
-            f"PruningCallback cannot resume: the checkpoint's pruning state has the target {saved!r}, not a "
-            "sparsity in [0, 1); the checkpoint was edited or damaged. Resume from another checkpoint."
-        )
-    saved_target = float(saved)
-    target_now = schedule.sparsity_at(epoch)
-    if saved_target > target_now + 1e-12:
-        raise MisconfigurationException(
-            f"PruningCallback cannot resume: the checkpoint's masks are grown to a target of {saved_target:g}, but "
-            f"this callback's schedule {schedule!r} asks for {target_now:g} at epoch {epoch}, and pruned "
-            f"entries are never revived. Resume with the schedule the run was started with "
-            f"({state.get('schedule', 'not recorded')}), or start a new run."
-        )
-    changed = [
-        f"{what} {state[key]} -> {now}"
-        for key, what, now in (
-            ("schedule", "schedule", repr(schedule)),
-            ("importance", "importance", repr(importance)),
-        )
-        if state.get(key) is not None and state[key] != now
-    ]
-    if changed:
-        rank_zero_warn(
-            f"PruningCallback: resuming with another pruning configuration ({'; '.join(changed)}). The saved masks "
-            f"(target {saved_target:g}) are kept and grow from epoch {epoch} on as the new configuration says."
-        )

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune._helpers import eval_mode, is_int
-from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
+from lightning_prune.callbacks._lookup import find_pruning_callback
+from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.training.distillation import DistillationMixin, check_alpha, check_logits, check_temperature
 
 

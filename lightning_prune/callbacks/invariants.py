@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_prune._helpers import is_int
-from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
+from lightning_prune.callbacks._lookup import find_pruning_callback
+from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.masks.distributed import ranks_agree, world_size
 from lightning_prune.masks.maskset import local_shard
 from lightning_prune.masks.sharded import ShardedMaskSet

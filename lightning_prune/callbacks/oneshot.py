@@ -19,7 +19,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_prune._helpers import check_flag, is_int
-from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
+from lightning_prune.callbacks._lookup import find_pruning_callback
+from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.masks.distributed import world_size
 from lightning_prune.oneshot import Allocation, OneShotMethod, OneShotReport, build_allocation, build_method
 from lightning_prune.oneshot.base import build_oneshot_structure

@@ -22,22 +22,15 @@ from lightning_prune._files import prepare_folder
 from lightning_prune._helpers import is_number
 from lightning_prune.callbacks._arguments import (
     _check_rewind_epoch,
+    _check_schedule_fits,
     _misconfig,
     _non_finite,
     _resolve_importance,
     _schedule_args,
 )
-from lightning_prune.callbacks._fit_end import check_resumable, compact_after_fit, compact_target, trace_inputs
-from lightning_prune.callbacks.sharding import (
-    add_mask_shards,
-    add_statistics_shards,
-    check_strategy,
-    load_mask_shards,
-    local_statistics,
-    mask_state,
-    saves_sharded,
-    statistics_state,
-)
+from lightning_prune.callbacks._fit_end import compact_after_fit, compact_target, trace_inputs
+from lightning_prune.callbacks._resume import callback_state, check_checkpoint_holds, restore
+from lightning_prune.callbacks.sharding import add_mask_shards, add_statistics_shards, check_strategy, saves_sharded
 from lightning_prune.criteria.base import Importance
 from lightning_prune.masks.distributed import world_size
 from lightning_prune.masks.maskset import MaskSet, RemaskPolicy
@@ -50,9 +43,6 @@ from lightning_prune.structures.base import Structure
 from lightning_prune.structures.channel import ChannelStructure
 from lightning_prune.training.finetune import scale_learning_rates
 
-#: The version of :meth:`PruningCallback.state_dict`'s layout (1: masks, target, schedule, lr_scaled; 2: the
-#: configuration, the criterion's statistics, per-layer targets, the rewind point and read-outs).
-_STATE_VERSION = 2
 #: ``fn(trainer, pl_module)``, run by the callback around its pruning step (see :meth:`PruningCallback.before_pruning`).
 EpochHook = Callable[[pl.Trainer, pl.LightningModule], None]
 
@@ -403,29 +393,8 @@ class PruningCallback(Callback):
             last = max(max_epochs - 1, self._schedule_args["start_epoch"])
             self.schedule = schedule.with_end_epoch(last) if schedule is not None else self._build_schedule(last)
         schedule = self._schedule()
-        first = schedule.first_nonzero_epoch()
         rank_zero_info(f"PruningCallback: {schedule.describe()}.")
-        if self.importance.collects != "nothing" and first == 0:
-            raise MisconfigurationException(
-                f"PruningCallback: {self.importance!r} scores from {self.importance.collects} that training computes, "
-                "but the first pruning step is at epoch 0, before any training step. Start pruning at epoch 1 or "
-                "later (`start_epoch`), or use importance='magnitude'."
-            )
-        end = schedule.end_epoch
-        start = self._schedule_args["start_epoch"]
-        if trainer.max_epochs is not None and 1 <= trainer.max_epochs <= start:
-            rank_zero_warn(
-                f"PruningCallback: `start_epoch`={start}, but the Trainer stops after epoch {trainer.max_epochs - 1} "
-                f"(`max_epochs`={trainer.max_epochs}): nothing will be pruned. Lower `start_epoch` or raise "
-                "`max_epochs`."
-            )
-        elif (
-            trainer.max_epochs is not None and trainer.max_epochs >= 1 and end is not None and end >= trainer.max_epochs
-        ):
-            rank_zero_warn(
-                f"PruningCallback: the schedule ends at epoch {end} but the Trainer stops after epoch "
-                f"{trainer.max_epochs - 1}; the final sparsity {self.sparsity} will not be reached."
-            )
+        _check_schedule_fits(schedule, self.start_epoch, self.sparsity, self.importance, trainer.max_epochs)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -436,22 +405,7 @@ class PruningCallback(Callback):
             _misconfig(pruner.bind, pl_module, self._example)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
-            check_resumable(state, self._schedule(), self.importance, trainer.current_epoch)
-            if state.get("sharded_masks"):
-                if not isinstance(pruner.masks, ShardedMaskSet):
-                    raise MisconfigurationException(
-                        "PruningCallback cannot resume: the checkpoint's masks were saved sharded, with the model, by "
-                        "`ModelParallelStrategy`; resume with that strategy, or from a checkpoint it saved with "
-                        "`save_distributed_checkpoint=False` (whole masks)."
-                    )
-                state = {**state, "masks": load_mask_shards(pruner.masks, trainer.ckpt_path)}  # type: ignore[arg-type]
-            if isinstance(pruner.masks, ShardedMaskSet) and state.get("importance_state"):
-                statistics = local_statistics(pruner.masks, dict(state["importance_state"]), trainer.ckpt_path)
-                state = {**state, "importance_state": statistics}
-            try:
-                pruner.load_state_dict(state)
-            except ValueError as err:
-                raise MisconfigurationException(f"PruningCallback cannot resume: {err}") from err
+            restore(pruner, state, self._schedule(), trainer)
         pruner.attach(trainer.optimizers, step_hook=False)  # gradients are masked in on_before_optimizer_step
 
     @override
@@ -595,15 +549,8 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pending_state is not None:  # restored but not yet applied: keep it as it was
             return {**self._pending_state, "lr_scaled": self._lr_scaled}
-        state = self.pruner.state_dict()
-        if isinstance(self.masks, ShardedMaskSet):
-            state.update(mask_state(self.masks, self._sharded_checkpoints))
-            state["importance_state"] = statistics_state(
-                self.masks, state["importance_state"], self._sharded_checkpoints
-            )
         return {
-            "version": _STATE_VERSION,
-            **state,
+            **callback_state(self.pruner, self._sharded_checkpoints),
             "schedule": repr(self.schedule),
             "lr_scaled": self._lr_scaled,
             # Read-outs for a run resumed after its training ended, when no masks are bound again.
@@ -634,47 +581,4 @@ class PruningCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        states = checkpoint.get("callbacks") or {}
-        ours = self.state_key in states or type(self).__qualname__ in states
-        others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__qualname__)]
-        if not ours and others:
-            raise MisconfigurationException(
-                f"The checkpoint holds pruning state for {others}, but this PruningCallback is {self.state_key}. "
-                "Resume with the same `structure` and `scope`, or start a new run."
-            )
-        if not ours:
-            rank_zero_warn(
-                "PruningCallback: the checkpoint holds no pruning state (it was written without a PruningCallback, or "
-                "by an older version), so the masks start dense and are grown to the schedule's target at the start "
-                "of the next training epoch; weights that are already zero score lowest and go first. Resume from a "
-                "checkpoint of the pruned run to continue with its exact masks."
-            )
-
-
-def find_pruning_callback(
-    trainer: pl.Trainer, pruning: PruningCallback | None, who: str, *, required: bool = True
-) -> PruningCallback | None:
-    """The pruning callback another callback works with: ``pruning`` when given (it must be one of the Trainer's
-    callbacks), else the only :class:`PruningCallback` among them.
-
-    Raises:
-        MisconfigurationException: ``pruning`` is not among the Trainer's callbacks, or it is not given and the
-            Trainer has none (when ``required``) or several.
-    """
-    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
-    if pruning is not None:
-        if not any(c is pruning for c in callbacks):
-            raise MisconfigurationException(
-                f"{who}: its `pruning` callback is not among the Trainer's callbacks; add it to "
-                "`Trainer(callbacks=[...])`."
-            )
-        return pruning
-    found = [c for c in callbacks if isinstance(c, PruningCallback)]
-    if len(found) == 1:
-        return found[0]
-    if not found and not required:
-        return None
-    raise MisconfigurationException(
-        f"{who} needs one PruningCallback among the Trainer's callbacks, found {len(found)}"
-        + (": pass the one to use as `pruning=`." if found else ".")
-    )
+        check_checkpoint_holds(checkpoint.get("callbacks") or {}, self.state_key, type(self).__qualname__)

@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_prune.callbacks.pruning import PruningCallback, find_pruning_callback
+from lightning_prune.callbacks._lookup import find_pruning_callback
+from lightning_prune.callbacks.pruning import PruningCallback
 from lightning_prune.sensitivity.allocation import allocate, check_constraints
 from lightning_prune.sensitivity.analysis import DEFAULT_RATIOS, Evaluate, analyze, check_ratios
 from lightning_prune.sensitivity.report import sensitivity_markdown, write_report
